@@ -1,0 +1,253 @@
+//! A ready-to-run detector: a prepared model, its output layout, labels and thresholds, and the
+//! per-frame pipeline letterbox -> inference -> decode -> NMS -> frame coordinates.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::frame::RgbFrame;
+use crate::model::{ModelError, OnnxModel, PreparedModel, Session};
+use crate::postprocess::{self, Detection, Layout, OutputSpec, PostprocessParams};
+use crate::preprocess::{InputFormat, Letterbox, letterbox_into};
+
+/// Input size used for dynamic models without `imgsz` metadata (Ultralytics' default).
+pub const DEFAULT_IMGSZ: usize = 640;
+
+/// Why a detector could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum DetectorError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The model is valid ONNX but not a detector perch understands.
+    #[error("{}: not a supported detector: {reason}", path.display())]
+    NotDetector { path: PathBuf, reason: String },
+    /// A labels file could not be used.
+    #[error("{}: bad labels file: {reason}", path.display())]
+    Labels { path: PathBuf, reason: String },
+}
+
+/// How to build a [`Detector`]; `Default` follows the model's metadata and Ultralytics predict.
+#[derive(Debug, Clone, Default)]
+pub struct DetectorOptions {
+    /// Input (height, width); default: the static input size, else metadata `imgsz`, else 640.
+    pub imgsz: Option<(usize, usize)>,
+    /// Force an output layout instead of inferring it.
+    pub layout: Option<Layout>,
+    /// Class names overriding the metadata.
+    pub labels: Option<Vec<String>>,
+    /// Thresholds, class filter, NMS mode.
+    pub params: PostprocessParams,
+}
+
+/// Wall-clock time spent in each stage of one frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimings {
+    pub preprocess: Duration,
+    pub inference: Duration,
+    pub postprocess: Duration,
+}
+
+/// Reads class names from a text file, one per line; blank lines are ignored.
+pub fn read_labels(path: &Path) -> Result<Vec<String>, DetectorError> {
+    let fail = |reason: String| DetectorError::Labels {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let labels: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect();
+    if labels.is_empty() {
+        return Err(fail("no labels in file".into()));
+    }
+    Ok(labels)
+}
+
+/// A detector bound to one model and input size. Owns its inference state: use one per thread.
+pub struct Detector {
+    path: PathBuf,
+    prepared: PreparedModel,
+    session: Session,
+    spec: OutputSpec,
+    format: InputFormat,
+    labels: Vec<String>,
+    input_hw: (usize, usize),
+    input: Vec<f32>,
+    params: PostprocessParams,
+}
+
+impl Detector {
+    /// Prepares `model` for inference and resolves its layout and labels.
+    ///
+    /// Fails with [`DetectorError::NotDetector`] for non-detection tasks (per metadata) or
+    /// output shapes that match no supported layout, and with [`DetectorError::Labels`] when
+    /// given labels do not cover the model's classes.
+    pub fn new(model: &OnnxModel, opts: DetectorOptions) -> Result<Self, DetectorError> {
+        let path = model.path().to_path_buf();
+        let not_detector = |reason: String| DetectorError::NotDetector {
+            path: path.clone(),
+            reason,
+        };
+        let meta = model.metadata();
+        if let Some(task) = meta.task.as_deref()
+            && task != "detect"
+        {
+            return Err(not_detector(format!(
+                "metadata task is '{task}'; perch runs 'detect' models"
+            )));
+        }
+        let shape = model.input_shape();
+        let input_hw = match (opts.imgsz, shape.height, shape.width) {
+            (Some(hw), _, _) => hw,
+            (None, Some(h), Some(w)) => (h, w),
+            (None, _, _) => meta.imgsz.unwrap_or((DEFAULT_IMGSZ, DEFAULT_IMGSZ)),
+        };
+        if let Some(stride) = meta.stride
+            && stride > 0
+            && (input_hw.0 % stride != 0 || input_hw.1 % stride != 0)
+        {
+            log::warn!(
+                "{}: input {}x{} is not a multiple of the model stride {stride}",
+                path.display(),
+                input_hw.0,
+                input_hw.1
+            );
+        }
+        let prepared = model.prepare(input_hw.0, input_hw.1)?;
+        let outputs = prepared.output_shapes();
+        if outputs.len() > 1 {
+            log::warn!(
+                "{}: model has {} outputs; using the first",
+                path.display(),
+                outputs.len()
+            );
+        }
+        let meta_classes = meta.names.as_ref().map(Vec::len);
+        let spec =
+            postprocess::infer_layout(outputs, input_hw, meta_classes, meta.end2end, opts.layout)
+                .map_err(not_detector)?;
+        let num_classes = spec.num_classes.max(meta_classes.unwrap_or(0));
+        let labels = match opts.labels {
+            Some(l) if spec.layout != Layout::EndToEnd && l.len() < num_classes => {
+                return Err(DetectorError::Labels {
+                    path: path.clone(),
+                    reason: format!(
+                        "{} labels given for a model with {num_classes} classes",
+                        l.len()
+                    ),
+                });
+            }
+            Some(l) => l,
+            None => meta.names.clone().unwrap_or_default(),
+        };
+        let format = match spec.layout {
+            Layout::Yolox => InputFormat::YOLOX,
+            _ => InputFormat::ULTRALYTICS,
+        };
+        log::info!(
+            "{}: layout {} with {} classes at input {}x{}",
+            path.display(),
+            spec.layout,
+            spec.num_classes,
+            input_hw.0,
+            input_hw.1
+        );
+        let session = prepared.session()?;
+        let input = vec![0.0; 3 * input_hw.0 * input_hw.1];
+        Ok(Detector {
+            path,
+            prepared,
+            session,
+            spec,
+            format,
+            labels,
+            input_hw,
+            input,
+            params: opts.params,
+        })
+    }
+
+    /// The model file this detector runs.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Resolved output layout and class count.
+    pub fn spec(&self) -> OutputSpec {
+        self.spec
+    }
+
+    /// Class names (may be shorter than the class count when the model carries none).
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    /// Label of a class id, or `class<N>`.
+    pub fn label(&self, class_id: usize) -> String {
+        self.labels
+            .get(class_id)
+            .cloned()
+            .unwrap_or_else(|| format!("class{class_id}"))
+    }
+
+    /// Model input (height, width) in pixels.
+    pub fn input_hw(&self) -> (usize, usize) {
+        self.input_hw
+    }
+
+    /// Preprocessing convention in use.
+    pub fn input_format(&self) -> InputFormat {
+        self.format
+    }
+
+    /// The thresholds in use.
+    pub fn params(&self) -> &PostprocessParams {
+        &self.params
+    }
+
+    /// Runs the model on an already letterboxed NCHW input and returns the raw first output
+    /// (shape, values). For tests and tools that compare raw tensors.
+    pub fn run_raw(&mut self, input: &[f32]) -> Result<(Vec<usize>, Vec<f32>), DetectorError> {
+        let mut outs = self.session.run(input)?;
+        let o = outs.swap_remove(0);
+        Ok((o.shape, o.data))
+    }
+
+    /// Detects objects in `frame`: boxes in frame pixels, clipped, best first.
+    pub fn detect(
+        &mut self,
+        frame: &RgbFrame,
+    ) -> Result<(Vec<Detection>, StageTimings), DetectorError> {
+        let t0 = Instant::now();
+        let (h, w) = self.input_hw;
+        let lb = Letterbox::new(frame.width(), frame.height(), w, h, self.format.placement);
+        letterbox_into(frame, &lb, &self.format, &mut self.input);
+        let t1 = Instant::now();
+        let outs = self.session.run(&self.input)?;
+        let t2 = Instant::now();
+        let out = &outs[0];
+        let mut dets = postprocess::postprocess(
+            self.spec,
+            &out.shape,
+            &out.data,
+            self.input_hw,
+            &self.params,
+        );
+        for d in &mut dets {
+            d.bbox = lb.box_to_source(d.bbox);
+        }
+        let timings = StageTimings {
+            preprocess: t1 - t0,
+            inference: t2 - t1,
+            postprocess: t2.elapsed(),
+        };
+        Ok((dets, timings))
+    }
+
+    /// The prepared model, to spawn more sessions (e.g. one per worker thread).
+    pub fn prepared(&self) -> &PreparedModel {
+        &self.prepared
+    }
+}

@@ -1,0 +1,141 @@
+//! Reading still images into [`RgbFrame`]s and writing annotated ones.
+
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+
+use crate::frame::RgbFrame;
+
+/// Why an image could not be read or written; names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{}: cannot read image: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: cannot decode image: {reason}", path.display())]
+    Decode { path: PathBuf, reason: String },
+    #[error("{}: cannot write image: {reason}", path.display())]
+    Write { path: PathBuf, reason: String },
+}
+
+/// File extensions read when a directory is given (lower case).
+pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
+
+/// Decodes a JPEG or PNG file (format sniffed from the bytes) to 8-bit RGB, applying the EXIF
+/// orientation as OpenCV's `imread` does. Alpha is dropped, grey is expanded, 16-bit is reduced.
+pub fn load_rgb(path: &Path) -> Result<RgbFrame, ImageError> {
+    let decode = |reason: String| ImageError::Decode {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let reader = ImageReader::open(path)
+        .map_err(|source| ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .with_guessed_format()
+        .map_err(|source| ImageError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if reader.format().is_none() {
+        return Err(decode("unrecognised format (expected JPEG or PNG)".into()));
+    }
+    let mut decoder = reader.into_decoder().map_err(|e| decode(e.to_string()))?;
+    let orientation = decoder.orientation().map_err(|e| decode(e.to_string()))?;
+    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode(e.to_string()))?;
+    img.apply_orientation(orientation);
+    let rgb = img.into_rgb8();
+    let (w, h) = (rgb.width() as usize, rgb.height() as usize);
+    RgbFrame::new(w, h, rgb.into_raw()).map_err(|e| decode(e.to_string()))
+}
+
+/// Writes `frame` to `path` (JPEG at quality 90 or PNG, from the extension) through a temporary
+/// file in the same directory and a rename, so readers never see a partial image.
+pub fn save_rgb(frame: &RgbFrame, path: &Path) -> Result<(), ImageError> {
+    let fail = |reason: String| ImageError::Write {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
+    let img = RgbImage::from_raw(
+        frame.width() as u32,
+        frame.height() as u32,
+        frame.clone().into_packed(),
+    )
+    .ok_or_else(|| fail("frame buffer size mismatch".into()))?;
+    let mut bytes = Vec::new();
+    match ext.as_deref() {
+        Some("jpg" | "jpeg") => {
+            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90);
+            img.write_with_encoder(enc)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        Some("png") => {
+            let enc = image::codecs::png::PngEncoder::new(&mut bytes);
+            img.write_with_encoder(enc)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        _ => {
+            return Err(fail(
+                "unsupported extension (use .jpg, .jpeg or .png)".into(),
+            ));
+        }
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| fail("no file name".into()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    std::fs::write(&tmp, &bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            fail(e.to_string())
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_png_and_errors() {
+        let dir = std::env::temp_dir().join(format!("perch-image-io-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut f = RgbFrame::filled(5, 3, [1, 2, 3]);
+        f.data_mut()[3] = 200;
+        let p = dir.join("a.png");
+        save_rgb(&f, &p).unwrap();
+        assert_eq!(load_rgb(&p).unwrap(), f);
+
+        let bad = dir.join("bad.jpg");
+        std::fs::write(&bad, b"not an image at all").unwrap();
+        let e = load_rgb(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad.jpg") && e.contains("cannot decode"), "{e}");
+
+        let png = std::fs::read(&p).unwrap();
+        let trunc = dir.join("trunc.png");
+        std::fs::write(&trunc, &png[..png.len() / 2]).unwrap();
+        assert!(matches!(load_rgb(&trunc), Err(ImageError::Decode { .. })));
+
+        assert!(matches!(
+            load_rgb(&dir.join("missing.png")),
+            Err(ImageError::Io { .. })
+        ));
+        assert!(save_rgb(&f, &dir.join("x.gif")).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,33 @@
+//! perch: a small-footprint runtime for frozen ONNX object detectors on CPU.
+//!
+//! # Architecture
+//! Modules own one concern each and meet at small plain types:
+//! - [`model`]: the only place tract and ONNX protobuf types appear. [`model::OnnxModel`] keeps
+//!   the parsed protobuf (so initializers can be edited by name before tract sees them) and
+//!   [`model::OnnxModel::prepare`] types, concretises and optimises it for one input size.
+//! - [`frame`]: [`frame::RgbFrame`], packed 8-bit RGB.
+//! - [`preprocess`]: letterbox geometry and its inverse, frame -> NCHW `f32`.
+//! - [`postprocess`]: output-layout inference, decoding per layout, NMS.
+//! - [`detector`]: ties the above into a per-thread [`detector::Detector`].
+//! - [`overlay`]: drawing detections on any `embedded-graphics` target.
+//! - [`image_io`], [`report`]: still images in, JSON records out.
+//!
+//! # One frame
+//! ```text
+//! RgbFrame --letterbox_into--> NCHW f32 --Session::run--> raw output [1, A, B]
+//!   --decode (layout)--> candidates (input px) --NMS--> detections --box_to_source--> frame px
+//! ```
+
+pub mod detector;
+pub mod exit;
+pub mod frame;
+pub mod image_io;
+pub mod model;
+pub mod overlay;
+pub mod postprocess;
+pub mod preprocess;
+pub mod report;
+
+pub use detector::{Detector, DetectorError, DetectorOptions};
+pub use frame::RgbFrame;
+pub use postprocess::{Detection, Layout, PostprocessParams};
