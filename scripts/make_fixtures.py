@@ -29,6 +29,43 @@ NAMES = {0: "tree", 1: "bush", 2: "dead tree"}
 WIDTH = 0.0625
 
 
+def calibration_batch(imgsz: int, bgr255=False):
+    """Real photos (scikit-image samples) as a training batch, in the model's input convention."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    imgs = [data.chelsea(), data.coffee(), data.astronaut(), data.rocket()]
+    xs = []
+    for im in imgs:
+        a = np.asarray(Image.fromarray(im).resize((imgsz, imgsz), Image.BILINEAR), np.float32)
+        a = a[:, :, ::-1] if bgr255 else a / 255.0
+        xs.append(torch.from_numpy(a.copy()).permute(2, 0, 1))
+    return torch.stack(xs)
+
+
+def calibrate_bn(module: torch.nn.Module, batch):
+    """Data-dependent init: sets every BatchNorm's statistics from real images, so activations
+    neither vanish nor explode through the untrained net and outputs depend on the input (with
+    the default init, a narrowed net emits nearly the same values for any image)."""
+    bns = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration passes
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    # Only the BatchNorms run in training mode: heads keep their inference path (YOLOX's
+    # training forward needs targets).
+    module.eval()
+    for m in bns:
+        m.train()
+    with torch.no_grad():
+        for _ in range(2):
+            module(batch)
+    module.eval()
+
+
 def ultralytics_fixture(cfg: str, out: str, opset: int, dynamic=False, imgsz=160, **export_kw):
     from ultralytics import YOLO
     from ultralytics.nn.tasks import yaml_model_load
@@ -43,6 +80,7 @@ def ultralytics_fixture(cfg: str, out: str, opset: int, dynamic=False, imgsz=160
         p.write_text(yaml.safe_dump(d))
         model = YOLO(str(p))
         model.model.names = dict(NAMES)
+        calibrate_bn(model.model, calibration_batch(imgsz))
         f = model.export(format="onnx", imgsz=imgsz, opset=opset, dynamic=dynamic, simplify=True, **export_kw)
         Path(f).replace(FIX / out)
     print("wrote", FIX / out)
@@ -57,7 +95,8 @@ def yolov5_fixture(out: str, opset=12, imgsz=160):
     d = yaml.safe_load(cfg.read_text())
     d["width_multiple"] = WIDTH
     d["nc"] = len(NAMES)
-    model = Model(d).eval()
+    model = Model(d)
+    calibrate_bn(model, calibration_batch(imgsz))
     model.names = [NAMES[i] for i in range(len(NAMES))]
     # As yolov5/export.py does for ONNX: Detect emits decoded boxes.
     for m in model.modules():
@@ -91,7 +130,8 @@ def yolox_fixture(out: str, opset=11, imgsz=160):
     in_channels = [256, 512, 1024]
     backbone = YOLOPAFPN(0.33, WIDTH * 2, in_channels=in_channels, depthwise=True)
     head = YOLOXHead(len(NAMES), WIDTH * 2, in_channels=in_channels, depthwise=True)
-    model = YOLOX(backbone, head).eval()
+    model = YOLOX(backbone, head)
+    calibrate_bn(model, calibration_batch(imgsz, bgr255=True))
     model.head.decode_in_inference = False  # as tools/export_onnx.py does
     im = torch.zeros(1, 3, imgsz, imgsz)
     f = FIX / out

@@ -201,14 +201,15 @@ pub fn letterbox_into(frame: &RgbFrame, lb: &Letterbox, fmt: &InputFormat, out: 
         }
         hpass(frame.row(sy), &mut row);
         hpass(frame.row((sy + 1).min(lb.src_h - 1)), &mut row1);
-        let wy0 = 2048 - wy1;
+        let wy0 = (2048 - wy1) as i32;
         for x in 0..lb.new_w {
             for c in 0..3 {
-                let v = (row[x * 3 + c] as u64 * wy0 as u64
-                    + row1[x * 3 + c] as u64 * wy1 as u64
-                    + (1 << 21))
-                    >> 22;
-                out[order[c] * plane + base + x] = v.min(255) as f32 * fmt.scale;
+                // OpenCV's vectorised vertical pass: rows pre-shifted by 4, 16-bit high
+                // multiplies, +2 >> 2. Its rounding differs from the exact (.. + 2^21) >> 22.
+                let r0 = (row[x * 3 + c] >> 4) as i32;
+                let r1 = (row1[x * 3 + c] >> 4) as i32;
+                let v = (((r0 * wy0) >> 16) + ((r1 * wy1 as i32) >> 16) + 2) >> 2;
+                out[order[c] * plane + base + x] = v.clamp(0, 255) as f32 * fmt.scale;
             }
         }
     }

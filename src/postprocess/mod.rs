@@ -433,33 +433,14 @@ mod tests {
 
     #[test]
     fn decode_yolox_grid() {
-        // 16x16 input: strides 8/16/32 give 2x2 + 1x1 + 1x1 = 6 cells.
-        let mut data = vec![0.0f32; 6 * 6];
-        // Cell 3 is (gx=1, gy=1) at stride 8: offset (0.5, 0.25), size exp(0)*8.
-        data[3 * 6..4 * 6].copy_from_slice(&[0.5, 0.25, 0.0, 0.0, 0.8, 0.5]);
-        let spec = infer_layout(&[vec![1, 6, 6]], (16, 16), None, None, None).unwrap();
-        assert_eq!(
-            spec,
-            OutputSpec {
-                layout: Layout::Yolox,
-                num_classes: 1
-            }
-        );
-        let d = decode(
-            spec,
-            &[1, 6, 6],
-            &data,
-            (16, 16),
-            &PostprocessParams::default(),
-        );
-        assert_eq!(
-            d,
-            vec![Detection {
-                class_id: 0,
-                score: 0.4,
-                bbox: [8.0, 6.0, 16.0, 14.0]
-            }]
-        );
+        // 32x32 input: strides 8/16/32 give 4x4 + 2x2 + 1x1 = 21 cells of 5 + 2 classes.
+        let mut data = vec![0.0f32; 21 * 7];
+        // Cell 5 is (gx=1, gy=1) at stride 8: offset (0.5, 0.25), size exp(0)*8.
+        data[5 * 7..6 * 7].copy_from_slice(&[0.5, 0.25, 0.0, 0.0, 0.8, 0.2, 0.5]);
+        let spec = infer_layout(&[vec![1, 21, 7]], (32, 32), None, None, None).unwrap();
+        assert_eq!(spec, OutputSpec { layout: Layout::Yolox, num_classes: 2 });
+        let d = decode(spec, &[1, 21, 7], &data, (32, 32), &PostprocessParams::default());
+        assert_eq!(d, vec![Detection { class_id: 1, score: 0.4, bbox: [8.0, 6.0, 16.0, 14.0] }]);
     }
 
     #[test]

@@ -1,0 +1,178 @@
+"""Generate the reference outputs the Rust tests compare against (committed under tests/goldens).
+
+Every golden comes from an independent implementation:
+  raw/*.json        onnxruntime outputs of each fixture model on a real photo crop that needs no
+                    resize (so perch and the reference see bit-identical inputs).
+  nms/*.json        the reference postprocessing applied to those same raw outputs:
+                    Ultralytics `non_max_suppression` (v8/11/26 one-to-many, end-to-end),
+                    ultralytics/yolov5 `non_max_suppression` (v5), YOLOX `demo_postprocess` (decode).
+  letterbox/*.png   Ultralytics `LetterBox` on OpenCV-decoded photos (the model input, as RGB).
+  detect/*.json     Ultralytics' predictor (`YOLO(onnx).predict`, onnxruntime backend) with the
+                    trained demo model on aerial images, default thresholds.
+Run: PY=$(models/recipe/venv.sh)/bin/python; $PY scripts/make_goldens.py [--only raw,nms,letterbox,detect]
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests/data"
+FIX = ROOT / "tests/fixtures"
+GOLD = ROOT / "tests/goldens"
+
+# (fixture, layout, crop image, input (h, w))
+RAW_CASES = [
+    ("v8-t160-op11", "yolov8", "chelsea-160.png", (160, 160)),
+    ("v8-dyn-op17", "yolov8", "chelsea-160.png", (160, 160)),
+    ("v8-dyn-op17", "yolov8", "chelsea-128x224.png", (128, 224)),
+    ("y11-t160-op13", "yolov8", "chelsea-160.png", (160, 160)),
+    ("y26-o2m-t160-op17", "yolov8", "chelsea-160.png", (160, 160)),
+    ("y26-t160-op18", "end2end", "chelsea-160.png", (160, 160)),
+    ("v10-t160-op17", "end2end", "chelsea-160.png", (160, 160)),
+    ("v5-t160-op12", "yolov5", "chelsea-160.png", (160, 160)),
+    ("yolox-t160-op11", "yolox", "chelsea-160.png", (160, 160)),
+]
+
+
+def floats(a):
+    """float32 values as JSON numbers that round-trip exactly."""
+    return [float(np.format_float_positional(v, unique=True, precision=None)) for v in np.asarray(a, np.float32).ravel()]
+
+
+def dump(path: Path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, separators=(",", ":")) + "\n")
+    print("wrote", path.relative_to(ROOT))
+
+
+def make_crops():
+    chelsea = cv2.imread(str(DATA / "chelsea.png"))  # BGR, 300x451
+    cv2.imwrite(str(DATA / "chelsea-160.png"), chelsea[40:200, 140:300])
+    cv2.imwrite(str(DATA / "chelsea-128x224.png"), chelsea[60:188, 100:324])
+
+
+def model_input(img_bgr, layout):
+    if layout == "yolox":
+        x = img_bgr.astype(np.float32)  # BGR 0..255
+    else:
+        x = img_bgr[:, :, ::-1].astype(np.float32) / 255.0
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def run_ort(model: Path, x):
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    s = ort.InferenceSession(str(model), so, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})
+
+
+def case_name(fixture, hw):
+    return f"{fixture}-{hw[0]}x{hw[1]}"
+
+
+def make_raw_and_nms():
+    from ultralytics.utils.nms import non_max_suppression as ul_nms
+    from yolov5.utils.general import non_max_suppression as v5_nms
+
+    sys.path.insert(0, str(Path(sys.prefix) / "src/yolox-0.3.0"))
+    from yolox.utils.demo_utils import demo_postprocess
+
+    for fixture, layout, image, hw in RAW_CASES:
+        img = cv2.imread(str(DATA / image))
+        assert img.shape[:2] == hw, (image, img.shape)
+        x = model_input(img, layout)
+        out = run_ort(FIX / f"{fixture}.onnx", x)[0]
+        name = case_name(fixture, hw)
+        dump(GOLD / "raw" / f"{name}.json", {
+            "model": f"tests/fixtures/{fixture}.onnx", "image": f"tests/data/{image}", "input_hw": list(hw),
+            "layout": layout, "shape": list(out.shape), "data": floats(out),
+        })
+
+        p = torch.from_numpy(out)
+        cases = []
+        if layout in ("yolov8", "end2end", "yolov5"):
+            if layout == "yolov8":
+                scores = out[0, 4:].max(0)
+            elif layout == "end2end":
+                scores = out[0, :, 4]
+            else:
+                scores = out[0, :, 4] * out[0, :, 5:].max(1)
+            # A threshold that lets ~5 % of candidates through, so NMS has real work.
+            conf = float(np.quantile(scores, 0.95))
+            for variant in ({}, {"agnostic": True}, {"classes": [1, 2]}, {"max_det": 5}, {"iou": 0.3}):
+                kw = {"iou": 0.7, "agnostic": False, "classes": None, "max_det": 300, **variant}
+                if layout == "yolov5":
+                    dets = v5_nms(p.clone(), conf, kw["iou"], kw["classes"], kw["agnostic"], max_det=kw["max_det"])[0]
+                else:
+                    dets = ul_nms(p.clone(), conf, kw["iou"], kw["classes"], kw["agnostic"], max_det=kw["max_det"],
+                                  end2end=layout == "end2end")[0]
+                cases.append({"conf": conf, **kw, "detections": [floats(d) for d in dets.numpy()]})
+            dump(GOLD / "nms" / f"{name}.json", {"raw": f"tests/goldens/raw/{name}.json", "cases": cases})
+        else:  # yolox: decoding only; its demo NMS uses (x2 - x1 + 1) areas, unlike torchvision.
+            dec = demo_postprocess(out.copy(), hw)[0]
+            dump(GOLD / "nms" / f"{name}.json", {"raw": f"tests/goldens/raw/{name}.json",
+                                                 "decoded_cxcywh_obj_cls": [floats(r) for r in dec]})
+
+
+LETTERBOX_CASES = [("chelsea.png", 320), ("coffee.png", 160), ("rocket.jpg", 320)]
+
+
+def make_letterbox():
+    from ultralytics.data.augment import LetterBox
+
+    for image, size in LETTERBOX_CASES:
+        img = cv2.imread(str(DATA / image))
+        lb = LetterBox(new_shape=(size, size), auto=False, stride=32)(image=img)
+        out = GOLD / "letterbox" / f"{Path(image).stem}-{size}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(out), lb)  # stored as the BGR image OpenCV wrote; PNG holds it as RGB
+        print("wrote", out.relative_to(ROOT))
+
+
+DETECT_MODEL = ROOT / "models/tree-yolo11n-320.onnx"
+DETECT_IMAGES = ["osbs_029.png", "yell_val_480x320.png", "osbs_029.jpg"]
+
+
+def make_detect():
+    from ultralytics import YOLO
+
+    model = YOLO(str(DETECT_MODEL), task="detect")
+    records = []
+    for image in DETECT_IMAGES:
+        r = model.predict(str(DATA / image), imgsz=320, conf=0.25, iou=0.7, max_det=300, verbose=False)[0]
+        b = r.boxes
+        records.append({
+            "image": f"tests/data/{image}",
+            "width": r.orig_shape[1], "height": r.orig_shape[0],
+            "detections": [
+                {"class_id": int(c), "score": float(s), "box": [float(v) for v in xyxy]}
+                for xyxy, s, c in zip(b.xyxy.numpy(), b.conf.numpy(), b.cls.numpy())
+            ],
+        })
+    dump(GOLD / "detect" / "tree-yolo11n-320.json", {
+        "model": str(DETECT_MODEL.relative_to(ROOT)), "conf": 0.25, "iou": 0.7, "records": records})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="raw,letterbox,detect")
+    only = set(ap.parse_args().only.split(","))
+    if "raw" in only or "nms" in only:
+        make_crops()
+        make_raw_and_nms()
+    if "letterbox" in only:
+        make_letterbox()
+    if "detect" in only:
+        make_detect()
+
+
+if __name__ == "__main__":
+    main()
