@@ -12,6 +12,7 @@ architecture. Seeds are fixed; re-running reproduces the same files up to export
   tests/fixtures/v10-t160-op17.onnx    Ultralytics yolov10n.yaml, static 160 (end-to-end head)
   tests/fixtures/v5-t160-op12.onnx     ultralytics/yolov5 (pip yolov5==7.0.14) yolov5n.yaml, opset 12
   tests/fixtures/yolox-t160-op11.onnx  YOLOX (yolox==0.3.0 sources) nano-style, decode_in_inference=False
+  tests/fixtures/not-a-detector.onnx   a valid ONNX image model whose output is [1, 3]
 """
 import copy
 import os
@@ -140,6 +141,24 @@ def yolox_fixture(out: str, opset=11, imgsz=160):
     print("wrote", f)
 
 
+def non_detector_fixture(out: str):
+    """A valid ONNX image model that is not a detector (global average pool to [1, 3])."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["images"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["output0"])],
+        "not_a_detector",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 3])],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.checker.check_model(m)
+    onnx.save(m, str(FIX / out))
+    print("wrote", FIX / out)
+
+
 def main():
     FIX.mkdir(parents=True, exist_ok=True)
     ultralytics_fixture("yolov8n.yaml", "v8-t160-op11.onnx", opset=11)
@@ -151,6 +170,7 @@ def main():
     ultralytics_fixture("yolov10n.yaml", "v10-t160-op17.onnx", opset=17, nms=False)
     yolov5_fixture("v5-t160-op12.onnx")
     yolox_fixture("yolox-t160-op11.onnx")
+    non_detector_fixture("not-a-detector.onnx")
 
 
 if __name__ == "__main__":

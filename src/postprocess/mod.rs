@@ -438,9 +438,28 @@ mod tests {
         // Cell 5 is (gx=1, gy=1) at stride 8: offset (0.5, 0.25), size exp(0)*8.
         data[5 * 7..6 * 7].copy_from_slice(&[0.5, 0.25, 0.0, 0.0, 0.8, 0.2, 0.5]);
         let spec = infer_layout(&[vec![1, 21, 7]], (32, 32), None, None, None).unwrap();
-        assert_eq!(spec, OutputSpec { layout: Layout::Yolox, num_classes: 2 });
-        let d = decode(spec, &[1, 21, 7], &data, (32, 32), &PostprocessParams::default());
-        assert_eq!(d, vec![Detection { class_id: 1, score: 0.4, bbox: [8.0, 6.0, 16.0, 14.0] }]);
+        assert_eq!(
+            spec,
+            OutputSpec {
+                layout: Layout::Yolox,
+                num_classes: 2
+            }
+        );
+        let d = decode(
+            spec,
+            &[1, 21, 7],
+            &data,
+            (32, 32),
+            &PostprocessParams::default(),
+        );
+        assert_eq!(
+            d,
+            vec![Detection {
+                class_id: 1,
+                score: 0.4,
+                bbox: [8.0, 6.0, 16.0, 14.0]
+            }]
+        );
     }
 
     #[test]

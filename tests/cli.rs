@@ -1,0 +1,373 @@
+//! The real `perch` binary end to end: the JSON contract, annotated output, and bad input.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::Value;
+
+const FIXTURE: &str = "tests/fixtures/v8-t160-op11.onnx";
+
+fn perch(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_perch"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run perch")
+}
+
+fn stdout_records(out: &Output) -> Vec<Value> {
+    String::from_utf8(out.stdout.clone())
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts a bad-input failure: exit 2, no record, one `perch: error:` line naming `what`
+/// with `reason`, and no panic.
+fn assert_bad_input(out: &Output, what: &str, reason: &str) {
+    let err = stderr(out);
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(
+        out.stdout.is_empty(),
+        "no record expected, got {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("perch: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains(what) && lines[0].contains(reason),
+        "expected '{what}' and '{reason}' in: {}",
+        lines[0]
+    );
+}
+
+#[test]
+fn one_json_record_per_image_with_the_documented_fields() {
+    let out = perch(&[
+        "detect",
+        "--model",
+        FIXTURE,
+        "--conf",
+        "0.001",
+        "tests/data/chelsea.png",
+        "tests/data/coffee.png",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let recs = stdout_records(&out);
+    assert_eq!(recs.len(), 2);
+    for (rec, (src, w, h)) in recs.iter().zip([
+        ("tests/data/chelsea.png", 451.0, 300.0),
+        ("tests/data/coffee.png", 600.0, 400.0),
+    ]) {
+        assert_eq!(rec["source"], src);
+        assert_eq!(
+            (
+                rec["width"].as_f64().unwrap(),
+                rec["height"].as_f64().unwrap()
+            ),
+            (w, h)
+        );
+        for k in ["preprocess", "inference", "postprocess"] {
+            assert!(rec["timings_ms"][k].as_f64().unwrap() >= 0.0);
+        }
+        let dets = rec["detections"].as_array().unwrap();
+        assert!(
+            !dets.is_empty(),
+            "conf 0.001 on the calibrated fixture finds boxes (its class scores are ~1e-3)"
+        );
+        let mut last = f64::INFINITY;
+        for d in dets {
+            let s = d["score"].as_f64().unwrap();
+            assert!(s > 0.001 && s <= last, "scores above conf, descending");
+            last = s;
+            let b: Vec<f64> = d["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert!(
+                b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= w && b[3] <= h,
+                "{b:?}"
+            );
+            let label = d["label"].as_str().unwrap();
+            assert_eq!(
+                label,
+                ["tree", "bush", "dead tree"][d["class_id"].as_u64().unwrap() as usize]
+            );
+        }
+    }
+}
+
+#[test]
+fn class_filter_max_det_and_labels_file() {
+    let all = stdout_records(&perch(&[
+        "detect",
+        "--model",
+        FIXTURE,
+        "--conf",
+        "0.001",
+        "tests/data/chelsea.png",
+    ]));
+    let n_all = all[0]["detections"].as_array().unwrap().len();
+    let only = stdout_records(&perch(&[
+        "detect",
+        "--model",
+        FIXTURE,
+        "--conf",
+        "0.001",
+        "--classes",
+        "2",
+        "tests/data/chelsea.png",
+    ]));
+    let dets = only[0]["detections"].as_array().unwrap();
+    assert!(dets.iter().all(|d| d["class_id"] == 2));
+    assert!(dets.len() < n_all);
+    let capped = stdout_records(&perch(&[
+        "detect",
+        "--model",
+        FIXTURE,
+        "--conf",
+        "0.001",
+        "--max-det",
+        "2",
+        "tests/data/chelsea.png",
+    ]));
+    assert_eq!(
+        capped[0]["detections"].as_array().unwrap().len(),
+        2.min(n_all)
+    );
+
+    let dir = tempdir("labels");
+    let labels = dir.join("labels.txt");
+    std::fs::write(&labels, "pine\n\noak\nbirch\n").unwrap();
+    let out = perch(&[
+        "detect",
+        "--model",
+        FIXTURE,
+        "--conf",
+        "0.001",
+        "--labels",
+        labels.to_str().unwrap(),
+        "tests/data/chelsea.png",
+    ]);
+    let rec = &stdout_records(&out)[0];
+    for d in rec["detections"].as_array().unwrap() {
+        assert_eq!(
+            d["label"],
+            ["pine", "oak", "birch"][d["class_id"].as_u64().unwrap() as usize]
+        );
+    }
+    std::fs::write(&labels, "pine\n").unwrap();
+    let out = perch(&[
+        "detect",
+        "--model",
+        FIXTURE,
+        "--labels",
+        labels.to_str().unwrap(),
+        "tests/data/chelsea.png",
+    ]);
+    assert_bad_input(
+        &out,
+        "v8-t160-op11.onnx",
+        "1 labels given for a model with 3 classes",
+    );
+}
+
+#[test]
+fn annotated_images_are_written_and_names_do_not_collide() {
+    let dir = tempdir("out");
+    let sub = dir.join("again");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::copy(path("tests/data/chelsea.png"), sub.join("chelsea.png")).unwrap();
+    let out_dir = dir.join("annotated");
+    let out = perch(&[
+        "detect",
+        "--model",
+        FIXTURE,
+        "--conf",
+        "0.001",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "tests/data/chelsea.png",
+        sub.to_str().unwrap(),
+        "tests/data/rocket.jpg",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let mut names: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["chelsea.png", "chelsea_1.png", "rocket.jpg"]);
+    let src = perch::image_io::load_rgb(&path("tests/data/chelsea.png")).unwrap();
+    let drawn = perch::image_io::load_rgb(&out_dir.join("chelsea.png")).unwrap();
+    assert_eq!((drawn.width(), drawn.height()), (src.width(), src.height()));
+    let changed = src
+        .data()
+        .iter()
+        .zip(drawn.data())
+        .filter(|(a, b)| a != b)
+        .count();
+    assert!(changed > 100, "overlay changed only {changed} bytes");
+}
+
+#[test]
+fn bad_models_fail_with_one_line_and_exit_2() {
+    let dir = tempdir("models");
+    let trunc = dir.join("truncated.onnx");
+    let bytes = std::fs::read(path(FIXTURE)).unwrap();
+    std::fs::write(&trunc, &bytes[..bytes.len() / 3]).unwrap();
+    let empty = dir.join("empty.onnx");
+    std::fs::write(&empty, b"").unwrap();
+    let img = "tests/data/chelsea.png";
+    let t = trunc.to_str().unwrap();
+    assert_bad_input(
+        &perch(&["detect", "--model", "missing.onnx", img]),
+        "missing.onnx",
+        "No such file",
+    );
+    assert_bad_input(
+        &perch(&["detect", "--model", t, img]),
+        "truncated.onnx",
+        "not an ONNX model",
+    );
+    assert_bad_input(
+        &perch(&["detect", "--model", empty.to_str().unwrap(), img]),
+        "empty.onnx",
+        "file is empty",
+    );
+    assert_bad_input(
+        &perch(&["detect", "--model", img, img]),
+        "chelsea.png",
+        "not an ONNX model",
+    );
+    assert_bad_input(
+        &perch(&[
+            "detect",
+            "--model",
+            "tests/fixtures/not-a-detector.onnx",
+            img,
+        ]),
+        "not-a-detector.onnx",
+        "not a supported detector",
+    );
+    assert_bad_input(
+        &perch(&["detect", "--model", FIXTURE, "--imgsz", "320", img]),
+        "v8-t160-op11.onnx",
+        "static input is 160x160",
+    );
+    assert_bad_input(
+        &perch(&["detect", "--model", FIXTURE, "--layout", "end2end", img]),
+        "v8-t160-op11.onnx",
+        "does not fit layout end2end",
+    );
+}
+
+#[test]
+fn bad_images_are_reported_and_the_rest_still_processed() {
+    let dir = tempdir("images");
+    let corrupt = dir.join("corrupt.jpg");
+    std::fs::write(&corrupt, b"\xff\xd8\xff\xe0 definitely not a jpeg").unwrap();
+    let png = std::fs::read(path("tests/data/chelsea.png")).unwrap();
+    let trunc = dir.join("truncated.png");
+    std::fs::write(&trunc, &png[..png.len() / 2]).unwrap();
+    let out = perch(&[
+        "detect",
+        "--model",
+        FIXTURE,
+        "tests/data/nope.png",
+        corrupt.to_str().unwrap(),
+        "tests/data/chelsea.png",
+        trunc.to_str().unwrap(),
+        "Cargo.toml",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let recs = stdout_records(&out);
+    assert_eq!(recs.len(), 1, "the good image is still processed");
+    assert_eq!(recs[0]["source"], "tests/data/chelsea.png");
+    let err = stderr(&out);
+    assert!(!err.contains("panicked"), "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 4, "{err}");
+    for (line, (name, reason)) in lines.iter().zip([
+        ("nope.png", "No such file"),
+        ("corrupt.jpg", "cannot decode"),
+        ("truncated.png", "cannot decode"),
+        ("Cargo.toml", "unrecognised format"),
+    ]) {
+        assert!(
+            line.starts_with("perch: error:") && line.contains(name) && line.contains(reason),
+            "{line}"
+        );
+    }
+}
+
+#[test]
+fn bad_arguments_exit_2() {
+    for args in [
+        &["detect", "--model", FIXTURE, "--conf", "1.5", "x.png"][..],
+        &["detect", "--model", FIXTURE, "--imgsz", "0", "x.png"],
+        &[
+            "detect", "--model", FIXTURE, "--layout", "yolo9000", "x.png",
+        ],
+        &["detect", "--model", FIXTURE],
+        &["detect", "--model", FIXTURE, "--max-det", "0", "x.png"],
+    ] {
+        let out = perch(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(!stderr(&out).contains("panicked"));
+    }
+}
+
+#[test]
+fn every_fixture_family_runs_through_the_cli() {
+    for (model, extra) in [
+        ("v8-dyn-op17.onnx", &["--imgsz", "128,224"][..]),
+        ("y11-t160-op13.onnx", &[]),
+        ("y26-t160-op18.onnx", &[]),
+        ("y26-o2m-t160-op17.onnx", &[]),
+        ("v10-t160-op17.onnx", &[]),
+        ("v5-t160-op12.onnx", &[]),
+        ("yolox-t160-op11.onnx", &[]),
+    ] {
+        let m = format!("tests/fixtures/{model}");
+        let mut args = vec!["detect", "--model", m.as_str(), "--conf", "0.05"];
+        args.extend_from_slice(extra);
+        args.push("tests/data/coffee.png");
+        let out = perch(&args);
+        assert_eq!(out.status.code(), Some(0), "{model}: {}", stderr(&out));
+        let rec = &stdout_records(&out)[0];
+        for d in rec["detections"].as_array().unwrap() {
+            let b: Vec<f64> = d["box"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect();
+            assert!(
+                b[0] >= 0.0 && b[2] <= 600.0 && b[1] >= 0.0 && b[3] <= 400.0,
+                "{model}: {b:?}"
+            );
+        }
+    }
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("perch-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
