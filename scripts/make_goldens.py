@@ -161,6 +161,32 @@ def make_detect():
         "model": str(DETECT_MODEL.relative_to(ROOT)), "conf": 0.25, "iou": 0.7, "records": records})
 
 
+def make_aerial_samples():
+    """Small aerial test images from the deepforest wheel (MIT): OSBS_029 (a site the base model
+    never saw) as PNG and JPEG, and a 480x320 crop of the YELL held-out band (bottom 25 %)."""
+    import tempfile
+    import zipfile
+
+    sys.path.insert(0, str(ROOT / "models/recipe"))
+    from prepare_data import fetch_wheel
+
+    from PIL import Image
+
+    wheel = fetch_wheel(Path.home() / ".cache/perch/data")
+    with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory() as tmp:
+        z.extractall(tmp, ["deepforest/data/OSBS_029.png", "deepforest/data/2019_YELL_2_528000_4978000_image_crop2.png"])
+        src = Path(tmp) / "deepforest/data"
+        osbs = Image.open(src / "OSBS_029.png").convert("RGB")
+        osbs.save(DATA / "osbs_029.png")
+        osbs.save(DATA / "osbs_029.jpg", quality=85)
+        yell = Image.open(src / "2019_YELL_2_528000_4978000_image_crop2.png").convert("RGB")
+        w, h = yell.size
+        y0 = int(h * 0.75) + 40
+        yell.crop((600, y0, 1080, y0 + 320)).save(DATA / "yell_val_480x320.png")
+    for f in ("osbs_029.png", "osbs_029.jpg", "yell_val_480x320.png"):
+        print("wrote", (DATA / f).relative_to(ROOT))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="raw,letterbox,detect")
@@ -171,6 +197,7 @@ def main():
     if "letterbox" in only:
         make_letterbox()
     if "detect" in only:
+        make_aerial_samples()
         make_detect()
 
 

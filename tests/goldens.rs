@@ -114,7 +114,7 @@ fn postprocess_matches_reference_nms() {
         );
         let layout: Layout = raw["layout"].as_str().unwrap().parse().unwrap();
         let spec = postprocess::infer_layout(
-            &[shape.clone()],
+            std::slice::from_ref(&shape),
             (hw[0], hw[1]),
             Some(3),
             None,
