@@ -376,7 +376,14 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 /// of the same class with every box coordinate within 1 px and the score within 0.01.
 /// Detections closer than 0.01 to the threshold may legitimately appear on one side only.
 fn assert_covered(a: &[Value], b: &[Value], conf: f64, ctx: &str) -> usize {
-    let boxf = |d: &Value| -> Vec<f64> { d["box"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect() };
+    let boxf = |d: &Value| -> Vec<f64> {
+        d["box"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
     let mut matched = 0;
     for d in a {
         let s = d["score"].as_f64().unwrap();
@@ -389,12 +396,19 @@ fn assert_covered(a: &[Value], b: &[Value], conf: f64, ctx: &str) -> usize {
             .filter(|e| e["class_id"] == d["class_id"])
             .map(|e| {
                 let eb = boxf(e);
-                let dist = bx.iter().zip(&eb).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                let dist = bx
+                    .iter()
+                    .zip(&eb)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0.0, f64::max);
                 (dist, (e["score"].as_f64().unwrap() - s).abs())
             })
             .min_by(|x, y| x.0.total_cmp(&y.0));
         let (dist, ds) = best.unwrap_or_else(|| panic!("{ctx}: no partner for {d}"));
-        assert!(dist <= 1.0 && ds <= 0.01, "{ctx}: {d} is {dist:.3} px / {ds:.4} score from its nearest partner");
+        assert!(
+            dist <= 1.0 && ds <= 0.01,
+            "{ctx}: {d} is {dist:.3} px / {ds:.4} score from its nearest partner"
+        );
         matched += 1;
     }
     matched
@@ -413,12 +427,25 @@ fn trained_model_matches_ultralytics_predictor() {
         let out = perch(&["detect", "--model", model, image]);
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
         let got = &stdout_records(&out)[0];
-        assert_eq!((&got["width"], &got["height"]), (&rec["width"], &rec["height"]));
-        let (want, have) = (rec["detections"].as_array().unwrap(), got["detections"].as_array().unwrap());
+        assert_eq!(
+            (&got["width"], &got["height"]),
+            (&rec["width"], &rec["height"])
+        );
+        let (want, have) = (
+            rec["detections"].as_array().unwrap(),
+            got["detections"].as_array().unwrap(),
+        );
         let n = assert_covered(want, have, conf, &format!("{image}: golden -> perch"));
         assert_covered(have, want, conf, &format!("{image}: perch -> golden"));
-        eprintln!("{image}: {} reference / {} perch detections, {n} matched", want.len(), have.len());
+        eprintln!(
+            "{image}: {} reference / {} perch detections, {n} matched",
+            want.len(),
+            have.len()
+        );
         total += n;
     }
-    assert!(total >= 20, "only {total} detections compared: the test would prove little");
+    assert!(
+        total >= 20,
+        "only {total} detections compared: the test would prove little"
+    );
 }

@@ -198,8 +198,8 @@ fn xywh_to_xyxy(cx: f32, cy: f32, w: f32, h: f32) -> [f32; 4] {
 
 /// Decodes candidate boxes (before NMS) from output 0 of shape `shape`, in model-input pixels.
 ///
-/// Boxes with non-finite coordinates are dropped. `data` must hold `shape.iter().product()`
-/// values (checked by [`infer_layout`] and the caller).
+/// Boxes with non-finite coordinates are dropped. A `shape` that is not `[1, A, B]` or `data`
+/// that does not hold `A * B` values decodes to nothing (and trips a debug assertion).
 pub fn decode(
     spec: OutputSpec,
     shape: &[usize],
@@ -207,6 +207,15 @@ pub fn decode(
     input_hw: (usize, usize),
     params: &PostprocessParams,
 ) -> Vec<Detection> {
+    let consistent = shape.len() == 3 && shape[0] == 1 && data.len() == shape[1] * shape[2];
+    debug_assert!(
+        consistent,
+        "decode: shape {shape:?} with {} values",
+        data.len()
+    );
+    if !consistent {
+        return Vec::new();
+    }
     let allowed = |c: usize| params.classes.as_ref().is_none_or(|cs| cs.contains(&c));
     let mut out = Vec::new();
     let mut push = |class_id: usize, score: f32, bbox: [f32; 4]| {
