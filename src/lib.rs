@@ -17,6 +17,20 @@
 //! RgbFrame --letterbox_into--> NCHW f32 --Session::run--> raw output [1, A, B]
 //!   --decode (layout)--> candidates (input px) --NMS--> detections --box_to_source--> frame px
 //! ```
+//!
+//! # Example
+//! ```no_run
+//! use perch::{Detector, DetectorOptions, model::OnnxModel, image_io::load_rgb};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let model = OnnxModel::load("models/tree-yolo11n-320.onnx")?;
+//! let mut detector = Detector::new(&model, DetectorOptions::default())?;
+//! let frame = load_rgb("tests/data/osbs_029.png".as_ref())?;
+//! let (detections, _timings) = detector.detect(&frame)?;
+//! for d in detections {
+//!     println!("{} {:.2} {:?}", detector.label(d.class_id), d.score, d.bbox);
+//! }
+//! # Ok(()) }
+//! ```
 
 pub mod detector;
 pub mod exit;

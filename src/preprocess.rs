@@ -69,6 +69,15 @@ pub struct Letterbox {
 impl Letterbox {
     /// Computes the letterbox of a `src_w` x `src_h` frame into a `dst_w` x `dst_h` input.
     /// Sizes must be non-zero.
+    ///
+    /// ```
+    /// use perch::preprocess::{Letterbox, Placement};
+    /// // A 640x480 frame into a 320x320 input: half size, 40 px grey bars top and bottom.
+    /// let lb = Letterbox::new(640, 480, 320, 320, Placement::Center);
+    /// assert_eq!((lb.new_w, lb.new_h, lb.left, lb.top), (320, 240, 0, 40));
+    /// // A box in input pixels maps back to frame pixels.
+    /// assert_eq!(lb.box_to_source([10.0, 50.0, 20.0, 60.0]), [20.0, 20.0, 40.0, 40.0]);
+    /// ```
     pub fn new(
         src_w: usize,
         src_h: usize,

@@ -3,6 +3,10 @@
 use super::Detection;
 
 /// Intersection over union of two `[x1, y1, x2, y2]` boxes; 0 when both are empty.
+///
+/// ```
+/// assert_eq!(perch::postprocess::iou(&[0.0, 0.0, 2.0, 2.0], &[1.0, 0.0, 3.0, 2.0]), 2.0 / 6.0);
+/// ```
 pub fn iou(a: &[f32; 4], b: &[f32; 4]) -> f32 {
     let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
     let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
