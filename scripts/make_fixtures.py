@@ -67,7 +67,8 @@ def calibrate_bn(module: torch.nn.Module, batch):
     module.eval()
 
 
-def ultralytics_fixture(cfg: str, out: str, opset: int, dynamic=False, imgsz=160, **export_kw):
+def build_ultralytics(cfg: str, imgsz=160):
+    """The narrowed, BN-calibrated Ultralytics model of a fixture (deterministic: seed 0)."""
     from ultralytics import YOLO
     from ultralytics.nn.tasks import yaml_model_load
 
@@ -80,11 +81,19 @@ def ultralytics_fixture(cfg: str, out: str, opset: int, dynamic=False, imgsz=160
         p = Path(tmp) / f"{Path(cfg).stem.rstrip('n')}n.yaml"
         p.write_text(yaml.safe_dump(d))
         model = YOLO(str(p))
-        model.model.names = dict(NAMES)
-        calibrate_bn(model.model, calibration_batch(imgsz))
-        f = model.export(format="onnx", imgsz=imgsz, opset=opset, dynamic=dynamic, simplify=True, **export_kw)
-        Path(f).replace(FIX / out)
-    print("wrote", FIX / out)
+    model.model.names = dict(NAMES)
+    calibrate_bn(model.model, calibration_batch(imgsz))
+    return model
+
+
+def export_ultralytics(model, out: Path, opset: int, imgsz=160, dynamic=False, **export_kw):
+    f = model.export(format="onnx", imgsz=imgsz, opset=opset, dynamic=dynamic, simplify=True, **export_kw)
+    Path(f).replace(out)
+    print("wrote", out)
+
+
+def ultralytics_fixture(cfg: str, out: str, opset: int, dynamic=False, imgsz=160, **export_kw):
+    export_ultralytics(build_ultralytics(cfg, imgsz), FIX / out, opset, imgsz, dynamic, **export_kw)
 
 
 def yolov5_fixture(out: str, opset=12, imgsz=160):

@@ -5,13 +5,15 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use perch::adapter::{self, Adapter, StoredDtype, peft::ImportOptions};
 use perch::detector::{DetectorOptions, read_labels};
 use perch::exit;
 use perch::image_io::{IMAGE_EXTENSIONS, load_rgb, save_rgb};
 use perch::model::OnnxModel;
 use perch::overlay::{RgbCanvas, draw_detections};
-use perch::report::{DetectionRecord, ImageRecord};
+use perch::report::{AdapterRef, DetectionRecord, ImageRecord};
 use perch::{Detector, Layout, PostprocessParams, RgbFrame};
 
 #[derive(Parser, Debug)]
@@ -31,6 +33,93 @@ enum Command {
     Detect(DetectArgs),
     /// Measure per-stage latency percentiles on one image.
     Bench(BenchArgs),
+    /// Create, inspect and merge adapters.
+    #[command(subcommand)]
+    Adapter(AdapterCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum AdapterCommand {
+    /// Print a JSON summary of an adapter file (validates it; no base needed).
+    Inspect {
+        /// Adapter file (.safetensors).
+        adapter: PathBuf,
+        /// Also check it against this base model.
+        #[arg(long)]
+        base: Option<PathBuf>,
+    },
+    /// Merge an adapter into a base model and write the merged ONNX (for QA or other runtimes).
+    Merge {
+        #[arg(long)]
+        base: PathBuf,
+        /// Adapter file, or a PEFT directory imported on the fly.
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Multiplier of the LoRA deltas.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f32,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Convert a Hugging Face PEFT LoRA directory into a perch adapter for a base model.
+    Import {
+        /// Directory with adapter_config.json and adapter_model.safetensors.
+        #[arg(long)]
+        peft: PathBuf,
+        #[arg(long)]
+        base: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Adapter name (default: the PEFT directory name).
+        #[arg(long)]
+        name: Option<String>,
+        /// JSON object mapping PEFT module (or module.param) names to ONNX initializer names.
+        #[arg(long, value_name = "FILE.json")]
+        name_map: Option<PathBuf>,
+        /// safetensors of per-output-channel scales keyed by PEFT module name (BatchNorm
+        /// gamma / sqrt(var + eps) of convs whose LoRA was trained before BN folding).
+        #[arg(long, value_name = "FILE.safetensors")]
+        channel_scales: Option<PathBuf>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Make an adapter from a base export and the same model after fine-tuning.
+    Diff(DiffArgs),
+}
+
+#[derive(Args, Debug)]
+struct StoreArgs {
+    /// Class names of the adapted model, one per line (same count as the base).
+    #[arg(long, value_name = "FILE")]
+    labels: Option<PathBuf>,
+    /// Store tensors as f32 instead of f16.
+    #[arg(long)]
+    f32: bool,
+}
+
+#[derive(Args, Debug)]
+struct DiffArgs {
+    #[arg(long)]
+    base: PathBuf,
+    /// The fine-tuned export of the same architecture.
+    #[arg(long)]
+    tuned: PathBuf,
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Layers 0..N-1 were frozen (Ultralytics freeze=N): refuse if any of them changed.
+    #[arg(long)]
+    freeze: Option<usize>,
+    /// Approximate changed conv/linear weights with a LoRA of this rank (truncated SVD).
+    #[arg(long, conflicts_with = "energy")]
+    rank: Option<usize>,
+    /// Approximate with the smallest rank keeping this fraction of each delta's energy (0..1].
+    #[arg(long)]
+    energy: Option<f32>,
+    /// Adapter name (default: the output file stem).
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Args, Debug)]
@@ -47,6 +136,12 @@ struct ModelArgs {
     /// Class names, one per line, overriding the model metadata.
     #[arg(long, value_name = "FILE")]
     labels: Option<PathBuf>,
+    /// Adapter merged into the model at load (a perch .safetensors adapter or a PEFT directory).
+    #[arg(long, value_name = "X")]
+    adapter: Option<PathBuf>,
+    /// Multiplier of the adapter's LoRA deltas.
+    #[arg(long, default_value_t = 1.0, requires = "adapter")]
+    adapter_scale: f32,
     /// Confidence threshold (0..1): keep boxes scoring strictly above it.
     #[arg(long, default_value_t = 0.25, value_parser = parse_unit)]
     conf: f32,
@@ -115,6 +210,7 @@ pub fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Detect(a) => detect(a),
         Command::Bench(a) => bench(a).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
+        Command::Adapter(c) => adapter_cmd(c).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
     }
 }
 
@@ -140,8 +236,39 @@ fn report_error(e: &anyhow::Error, code: u8) -> u8 {
     code
 }
 
-fn build_detector(a: &ModelArgs) -> anyhow::Result<Detector> {
-    let model = OnnxModel::load(&a.model)?;
+/// Loads an adapter argument: a perch adapter file, or a PEFT directory imported against `base`.
+fn load_adapter(p: &Path, base: &OnnxModel) -> anyhow::Result<Adapter> {
+    if p.is_dir() {
+        let imported = adapter::peft::import(p, base, &ImportOptions::default())?;
+        // Give the on-the-fly import the identity of its f32 serialisation.
+        Ok(Adapter::from_bytes(
+            &imported.to_bytes(StoredDtype::F32)?,
+            p,
+        )?)
+    } else {
+        Ok(Adapter::load(p)?)
+    }
+}
+
+/// The model to run: the base, or the base with the adapter merged in.
+fn load_model(a: &ModelArgs) -> anyhow::Result<(OnnxModel, Option<Adapter>)> {
+    let base = OnnxModel::load(&a.model)?;
+    let Some(p) = &a.adapter else {
+        return Ok((base, None));
+    };
+    let adapter = load_adapter(p, &base)?;
+    let t = Instant::now();
+    let merged = adapter::merge::apply(&base, &adapter, a.adapter_scale)?;
+    log::info!(
+        "merged adapter {} in {:.1} ms",
+        adapter.id(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok((merged, Some(adapter)))
+}
+
+fn build_detector(a: &ModelArgs) -> anyhow::Result<(Detector, Option<Adapter>)> {
+    let (model, adapter) = load_model(a)?;
     let labels = a.labels.as_deref().map(read_labels).transpose()?;
     let params = PostprocessParams {
         conf: a.conf,
@@ -150,15 +277,13 @@ fn build_detector(a: &ModelArgs) -> anyhow::Result<Detector> {
         classes: a.classes.clone(),
         agnostic: a.agnostic_nms,
     };
-    Ok(Detector::new(
-        &model,
-        DetectorOptions {
-            imgsz: a.imgsz,
-            layout: a.layout,
-            labels,
-            params,
-        },
-    )?)
+    let opts = DetectorOptions {
+        imgsz: a.imgsz,
+        layout: a.layout,
+        labels,
+        params,
+    };
+    Ok((Detector::new(&model, opts)?, adapter))
 }
 
 /// Expands directories into their image files (sorted, non-recursive).
@@ -237,6 +362,7 @@ enum Failure {
 
 fn detect_one(
     det: &mut Detector,
+    adapter: Option<&AdapterRef>,
     path: &Path,
     out_dir: Option<&Path>,
     used: &mut std::collections::HashSet<PathBuf>,
@@ -257,6 +383,7 @@ fn detect_one(
             })
             .collect(),
         timings_ms: timings.into(),
+        adapter: adapter.cloned(),
     };
     let line = serde_json::to_string(&record).map_err(|e| Failure::Output(e.into()))?;
     let mut out = std::io::stdout().lock();
@@ -272,7 +399,7 @@ fn detect_one(
 }
 
 fn detect(a: DetectArgs) -> u8 {
-    let mut det = match build_detector(&a.model) {
+    let (mut det, adapter) = match build_detector(&a.model) {
         Ok(d) => d,
         Err(e) => return report_error(&e, exit::BAD_INPUT),
     };
@@ -284,10 +411,20 @@ fn detect(a: DetectArgs) -> u8 {
     }
     let mut code = exit::OK;
     let mut used = std::collections::HashSet::new();
+    let adapter_ref = adapter.as_ref().map(|x| AdapterRef {
+        name: x.header.name.clone(),
+        sha256: x.sha256().to_string(),
+    });
     for input in expand_inputs(&a.inputs) {
-        let result = input
-            .map_err(Failure::Input)
-            .and_then(|path| detect_one(&mut det, &path, a.out.as_deref(), &mut used));
+        let result = input.map_err(Failure::Input).and_then(|path| {
+            detect_one(
+                &mut det,
+                adapter_ref.as_ref(),
+                &path,
+                a.out.as_deref(),
+                &mut used,
+            )
+        });
         match result {
             Ok(()) => {}
             Err(Failure::StdoutClosed) => return exit::FAILURE,
@@ -304,7 +441,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn bench(a: BenchArgs) -> anyhow::Result<u8> {
-    let mut det = build_detector(&a.model)?;
+    let t = Instant::now();
+    let (mut det, _) = build_detector(&a.model)?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let frame = match &a.image {
         Some(p) => load_rgb(p)?,
         None => {
@@ -342,6 +481,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         obj.insert("input".into(), serde_json::json!([h, w]));
         obj.insert("iterations".into(), a.iterations.into());
         obj.insert("threads".into(), 1.into());
+        obj.insert("load_ms".into(), load_ms.into());
         for (n, s) in names.iter().zip(&stages) {
             obj.insert(
                 format!("{n}_ms"),
@@ -372,4 +512,126 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         println!("throughput {:.1} frames/s", a.iterations as f64 / wall);
     }
     Ok(exit::OK)
+}
+
+fn store_dtype(s: &StoreArgs) -> StoredDtype {
+    if s.f32 {
+        StoredDtype::F32
+    } else {
+        StoredDtype::F16
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
+    match c {
+        AdapterCommand::Inspect { adapter, base } => {
+            let x = Adapter::load(&adapter)?;
+            let mut summary = x.summary();
+            if let Some(b) = base {
+                let base = OnnxModel::load(&b)?;
+                adapter::merge::merged_weights(&base, &x, 1.0)?;
+                summary["fits_base"] = b.display().to_string().into();
+            }
+            print_json(&summary);
+        }
+        AdapterCommand::Merge {
+            base,
+            adapter,
+            scale,
+            output,
+        } => {
+            let base = OnnxModel::load(&base)?;
+            let x = load_adapter(&adapter, &base)?;
+            let t = Instant::now();
+            let merged = adapter::merge::apply(&base, &x, scale)?;
+            let merge_ms = t.elapsed().as_secs_f64() * 1e3;
+            merged.save(&output)?;
+            print_json(
+                &serde_json::json!({"output": output.display().to_string(), "adapter": x.id(), "merge_ms": merge_ms}),
+            );
+        }
+        AdapterCommand::Import {
+            peft,
+            base,
+            output,
+            name,
+            name_map,
+            channel_scales,
+            store,
+        } => {
+            let base = OnnxModel::load(&base)?;
+            let mut opts = ImportOptions {
+                name,
+                ..Default::default()
+            };
+            if let Some(p) = name_map {
+                let text = std::fs::read_to_string(&p)
+                    .with_context(|| format!("{}: cannot read name map", p.display()))?;
+                opts.name_map = serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not a JSON object of strings", p.display()))?;
+            }
+            if let Some(p) = channel_scales {
+                opts.channel_scales = read_vectors(&p)?;
+            }
+            opts.class_names = store.labels.as_deref().map(read_labels).transpose()?;
+            let x = adapter::peft::import(&peft, &base, &opts)?;
+            let saved = x.save(&output, store_dtype(&store))?;
+            print_json(&saved.summary());
+        }
+        AdapterCommand::Diff(d) => {
+            let base = OnnxModel::load(&d.base)?;
+            let tuned = OnnxModel::load(&d.tuned)?;
+            let approx = match (d.rank, d.energy) {
+                (Some(r), _) => adapter::diff::Approx::Rank(r),
+                (None, Some(e)) if e > 0.0 && e <= 1.0 => adapter::diff::Approx::Energy(e),
+                (None, Some(e)) => anyhow::bail!("--energy {e} is outside (0, 1]"),
+                (None, None) => adapter::diff::Approx::Replace,
+            };
+            let name = d.name.clone().unwrap_or_else(|| {
+                d.output
+                    .file_stem()
+                    .map_or("adapter".into(), |s| s.to_string_lossy().into_owned())
+            });
+            let labels = d.store.labels.as_deref().map(read_labels).transpose()?;
+            let opts = adapter::diff::DiffOptions {
+                freeze: d.freeze,
+                approx,
+                name,
+                class_names: labels,
+            };
+            let (x, report) = adapter::diff::diff(&base, &tuned, &opts)?;
+            let saved = x.save(&d.output, store_dtype(&d.store))?;
+            let mut summary = saved.summary();
+            summary["diff"] = serde_json::to_value(&report)?;
+            print_json(&summary);
+        }
+    }
+    Ok(exit::OK)
+}
+
+/// Reads a safetensors file of 1-D float tensors into name -> values.
+fn read_vectors(p: &Path) -> anyhow::Result<std::collections::HashMap<String, Vec<f32>>> {
+    let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not safetensors", p.display()))?;
+    let mut out = std::collections::HashMap::new();
+    for (name, view) in st.iter() {
+        anyhow::ensure!(
+            view.dtype() == safetensors::Dtype::F32 && view.shape().len() == 1,
+            "{}: tensor '{name}' must be 1-D F32",
+            p.display()
+        );
+        out.insert(
+            name.to_string(),
+            view.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        );
+    }
+    Ok(out)
 }

@@ -32,15 +32,18 @@
 //! # Ok(()) }
 //! ```
 
+pub mod adapter;
 pub mod detector;
 pub mod exit;
 pub mod frame;
+pub mod fsutil;
 pub mod image_io;
 pub mod model;
 pub mod overlay;
 pub mod postprocess;
 pub mod preprocess;
 pub mod report;
+pub mod tensor;
 
 pub use detector::{Detector, DetectorError, DetectorOptions};
 pub use frame::RgbFrame;

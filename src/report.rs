@@ -34,6 +34,14 @@ impl From<StageTimings> for TimingsMs {
     }
 }
 
+/// The adapter a record was produced with.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct AdapterRef {
+    pub name: String,
+    /// sha256 of the adapter file.
+    pub sha256: String,
+}
+
 /// The record `perch detect` prints for one image.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ImageRecord {
@@ -42,6 +50,9 @@ pub struct ImageRecord {
     pub height: usize,
     pub detections: Vec<DetectionRecord>,
     pub timings_ms: TimingsMs,
+    /// Present when an adapter was merged into the model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterRef>,
 }
 
 #[cfg(test)]
@@ -65,6 +76,7 @@ mod tests {
                 inference: 2.0,
                 postprocess: 0.5,
             },
+            adapter: None,
         };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),

@@ -5,6 +5,7 @@
 //! version in `Cargo.toml` because its internal APIs change between patch releases.
 
 mod metadata;
+mod weights;
 
 pub use metadata::{ModelMetadata, parse_imgsz, parse_names};
 
