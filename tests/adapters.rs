@@ -293,7 +293,9 @@ fn zero_lora_is_identity_and_the_base_is_never_modified() {
 }
 
 fn as_refs(v: &[(String, Vec<usize>, Vec<f32>)]) -> Vec<(&str, Vec<usize>, Vec<f32>)> {
-    v.iter().map(|(n, s, d)| (n.as_str(), s.clone(), d.clone())).collect()
+    v.iter()
+        .map(|(n, s, d)| (n.as_str(), s.clone(), d.clone()))
+        .collect()
 }
 
 /// Serialises an adapter file by hand, so tests can write what perch itself never would.
@@ -539,4 +541,155 @@ fn adapter_cli_round_trip() {
     ]);
     assert_eq!(wrong.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("made for base weights"));
+}
+
+/// A "fine-tuned" copy of the v8 fixture: a rank-1 change of one head conv weight and a changed
+/// head bias (plus, on request, a changed frozen-layer weight), saved to a temp file.
+fn tuned_copy(file: &str, drift_frozen: bool) -> (OnnxModel, std::path::PathBuf) {
+    let base = OnnxModel::load(path(V8)).unwrap();
+    let mut w = base.weight("model.22.cv3.0.2.weight").unwrap();
+    let (out, cols) = (w.shape[0], w.shape[1..].iter().product::<usize>());
+    for o in 0..out {
+        for c in 0..cols {
+            w.data[o * cols + c] += 0.05 * (o as f32 + 1.0) * ((c as f32) * 0.3).cos();
+        }
+    }
+    let mut b = base.weight("model.22.cv3.0.2.bias").unwrap();
+    b.data.iter_mut().for_each(|v| *v += 0.25);
+    let mut changed = vec![w, b];
+    if drift_frozen {
+        let mut f = base.weight("model.0.conv.weight").unwrap();
+        f.data[0] += 1e-3;
+        changed.push(f);
+    }
+    let p = tmp(file);
+    base.with_weights(&changed, None).unwrap().save(&p).unwrap();
+    (OnnxModel::load(&p).unwrap(), p)
+}
+
+/// `diff` recovers the fine-tune exactly as replace tensors, and as a LoRA whose rank the
+/// energy criterion finds (1 here); it refuses drifted frozen layers, unrelated models and
+/// identical ones; and merge refuses an initializer the exporter shared between layers.
+#[test]
+fn diff_recovers_fine_tunes_and_guards_frozen_layers() {
+    use perch::adapter::diff::{Approx, DiffOptions, diff};
+    let base = OnnxModel::load(path(V8)).unwrap();
+    let (tuned, _) = tuned_copy("tuned.onnx", false);
+    let opts = |approx| DiffOptions {
+        freeze: Some(22),
+        approx,
+        name: "ft".into(),
+        class_names: None,
+    };
+
+    let (replace, report) = diff(&base, &tuned, &opts(Approx::Replace)).unwrap();
+    assert_eq!(report.changed.len(), 2, "{report:?}");
+    let merged = apply(&base, &replace, 1.0).unwrap();
+    assert_eq!(
+        merged.fingerprint(),
+        tuned.fingerprint(),
+        "replace reproduces the tuned weights exactly"
+    );
+
+    let (lora, report) = diff(&base, &tuned, &opts(Approx::Energy(0.9999))).unwrap();
+    let w = report
+        .changed
+        .iter()
+        .find(|c| c.name == "model.22.cv3.0.2.weight")
+        .unwrap();
+    assert_eq!((w.kind, w.rank), (TargetKind::Lora, Some(1)), "{w:?}");
+    assert!(w.relative_error.unwrap() < 1e-3);
+    let saved = lora
+        .save(&tmp("ft-lora.safetensors"), StoredDtype::F32)
+        .unwrap();
+    assert!(saved.file_bytes() < replace.to_bytes(StoredDtype::F32).unwrap().len() as u64);
+    assert_close(
+        &v8_raw(&apply(&base, &saved, 1.0).unwrap()),
+        &v8_raw(&tuned),
+        1e-3,
+        1e-4,
+        "LoRA diff",
+    );
+
+    let (drifted, _) = tuned_copy("drifted.onnx", true);
+    let e = diff(&base, &drifted, &opts(Approx::Replace))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("frozen layers changed") && e.contains("model.0.conv.weight"),
+        "{e}"
+    );
+    diff(
+        &base,
+        &drifted,
+        &DiffOptions {
+            freeze: None,
+            ..opts(Approx::Replace)
+        },
+    )
+    .unwrap();
+
+    let e = diff(&base, &base, &opts(Approx::Replace))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no initializer differs"), "{e}");
+    let other = OnnxModel::load(path("tests/fixtures/y11-t160-op13.onnx")).unwrap();
+    let e = diff(&base, &other, &opts(Approx::Replace))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not the same architecture"), "{e}");
+
+    // The exporter shares the Detect box-branch biases (equal at init) between three convs.
+    let shared = "model.22.cv2.0.2.bias";
+    assert_eq!(base.weight_consumers(shared), 3);
+    let mut h = serde_json::to_value(lora_header(&base, shared, 1)).unwrap();
+    h["targets"][0] = serde_json::json!({"name": shared, "kind": "replace"});
+    let data = base.weight(shared).unwrap().data;
+    let x = Adapter::from_bytes(
+        &raw_adapter(
+            &h,
+            &[(&format!("{shared}.replace"), vec![data.len()], data)],
+        ),
+        "shared.safetensors",
+    )
+    .unwrap();
+    let e = merged_weights(&base, &x, 1.0).unwrap_err().to_string();
+    assert!(e.contains("shared by 3 nodes"), "{e}");
+}
+
+#[test]
+fn diff_cli_reports_per_tensor_error() {
+    let (_, tuned) = tuned_copy("tuned-cli.onnx", false);
+    let out_file = tmp("cli-diff.safetensors");
+    let out = perch(&[
+        "adapter",
+        "diff",
+        "--base",
+        V8,
+        "--tuned",
+        tuned.to_str().unwrap(),
+        "--freeze",
+        "22",
+        "--rank",
+        "1",
+        "-o",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let changed = s["diff"]["changed"].as_array().unwrap();
+    assert_eq!(changed.len(), 2);
+    assert!(changed.iter().any(|c| c["kind"] == "lora"
+        && c["rank"] == 1
+        && c["relative_error"].as_f64().unwrap() < 1e-3));
+    assert!(
+        changed.iter().any(|c| c["kind"] == "replace"),
+        "a bias cannot be low-rank"
+    );
+    assert_eq!(s["kind"], "mixed");
 }

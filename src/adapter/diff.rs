@@ -138,14 +138,34 @@ pub fn diff(
         base: base.path().to_path_buf(),
         reason,
     };
-    let (bs, ts) = (base.weight_shapes(), tuned.weight_shapes());
-    if bs != ts {
-        let first = bs.iter().zip(&ts).find(|(a, b)| a != b).map_or_else(
-            || format!("{} vs {} float initializers", bs.len(), ts.len()),
-            |(a, b)| format!("'{}' {:?} vs '{}' {:?}", a.0, a.1, b.0, b.1),
-        );
-        return Err(mismatch(format!("not the same architecture: {first}")));
+    // Exporters may emit initializers in another order: compare by name.
+    let base_shapes: std::collections::BTreeMap<String, Vec<usize>> =
+        base.weight_shapes().into_iter().collect();
+    let tuned_shapes: std::collections::BTreeMap<String, Vec<usize>> =
+        tuned.weight_shapes().into_iter().collect();
+    let bs: Vec<(String, Vec<usize>)> = base_shapes
+        .iter()
+        .map(|(n, s)| (n.clone(), s.clone()))
+        .collect();
+    for (name, shape) in &bs {
+        match tuned_shapes.get(name) {
+            Some(s) if s == shape => {}
+            Some(s) => {
+                return Err(mismatch(format!(
+                    "not the same architecture: '{name}' is {shape:?} in the base, {s:?} tuned"
+                )));
+            }
+            None => {
+                return Err(mismatch(format!(
+                    "not the same architecture: the tuned model has no '{name}'"
+                )));
+            }
+        }
     }
+    let only_tuned: Vec<&String> = tuned_shapes
+        .keys()
+        .filter(|n| !base_shapes.contains_key(*n))
+        .collect();
     let mut targets = Vec::new();
     let mut tensors = Vec::new();
     let mut report = DiffReport {
@@ -243,11 +263,19 @@ pub fn diff(
         }
     }
     if !frozen_changed.is_empty() {
+        frozen_changed.sort();
         let n = frozen_changed.len();
         frozen_changed.truncate(3);
         return Err(mismatch(format!(
-            "{n} tensors of frozen layers changed (e.g. {}); BatchNorm statistics may have drifted during training",
+            "{n} tensors of frozen layers changed (e.g. {}): BatchNorm statistics drifted during training, or base and tuned were exported from different precisions (Ultralytics checkpoints are float16: export both from .pt files)",
             frozen_changed.join(", ")
+        )));
+    }
+    if !only_tuned.is_empty() {
+        let names: Vec<&str> = only_tuned.iter().take(3).map(|s| s.as_str()).collect();
+        return Err(mismatch(format!(
+            "the tuned model has initializers the base lacks ({}): the base export shares one constant between layers that training made different; export the base with simplify=False",
+            names.join(", ")
         )));
     }
     if targets.is_empty() {

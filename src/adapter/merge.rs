@@ -101,6 +101,13 @@ pub fn merged_weights(
     }
     let mut out = Vec::with_capacity(adapter.header.targets.len());
     for t in &adapter.header.targets {
+        let consumers = base.weight_consumers(&t.name);
+        if consumers > 1 {
+            return Err(mismatch(format!(
+                "'{}' is shared by {consumers} nodes (the exporter deduplicated equal constants); changing it would change all of them",
+                t.name
+            )));
+        }
         let mut w = base.weight(&t.name).map_err(|e| match e {
             crate::model::ModelError::Unsupported { reason, .. } => mismatch(reason),
             other => mismatch(other.to_string()),

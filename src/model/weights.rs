@@ -90,6 +90,17 @@ impl OnnxModel {
         })
     }
 
+    /// Number of graph nodes that read initializer `name` (exporters deduplicate equal constants,
+    /// so one initializer can feed several layers).
+    pub fn weight_consumers(&self, name: &str) -> usize {
+        self.proto.graph.as_ref().map_or(0, |g| {
+            g.node
+                .iter()
+                .filter(|n| n.input.iter().any(|i| i == name))
+                .count()
+        })
+    }
+
     /// How the graph uses initializer `name` (the first consumer decides).
     pub fn weight_use(&self, name: &str) -> WeightUse {
         let Some(graph) = self.proto.graph.as_ref() else {
