@@ -250,25 +250,51 @@ fn load_adapter(p: &Path, base: &OnnxModel) -> anyhow::Result<Adapter> {
     }
 }
 
+/// Wall-clock milliseconds of the load stages, for `bench`.
+#[derive(Debug, Default)]
+struct LoadTimes {
+    read_ms: f64,
+    merge_ms: f64,
+    prepare_ms: f64,
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
 /// The model to run: the base, or the base with the adapter merged in.
-fn load_model(a: &ModelArgs) -> anyhow::Result<(OnnxModel, Option<Adapter>)> {
+fn load_model(
+    a: &ModelArgs,
+    times: &mut LoadTimes,
+) -> anyhow::Result<(OnnxModel, Option<Adapter>)> {
+    let t = Instant::now();
     let base = OnnxModel::load(&a.model)?;
     let Some(p) = &a.adapter else {
+        times.read_ms = ms_since(t);
         return Ok((base, None));
     };
     let adapter = load_adapter(p, &base)?;
+    times.read_ms = ms_since(t);
     let t = Instant::now();
     let merged = adapter::merge::apply(&base, &adapter, a.adapter_scale)?;
+    times.merge_ms = ms_since(t);
     log::info!(
         "merged adapter {} in {:.1} ms",
         adapter.id(),
-        t.elapsed().as_secs_f64() * 1e3
+        times.merge_ms
     );
     Ok((merged, Some(adapter)))
 }
 
 fn build_detector(a: &ModelArgs) -> anyhow::Result<(Detector, Option<Adapter>)> {
-    let (model, adapter) = load_model(a)?;
+    build_detector_timed(a, &mut LoadTimes::default())
+}
+
+fn build_detector_timed(
+    a: &ModelArgs,
+    times: &mut LoadTimes,
+) -> anyhow::Result<(Detector, Option<Adapter>)> {
+    let (model, adapter) = load_model(a, times)?;
     let labels = a.labels.as_deref().map(read_labels).transpose()?;
     let params = PostprocessParams {
         conf: a.conf,
@@ -283,7 +309,10 @@ fn build_detector(a: &ModelArgs) -> anyhow::Result<(Detector, Option<Adapter>)> 
         labels,
         params,
     };
-    Ok((Detector::new(&model, opts)?, adapter))
+    let t = Instant::now();
+    let det = Detector::new(&model, opts)?;
+    times.prepare_ms = ms_since(t);
+    Ok((det, adapter))
 }
 
 /// Expands directories into their image files (sorted, non-recursive).
@@ -441,9 +470,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn bench(a: BenchArgs) -> anyhow::Result<u8> {
-    let t = Instant::now();
-    let (mut det, _) = build_detector(&a.model)?;
-    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut load = LoadTimes::default();
+    let (mut det, adapter) = build_detector_timed(&a.model, &mut load)?;
     let frame = match &a.image {
         Some(p) => load_rgb(p)?,
         None => {
@@ -481,7 +509,10 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         obj.insert("input".into(), serde_json::json!([h, w]));
         obj.insert("iterations".into(), a.iterations.into());
         obj.insert("threads".into(), 1.into());
-        obj.insert("load_ms".into(), load_ms.into());
+        obj.insert("adapter".into(), adapter.as_ref().map(Adapter::id).into());
+        obj.insert("read_ms".into(), load.read_ms.into());
+        obj.insert("merge_ms".into(), load.merge_ms.into());
+        obj.insert("prepare_ms".into(), load.prepare_ms.into());
         for (n, s) in names.iter().zip(&stages) {
             obj.insert(
                 format!("{n}_ms"),
@@ -495,6 +526,15 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             "model {}  input {h}x{w}  iterations {}  threads 1",
             a.model.model.display(),
             a.iterations
+        );
+        println!(
+            "load: read {:.1} ms, adapter merge {:.1} ms, prepare (type + optimise) {:.1} ms{}",
+            load.read_ms,
+            load.merge_ms,
+            load.prepare_ms,
+            adapter
+                .as_ref()
+                .map_or(String::new(), |x| format!("  adapter {}", x.id()))
         );
         println!(
             "{:<12} {:>9} {:>9} {:>9} {:>9}",

@@ -68,6 +68,8 @@ pub struct OnnxModel {
     input_name: String,
     input_shape: InputShape,
     output_names: Vec<String>,
+    /// Weight fingerprint, computed on first use (hashing all weights is not free).
+    fingerprint: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -182,6 +184,7 @@ impl OnnxModel {
             input_name,
             input_shape,
             output_names,
+            fingerprint: std::sync::OnceLock::new(),
         })
     }
 

@@ -133,6 +133,10 @@ impl OnnxModel {
     /// `sha256:<hex>` over every initializer's name, type, shape and bytes, sorted by name.
     /// Metadata, graph structure and producer strings do not change it.
     pub fn fingerprint(&self) -> String {
+        self.fingerprint.get_or_init(|| self.compute_fingerprint()).clone()
+    }
+
+    fn compute_fingerprint(&self) -> String {
         let mut inits: Vec<&pb::TensorProto> = self.initializers().iter().collect();
         inits.sort_by(|a, b| a.name.cmp(&b.name));
         let mut h = Sha256::new();
@@ -217,6 +221,7 @@ impl OnnxModel {
         Ok(OnnxModel {
             proto,
             metadata,
+            fingerprint: std::sync::OnceLock::new(),
             ..self.clone()
         })
     }
