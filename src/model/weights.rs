@@ -133,7 +133,9 @@ impl OnnxModel {
     /// `sha256:<hex>` over every initializer's name, type, shape and bytes, sorted by name.
     /// Metadata, graph structure and producer strings do not change it.
     pub fn fingerprint(&self) -> String {
-        self.fingerprint.get_or_init(|| self.compute_fingerprint()).clone()
+        self.fingerprint
+            .get_or_init(|| self.compute_fingerprint())
+            .clone()
     }
 
     fn compute_fingerprint(&self) -> String {
