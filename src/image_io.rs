@@ -87,24 +87,7 @@ pub fn save_rgb(frame: &RgbFrame, path: &Path) -> Result<(), ImageError> {
             ));
         }
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .ok_or_else(|| fail("no file name".into()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, &bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            fail(e.to_string())
-        })
+    crate::fsutil::write_atomic(path, &bytes).map_err(|e| fail(e.to_string()))
 }
 
 #[cfg(test)]

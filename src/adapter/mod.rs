@@ -166,6 +166,36 @@ pub fn now_rfc3339() -> String {
     )
 }
 
+/// Decodes a safetensors tensor to f32. F32 and F16 are accepted, and BF16 when `allow_bf16`
+/// (PEFT may save in the training dtype; perch's own files never use it).
+pub(crate) fn tensor_from_view(
+    name: &str,
+    view: &safetensors::tensor::TensorView<'_>,
+    allow_bf16: bool,
+) -> Result<NamedTensor, String> {
+    let raw = view.data();
+    let data: Vec<f32> = match view.dtype() {
+        Dtype::F32 => raw
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => raw
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 if allow_bf16 => raw
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => return Err(format!("tensor '{name}' is {other:?}; expected F32 or F16")),
+    };
+    Ok(NamedTensor {
+        name: name.to_string(),
+        shape: view.shape().to_vec(),
+        data,
+    })
+}
+
 impl Adapter {
     /// Builds an adapter in memory (for producers); validates it like a loaded file.
     pub fn new(
@@ -257,31 +287,8 @@ impl Adapter {
         }
         let mut tensors = HashMap::new();
         for (name, view) in st.iter() {
-            let shape = view.shape().to_vec();
-            let raw = view.data();
-            let data: Vec<f32> = match view.dtype() {
-                Dtype::F32 => raw
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                    .collect(),
-                Dtype::F16 => raw
-                    .chunks_exact(2)
-                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                    .collect(),
-                other => {
-                    return Err(invalid(format!(
-                        "tensor '{name}' is {other:?}; only F16 and F32 are accepted"
-                    )));
-                }
-            };
-            tensors.insert(
-                name.to_string(),
-                NamedTensor {
-                    name: name.to_string(),
-                    shape,
-                    data,
-                },
-            );
+            let t = tensor_from_view(name, &view, false).map_err(&invalid)?;
+            tensors.insert(name.to_string(), t);
         }
         let mut h = Sha256::new();
         h.update(bytes);

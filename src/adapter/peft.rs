@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 use serde::Deserialize;
 
 use super::{Adapter, AdapterError, AdapterHeader, StoredDtype, Target, TargetKind, merge};
@@ -48,37 +48,6 @@ pub struct ImportOptions {
 /// Whether PEFT's pattern `key` selects `module` (whole name or a dotted suffix of it).
 fn pattern_matches(key: &str, module: &str) -> bool {
     module == key || module.ends_with(&format!(".{key}"))
-}
-
-fn read_tensor(
-    name: &str,
-    view: &safetensors::tensor::TensorView<'_>,
-) -> Result<NamedTensor, String> {
-    let raw = view.data();
-    let data: Vec<f32> = match view.dtype() {
-        Dtype::F32 => raw
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        Dtype::F16 => raw
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => raw
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(format!(
-                "tensor '{name}' is {other:?}; expected F32, F16 or BF16"
-            ));
-        }
-    };
-    Ok(NamedTensor {
-        name: name.to_string(),
-        shape: view.shape().to_vec(),
-        data,
-    })
 }
 
 /// What a PEFT state-dict key refers to.
@@ -159,7 +128,7 @@ pub fn import(dir: &Path, base: &OnnxModel, opts: &ImportOptions) -> Result<Adap
     let mut b_of: BTreeMap<String, NamedTensor> = BTreeMap::new();
     let mut params: BTreeMap<String, NamedTensor> = BTreeMap::new();
     for (key, view) in st.iter() {
-        let t = read_tensor(key, &view).map_err(&invalid)?;
+        let t = super::tensor_from_view(key, &view, true).map_err(&invalid)?;
         match classify(key).map_err(&invalid)? {
             Key::LoraA(m) => a_of.insert(m.to_string(), t),
             Key::LoraB(m) => b_of.insert(m.to_string(), t),
