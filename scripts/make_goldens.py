@@ -9,7 +9,8 @@ Every golden comes from an independent implementation:
   letterbox/*.png   Ultralytics `LetterBox` on OpenCV-decoded photos (the model input, as RGB).
   detect/*.json     Ultralytics' predictor (`YOLO(onnx).predict`, onnxruntime backend) with the
                     trained demo model on aerial images, default thresholds.
-Run: PY=$(models/recipe/venv.sh)/bin/python; $PY scripts/make_goldens.py [--only raw,nms,letterbox,detect]
+  eval/*.json       Ultralytics `val` of the demo model on tests/data/eval (conf 0.001, IoU 0.7).
+Run: PY=$(models/recipe/venv.sh)/bin/python; $PY scripts/make_goldens.py [--only raw,letterbox,detect,eval]
 """
 import argparse
 import json
@@ -187,6 +188,43 @@ def make_aerial_samples():
         print("wrote", (DATA / f).relative_to(ROOT))
 
 
+EVAL_DIR = DATA / "eval"
+
+
+def make_eval_set(n_tiles=5):
+    """A small committed evaluation set: the YELL held-out tiles with the most trees, plus
+    OSBS_029 (another site, resized by the validator), in Ultralytics YOLO layout."""
+    import shutil
+
+    src = Path.home() / ".cache/perch/data"
+    if EVAL_DIR.exists():
+        shutil.rmtree(EVAL_DIR)
+    for sub in ("images/val", "labels/val"):
+        (EVAL_DIR / sub).mkdir(parents=True)
+    labels = sorted((src / "yell/labels/val").glob("*.txt"), key=lambda p: (-len(p.read_text().splitlines()), p.name))
+    picked = [(src / "yell", p.stem) for p in labels[:n_tiles]] + [(src / "osbs", "OSBS_029")]
+    for root, stem in picked:
+        shutil.copy(root / "images/val" / f"{stem}.png", EVAL_DIR / "images/val" / f"{stem}.png")
+        shutil.copy(root / "labels/val" / f"{stem}.txt", EVAL_DIR / "labels/val" / f"{stem}.txt")
+    (EVAL_DIR / "data.yaml").write_text("# YELL held-out tiles + OSBS_029 (deepforest 2.1.0, MIT)\ntrain: images/val  # unused; Ultralytics requires the key\nval: images/val\nnames:\n  0: Tree\n")
+    print("wrote", EVAL_DIR.relative_to(ROOT), len(picked), "images")
+
+
+def make_eval_golden():
+    """Ultralytics `val` of the demo model on the committed eval set (conf 0.001, IoU 0.7)."""
+    from ultralytics import YOLO
+
+    model = YOLO(str(DETECT_MODEL), task="detect")
+    r = model.val(data=str(EVAL_DIR / "data.yaml"), imgsz=320, batch=1, conf=0.001, iou=0.7, plots=False,
+                  verbose=False, save_json=False)
+    b = r.box
+    dump(GOLD / "eval" / "tree-yolo11n-320.json", {
+        "model": str(DETECT_MODEL.relative_to(ROOT)), "data": "tests/data/eval/data.yaml",
+        "precision": float(b.mp), "recall": float(b.mr), "map50": float(b.map50), "map50_95": float(b.map),
+        "per_class_map50_95": [float(v) for v in b.maps],
+    })
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="raw,letterbox,detect")
@@ -199,6 +237,9 @@ def main():
     if "detect" in only:
         make_aerial_samples()
         make_detect()
+    if "eval" in only:
+        make_eval_set()
+        make_eval_golden()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ enum Command {
     Detect(DetectArgs),
     /// Measure per-stage latency percentiles on one image.
     Bench(BenchArgs),
+    /// Accuracy (mAP50, mAP50-95, precision, recall per class) on a YOLO-format dataset, as
+    /// Ultralytics `val` computes it; prints one JSON object.
+    Eval(EvalArgs),
     /// Create, inspect and merge adapters.
     #[command(subcommand)]
     Adapter(AdapterCommand),
@@ -142,9 +145,9 @@ struct ModelArgs {
     /// Multiplier of the adapter's LoRA deltas.
     #[arg(long, default_value_t = 1.0, requires = "adapter")]
     adapter_scale: f32,
-    /// Confidence threshold (0..1): keep boxes scoring strictly above it.
-    #[arg(long, default_value_t = 0.25, value_parser = parse_unit)]
-    conf: f32,
+    /// Confidence threshold (0..1): keep boxes scoring strictly above it [default: 0.25; eval: 0.001].
+    #[arg(long, value_parser = parse_unit)]
+    conf: Option<f32>,
     /// NMS IoU threshold (0..1).
     #[arg(long, default_value_t = 0.7, value_parser = parse_unit)]
     iou: f32,
@@ -169,6 +172,18 @@ struct DetectArgs {
     /// Images, or directories of .jpg/.jpeg/.png images.
     #[arg(required = true, value_name = "IMAGE_OR_DIR")]
     inputs: Vec<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Dataset YAML in Ultralytics format (path, train/val/test, names).
+    #[arg(long, value_name = "data.yaml")]
+    data: PathBuf,
+    /// Which split to evaluate.
+    #[arg(long, default_value = "val")]
+    split: String,
 }
 
 #[derive(Args, Debug)]
@@ -210,6 +225,7 @@ pub fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Detect(a) => detect(a),
         Command::Bench(a) => bench(a).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
+        Command::Eval(a) => eval(a).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
         Command::Adapter(c) => adapter_cmd(c).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
     }
 }
@@ -286,18 +302,24 @@ fn load_model(
     Ok((merged, Some(adapter)))
 }
 
+/// Default confidence of `detect` and `bench` (Ultralytics predict).
+const PREDICT_CONF: f32 = 0.25;
+/// Default confidence of `eval` (Ultralytics val).
+const VAL_CONF: f32 = 0.001;
+
 fn build_detector(a: &ModelArgs) -> anyhow::Result<(Detector, Option<Adapter>)> {
-    build_detector_timed(a, &mut LoadTimes::default())
+    build_detector_timed(a, PREDICT_CONF, &mut LoadTimes::default())
 }
 
 fn build_detector_timed(
     a: &ModelArgs,
+    default_conf: f32,
     times: &mut LoadTimes,
 ) -> anyhow::Result<(Detector, Option<Adapter>)> {
     let (model, adapter) = load_model(a, times)?;
     let labels = a.labels.as_deref().map(read_labels).transpose()?;
     let params = PostprocessParams {
-        conf: a.conf,
+        conf: a.conf.unwrap_or(default_conf),
         iou: a.iou,
         max_det: a.max_det as usize,
         classes: a.classes.clone(),
@@ -471,7 +493,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     let mut load = LoadTimes::default();
-    let (mut det, adapter) = build_detector_timed(&a.model, &mut load)?;
+    let (mut det, adapter) = build_detector_timed(&a.model, PREDICT_CONF, &mut load)?;
     let frame = match &a.image {
         Some(p) => load_rgb(p)?,
         None => {
@@ -674,4 +696,28 @@ fn read_vectors(p: &Path) -> anyhow::Result<std::collections::HashMap<String, Ve
         );
     }
     Ok(out)
+}
+
+fn eval(a: EvalArgs) -> anyhow::Result<u8> {
+    let data = perch::eval::Dataset::load(&a.data, &a.split)?;
+    let (mut det, adapter) = build_detector_timed(&a.model, VAL_CONF, &mut LoadTimes::default())?;
+    let report = perch::eval::evaluate(&mut det, &data, &a.split)?;
+    let mut v = serde_json::to_value(&report)?;
+    v["model"] = a.model.model.display().to_string().into();
+    v["adapter"] = adapter.as_ref().map(Adapter::id).into();
+    let (h, w) = det.input_hw();
+    v["imgsz"] = serde_json::json!([h, w]);
+    if let Some(classes) = v["per_class"].as_array_mut() {
+        for c in classes {
+            let id = c["class_id"].as_u64().unwrap_or(0) as usize;
+            c["label"] = data
+                .names
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| det.label(id))
+                .into();
+        }
+    }
+    println!("{v}");
+    Ok(exit::OK)
 }

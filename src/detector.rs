@@ -246,6 +246,25 @@ impl Detector {
         Ok((dets, timings))
     }
 
+    /// Runs the model on `frame` letterboxed as `lb` says and returns the detections in
+    /// model-input pixels (no mapping back), best first. For evaluation, which matches there.
+    pub fn detect_in_input_space(
+        &mut self,
+        frame: &RgbFrame,
+        lb: &Letterbox,
+    ) -> Result<Vec<Detection>, DetectorError> {
+        letterbox_into(frame, lb, &self.format, &mut self.input);
+        let outs = self.session.run(&self.input)?;
+        let out = &outs[0];
+        Ok(postprocess::postprocess(
+            self.spec,
+            &out.shape,
+            &out.data,
+            self.input_hw,
+            &self.params,
+        ))
+    }
+
     /// The prepared model, to spawn more sessions (e.g. one per worker thread).
     pub fn prepared(&self) -> &PreparedModel {
         &self.prepared

@@ -34,6 +34,7 @@
 
 pub mod adapter;
 pub mod detector;
+pub mod eval;
 pub mod exit;
 pub mod frame;
 pub mod fsutil;

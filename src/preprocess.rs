@@ -133,6 +133,37 @@ impl Letterbox {
         }
     }
 
+    /// A centred letterbox with an explicit resized size (`new_w` x `new_h` <= `dst`), padded as
+    /// Ultralytics `LetterBox` pads an image it does not rescale. Used by evaluation, whose
+    /// resize rounds up.
+    pub fn with_resized(
+        src_w: usize,
+        src_h: usize,
+        dst_w: usize,
+        dst_h: usize,
+        new_w: usize,
+        new_h: usize,
+    ) -> Self {
+        let dw = (dst_w - new_w) as f64 / 2.0;
+        let dh = (dst_h - new_h) as f64 / 2.0;
+        let left = (dw - 0.1).round_ties_even().max(0.0) as usize;
+        let top = (dh - 0.1).round_ties_even().max(0.0) as usize;
+        let gain = new_w as f64 / src_w as f64;
+        Letterbox {
+            src_w,
+            src_h,
+            dst_w,
+            dst_h,
+            new_w,
+            new_h,
+            left,
+            top,
+            gain,
+            unpad_x: left as f64,
+            unpad_y: top as f64,
+        }
+    }
+
     /// Maps an `[x1, y1, x2, y2]` box from model-input pixels to source-frame pixels and clips it
     /// to the frame.
     pub fn box_to_source(&self, b: [f32; 4]) -> [f32; 4] {

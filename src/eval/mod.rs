@@ -1,0 +1,324 @@
+//! `perch eval`: detection accuracy on a dataset in Ultralytics YOLO format, computed the way
+//! Ultralytics `val` does (same letterbox geometry, thresholds, matching and AP).
+
+pub mod metrics;
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use yaml_rust2::{Yaml, YamlLoader};
+
+use crate::detector::{Detector, DetectorError};
+use crate::image_io::{IMAGE_EXTENSIONS, load_rgb};
+use crate::preprocess::Letterbox;
+
+/// Why a dataset could not be evaluated; names the file (and line) concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{}: {reason}", path.display())]
+    Dataset { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Image(#[from] crate::image_io::ImageError),
+    #[error(transparent)]
+    Detector(#[from] DetectorError),
+}
+
+/// One labelled box: class id and `[x1, y1, x2, y2]` in normalised 0..1 image coordinates.
+pub type Label = (usize, [f32; 4]);
+
+/// A YOLO-format dataset split: images, their label files, class names.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub yaml: PathBuf,
+    pub names: Vec<String>,
+    pub images: Vec<PathBuf>,
+}
+
+fn yaml_names(v: &Yaml) -> Option<Vec<String>> {
+    let scalar = |y: &Yaml| match y {
+        Yaml::String(s) => Some(s.clone()),
+        Yaml::Integer(i) => Some(i.to_string()),
+        Yaml::Real(r) => Some(r.clone()),
+        Yaml::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    };
+    match v {
+        Yaml::Array(a) => a.iter().map(scalar).collect(),
+        Yaml::Hash(h) => {
+            let mut pairs: Vec<(usize, String)> = h
+                .iter()
+                .map(|(k, v)| Some((k.as_i64()? as usize, scalar(v)?)))
+                .collect::<Option<_>>()?;
+            pairs.sort();
+            pairs
+                .iter()
+                .enumerate()
+                .all(|(i, (k, _))| i == *k)
+                .then(|| pairs.into_iter().map(|(_, n)| n).collect())
+        }
+        _ => None,
+    }
+}
+
+impl Dataset {
+    /// Reads `data.yaml` (`path`, `train`/`val`/`test`, `names`) and lists the images of `split`.
+    /// `path` defaults to the YAML's directory and relative paths are resolved against it; a
+    /// split may be a directory, a list of directories, or a `.txt` file listing images.
+    pub fn load(yaml: &Path, split: &str) -> Result<Self, EvalError> {
+        let fail = |reason: String| EvalError::Dataset {
+            path: yaml.to_path_buf(),
+            reason,
+        };
+        let text = std::fs::read_to_string(yaml).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let docs = YamlLoader::load_from_str(&text).map_err(|e| fail(format!("not YAML: {e}")))?;
+        let doc = docs.first().ok_or_else(|| fail("empty YAML".into()))?;
+        let here = yaml.parent().unwrap_or(Path::new("."));
+        let root = match doc["path"].as_str() {
+            Some(p) if Path::new(p).is_absolute() => PathBuf::from(p),
+            Some(p) => here.join(p),
+            None => here.to_path_buf(),
+        };
+        let names = yaml_names(&doc["names"]).ok_or_else(|| {
+            fail("'names' must be a list or a {id: name} map with ids 0..n".into())
+        })?;
+        let entries: Vec<String> = match &doc[split] {
+            Yaml::String(s) => vec![s.clone()],
+            Yaml::Array(a) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+            _ => return Err(fail(format!("no '{split}' split"))),
+        };
+        let mut images = Vec::new();
+        for e in entries {
+            let p = if Path::new(&e).is_absolute() {
+                PathBuf::from(&e)
+            } else {
+                root.join(&e)
+            };
+            if p.is_dir() {
+                let mut files: Vec<PathBuf> = std::fs::read_dir(&p)
+                    .map_err(|err| fail(format!("{}: {err}", p.display())))?
+                    .filter_map(|d| d.ok().map(|d| d.path()))
+                    .filter(|f| {
+                        f.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                            IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str())
+                        })
+                    })
+                    .collect();
+                files.sort();
+                images.extend(files);
+            } else if p.extension().is_some_and(|x| x == "txt") {
+                let list = std::fs::read_to_string(&p)
+                    .map_err(|err| fail(format!("{}: {err}", p.display())))?;
+                images.extend(
+                    list.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(|l| root.join(l)),
+                );
+            } else {
+                return Err(fail(format!(
+                    "split '{split}' entry {} is neither a directory nor a .txt list",
+                    p.display()
+                )));
+            }
+        }
+        if images.is_empty() {
+            return Err(fail(format!("split '{split}' has no images")));
+        }
+        Ok(Dataset {
+            yaml: yaml.to_path_buf(),
+            names,
+            images,
+        })
+    }
+
+    /// The label file of an image: the last `images` path component replaced by `labels`,
+    /// extension `.txt` (Ultralytics' convention).
+    pub fn label_path(image: &Path) -> PathBuf {
+        let s = image.to_string_lossy();
+        let sep = std::path::MAIN_SEPARATOR;
+        let swapped = match s.rfind(&format!("{sep}images{sep}")) {
+            Some(i) => format!("{}{sep}labels{sep}{}", &s[..i], &s[i + 8..]),
+            None => s.into_owned(),
+        };
+        PathBuf::from(swapped).with_extension("txt")
+    }
+
+    /// Reads the labels of one image (missing file: no objects). Lines are `class cx cy w h`
+    /// (normalised), or `class x1 y1 x2 y2 ...` polygons, which become their bounding box.
+    pub fn labels(&self, image: &Path) -> Result<Vec<Label>, EvalError> {
+        let path = Self::label_path(image);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (n, line) in text.lines().enumerate() {
+            let fail = |reason: String| EvalError::Dataset {
+                path: path.clone(),
+                reason: format!("line {}: {reason}", n + 1),
+            };
+            let v: Vec<&str> = line.split_whitespace().collect();
+            if v.is_empty() {
+                continue;
+            }
+            let cls: usize = v[0]
+                .parse()
+                .map_err(|_| fail(format!("class '{}' is not an integer", v[0])))?;
+            if cls >= self.names.len() {
+                return Err(fail(format!(
+                    "class {cls} but the dataset names {} classes",
+                    self.names.len()
+                )));
+            }
+            let nums: Vec<f32> = v[1..]
+                .iter()
+                .map(|x| x.parse())
+                .collect::<Result<_, _>>()
+                .map_err(|_| fail("non-numeric coordinate".into()))?;
+            let b = match nums.len() {
+                4 => [
+                    nums[0] - nums[2] / 2.0,
+                    nums[1] - nums[3] / 2.0,
+                    nums[0] + nums[2] / 2.0,
+                    nums[1] + nums[3] / 2.0,
+                ],
+                n if n >= 6 && n % 2 == 0 => {
+                    let xs = nums.iter().step_by(2);
+                    let ys = nums.iter().skip(1).step_by(2);
+                    let (x0, x1) =
+                        xs.fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+                    let (y0, y1) =
+                        ys.fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+                    [x0, y0, x1, y1]
+                }
+                n => {
+                    return Err(fail(format!(
+                        "{n} coordinates; expected 4 (box) or an even count >= 6 (polygon)"
+                    )));
+                }
+            };
+            if b.iter().any(|x| !x.is_finite()) {
+                return Err(fail("non-finite coordinate".into()));
+            }
+            out.push((cls, b));
+        }
+        Ok(out)
+    }
+}
+
+/// The letterbox Ultralytics' validator uses: resize the long side to the input size with
+/// `ceil`, never upscale beyond it, then pad centred.
+pub fn val_letterbox(src_w: usize, src_h: usize, dst: usize) -> Letterbox {
+    let r = dst as f64 / src_w.max(src_h) as f64;
+    let (new_w, new_h) = if r == 1.0 {
+        (src_w, src_h)
+    } else {
+        (
+            ((src_w as f64 * r).ceil() as usize).min(dst),
+            ((src_h as f64 * r).ceil() as usize).min(dst),
+        )
+    };
+    Letterbox::with_resized(src_w, src_h, dst, dst, new_w.max(1), new_h.max(1))
+}
+
+/// What `perch eval` prints.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub data: String,
+    pub split: String,
+    pub images: usize,
+    pub instances: usize,
+    pub conf: f32,
+    pub iou: f32,
+    #[serde(flatten)]
+    pub summary: metrics::Summary,
+}
+
+/// Runs `det` over the split and computes the metrics. `det` must be square-input and built
+/// with the evaluation thresholds (Ultralytics val: conf 0.001, IoU 0.7, 300 detections).
+/// Matching happens in model-input pixels, as Ultralytics does.
+pub fn evaluate(det: &mut Detector, data: &Dataset, split: &str) -> Result<EvalReport, EvalError> {
+    let (h, w) = det.input_hw();
+    if h != w {
+        return Err(EvalError::Dataset {
+            path: data.yaml.clone(),
+            reason: format!("evaluation needs a square input, model runs at {h}x{w}"),
+        });
+    }
+    let (mut tp, mut conf, mut pred_cls, mut target_cls) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for image in &data.images {
+        let frame = load_rgb(image)?;
+        let labels = data.labels(image)?;
+        let lb = val_letterbox(frame.width(), frame.height(), w);
+        let dets = det.detect_in_input_space(&frame, &lb)?;
+        let to_input = |b: &[f32; 4]| {
+            let sx = lb.new_w as f32;
+            let sy = lb.new_h as f32;
+            [
+                b[0] * sx + lb.left as f32,
+                b[1] * sy + lb.top as f32,
+                b[2] * sx + lb.left as f32,
+                b[3] * sy + lb.top as f32,
+            ]
+        };
+        let targets: Vec<(usize, [f32; 4])> =
+            labels.iter().map(|(c, b)| (*c, to_input(b))).collect();
+        let preds: Vec<(usize, [f32; 4])> = dets.iter().map(|d| (d.class_id, d.bbox)).collect();
+        tp.extend(metrics::match_predictions(&preds, &targets));
+        conf.extend(dets.iter().map(|d| d.score));
+        pred_cls.extend(dets.iter().map(|d| d.class_id));
+        target_cls.extend(targets.iter().map(|t| t.0));
+    }
+    let summary = metrics::ap_per_class(&tp, &conf, &pred_cls, &target_cls);
+    Ok(EvalReport {
+        data: data.yaml.display().to_string(),
+        split: split.to_string(),
+        images: data.images.len(),
+        instances: target_cls.len(),
+        conf: det.params().conf,
+        iou: det.params().iou,
+        summary,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_paths_follow_ultralytics() {
+        assert_eq!(
+            Dataset::label_path(Path::new("/d/images/val/a.png")),
+            PathBuf::from("/d/labels/val/a.txt")
+        );
+        assert_eq!(
+            Dataset::label_path(Path::new("/images/x/images/val/b.jpg")),
+            PathBuf::from("/images/x/labels/val/b.txt")
+        );
+    }
+
+    #[test]
+    fn val_letterbox_uses_ceil_and_no_upscale() {
+        let lb = val_letterbox(400, 300, 320);
+        assert_eq!((lb.new_w, lb.new_h, lb.left, lb.top), (320, 240, 0, 40));
+        let lb = val_letterbox(451, 300, 320);
+        assert_eq!(
+            (lb.new_w, lb.new_h),
+            (320, 213),
+            "ceil(300 * 320 / 451) = ceil(212.86)"
+        );
+        let lb = val_letterbox(320, 64, 320);
+        assert_eq!((lb.new_w, lb.new_h, lb.top), (320, 64, 128));
+    }
+
+    #[test]
+    fn names_as_list_or_map() {
+        let d = YamlLoader::load_from_str("a: [x, y]\nb: {1: y, 0: x}\nc: {0: x, 2: z}").unwrap();
+        assert_eq!(yaml_names(&d[0]["a"]).unwrap(), vec!["x", "y"]);
+        assert_eq!(yaml_names(&d[0]["b"]).unwrap(), vec!["x", "y"]);
+        assert!(yaml_names(&d[0]["c"]).is_none());
+    }
+}

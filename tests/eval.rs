@@ -1,0 +1,102 @@
+//! `perch eval` against Ultralytics `val` on the committed evaluation set.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn perch(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_perch"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .unwrap()
+}
+
+/// The bar: mAP50 and mAP50-95 within 0.5 points of Ultralytics `val` on the same ONNX
+/// model and data; precision and recall (taken at the smoothed max-F1 point) within 0.01.
+#[test]
+fn eval_agrees_with_ultralytics_val() {
+    let g = json("tests/goldens/eval/tree-yolo11n-320.json");
+    let out = perch(&[
+        "eval",
+        "--model",
+        g["model"].as_str().unwrap(),
+        "--data",
+        g["data"].as_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["images"], 6);
+    assert_eq!(r["conf"].as_f64().unwrap() as f32, 0.001);
+    for (key, tol) in [
+        ("map50", 0.005),
+        ("map50_95", 0.005),
+        ("precision", 0.01),
+        ("recall", 0.01),
+    ] {
+        let (got, want) = (r[key].as_f64().unwrap(), g[key].as_f64().unwrap());
+        eprintln!("{key}: perch {got:.4} ultralytics {want:.4}");
+        assert!(
+            (got - want).abs() <= tol,
+            "{key}: perch {got} vs ultralytics {want}"
+        );
+    }
+    assert_eq!(r["per_class"][0]["label"], "Tree");
+    assert_eq!(r["per_class"][0]["instances"], r["instances"]);
+}
+
+#[test]
+fn bad_datasets_fail_with_one_line() {
+    let dir = std::env::temp_dir().join(format!("perch-eval-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("images/val")).unwrap();
+    std::fs::create_dir_all(dir.join("labels/val")).unwrap();
+    std::fs::copy(
+        path("tests/data/osbs_029.png"),
+        dir.join("images/val/a.png"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("labels/val/a.txt"),
+        "0 0.5 0.5 0.1 0.1\n0 0.5 oops 0.1 0.1\n",
+    )
+    .unwrap();
+    let yaml = dir.join("data.yaml");
+    std::fs::write(&yaml, "val: images/val\nnames: [Tree]\n").unwrap();
+    let model = "models/tree-yolo11n-320.onnx";
+    for (data, needle) in [
+        (
+            yaml.to_str().unwrap().to_string(),
+            "a.txt: line 2: non-numeric coordinate",
+        ),
+        ("missing.yaml".to_string(), "missing.yaml: cannot read"),
+    ] {
+        let out = perch(&["eval", "--model", model, "--data", &data]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains(needle), "expected '{needle}' in {err}");
+    }
+    std::fs::write(&yaml, "val: images/val\nnames: [Tree]\n").unwrap();
+    std::fs::write(dir.join("labels/val/a.txt"), "3 0.5 0.5 0.1 0.1\n").unwrap();
+    let out = perch(&["eval", "--model", model, "--data", yaml.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("class 3 but the dataset names 1 classes")
+    );
+    let out = perch(&[
+        "eval",
+        "--model",
+        model,
+        "--data",
+        yaml.to_str().unwrap(),
+        "--split",
+        "test",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no 'test' split"));
+}
