@@ -5,6 +5,7 @@
 //! version in `Cargo.toml` because its internal APIs change between patch releases.
 
 mod metadata;
+mod rewrite;
 mod weights;
 
 pub use metadata::{ModelMetadata, parse_imgsz, parse_names};
@@ -232,15 +233,25 @@ impl OnnxModel {
         // 2*((height+31)/32) with another form of the same size), so concrete sizes are written
         // into the protobuf input before tract analyses the graph; declared output and
         // intermediate shapes then carry stale symbols and are ignored.
+        let mut proto = self.proto.clone();
+        // PERCH_NO_REWRITES=1 runs the graph as exported (for A/B measurements and bug reports).
+        let rewritten = if std::env::var_os("PERCH_NO_REWRITES").is_some_and(|v| v == "1") {
+            0
+        } else {
+            rewrite::decompose_softmax(&mut proto)
+        };
+        log::debug!(
+            "{}: decomposed {rewritten} Softmax nodes",
+            self.path.display()
+        );
         let parsed = if self.input_shape.is_dynamic() || self.input_shape.batch.is_none() {
-            let mut proto = self.proto.clone();
             set_input_dims(&mut proto, &self.input_name, [1, 3, height, width]);
             onnx()
                 .with_ignore_output_shapes(true)
                 .with_ignore_value_info(true)
                 .parse(&proto, model_dir)
         } else {
-            onnx().parse(&self.proto, model_dir)
+            onnx().parse(&proto, model_dir)
         }
         .map_err(|e| prep(format!("{e:#}")))?;
         if !parsed.unresolved_inputs.is_empty() {
