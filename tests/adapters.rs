@@ -693,3 +693,56 @@ fn diff_cli_reports_per_tensor_error() {
     );
     assert_eq!(s["kind"], "mixed");
 }
+
+/// The committed site adapters fit the demo base, change its detections, and never alter the
+/// base: running the base after an adapter gives bit-identical outputs (switching back restores
+/// base accuracy exactly).
+#[test]
+fn committed_site_adapters_fit_the_demo_base_and_switching_back_is_exact() {
+    let base = OnnxModel::load(path("models/tree-yolo11n-320.onnx")).unwrap();
+    let fp = base.fingerprint();
+    let frame = load_rgb(&path("tests/data/osbs_029.png")).unwrap();
+    let run_frame = |m: &OnnxModel| {
+        let mut det = Detector::new(m, DetectorOptions::default()).unwrap();
+        let (h, w) = det.input_hw();
+        let lb = Letterbox::new(frame.width(), frame.height(), w, h, Placement::Center);
+        let mut input = vec![0.0; 3 * h * w];
+        letterbox_into(&frame, &lb, &InputFormat::ULTRALYTICS, &mut input);
+        det.run_raw(&input).unwrap().1
+    };
+    let before = run_frame(&base);
+    let mut files: Vec<_> = std::fs::read_dir(path("models/adapters"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "site adapters missing: {files:?}");
+    for f in files {
+        let x = Adapter::load(&f).unwrap();
+        assert!(
+            x.file_bytes() * 10
+                < std::fs::metadata(path("models/tree-yolo11n-320.onnx"))
+                    .unwrap()
+                    .len()
+        );
+        let adapted = run_frame(&apply(&base, &x, 1.0).unwrap());
+        let changed = adapted
+            .iter()
+            .zip(&before)
+            .filter(|(a, b)| (*a - *b).abs() > 1e-3)
+            .count();
+        assert!(
+            changed > 100,
+            "{}: adapter barely changes the output ({changed})",
+            f.display()
+        );
+        assert_eq!(
+            run_frame(&base),
+            before,
+            "{}: base output changed after applying the adapter",
+            f.display()
+        );
+        assert_eq!(base.fingerprint(), fp);
+    }
+}

@@ -1,0 +1,175 @@
+"""Site adapters on the frozen base tree detector, and a full fine-tune to compare against.
+
+For each target site (OSBS_029, SOAP_061 from the deepforest wheel) the image is split
+spatially: the left half trains, the right half tests (boxes at least half inside a half belong
+to it). SOAP's Alive/Dead labels are mapped to the base's single class "Tree" (see README).
+
+Per site:
+  head:  Ultralytics freeze=23 (only the Detect head trains; BN of frozen layers stays fixed),
+         exported, then `perch adapter diff --freeze 23` -> models/adapters/<site>-head.safetensors
+  lora:  PEFT LoRA (r=8) on every non-grouped conv of the fused Detect head, trained with
+         Ultralytics' detection loss, then `perch adapter import` -> models/adapters/<site>-lora.safetensors
+  lora-all: the same on every non-grouped conv of the model -> models/adapters/<site>-lora-all.safetensors
+  full:  Ultralytics fine-tune of all layers (same data and epochs), for comparison (not committed)
+Then `perch eval` of base, base+head, base+lora, base+lora-all and full on the YELL held-out band (base site) and
+on the site's test half writes models/adapters/results.json.
+
+Usage: $PY models/recipe/train_adapters.py [--epochs 300] [--perch PATH]  (one image: one step per epoch)
+"""
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET  # noqa: F401  (prepare_data parses VOC)
+import zipfile
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from prepare_data import fetch_wheel, read_voc, write_tile  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+MODELS = HERE.parent
+BASE_ONNX = MODELS / "tree-yolo11n-320.onnx"
+CACHE = Path.home() / ".cache/perch"
+BASE_PT = CACHE / "runs/tree-yolo11n/weights/best.pt"
+SITES = {"osbs": "OSBS_029", "soap": "SOAP_061"}
+
+
+def site_data(root: Path):
+    """Left half -> train, right half -> test, single class Tree."""
+    wheel = fetch_wheel(root)
+    out = {}
+    with zipfile.ZipFile(wheel) as z, tempfile.TemporaryDirectory() as tmp:
+        z.extractall(tmp, [n for n in z.namelist() if n.startswith("deepforest/data/")])
+        src = Path(tmp) / "deepforest/data"
+        for site, stem in SITES.items():
+            d = root / f"{site}-split"
+            shutil.rmtree(d, ignore_errors=True)
+            img = Image.open(src / f"{stem}.png").convert("RGB")
+            boxes = [("Tree", *b[1:]) for b in read_voc((src / f"{stem}.xml").read_bytes())]
+            w, h = img.size
+            for split, region in {"train": (0, 0, w // 2, h), "test": (w // 2, 0, w, h)}.items():
+                (d / "images" / split).mkdir(parents=True)
+                (d / "labels" / split).mkdir(parents=True)
+                n = write_tile(img, boxes, region, d / "images" / split / f"{stem}_{split}.png",
+                               d / "labels" / split / f"{stem}_{split}.txt", ["Tree"])
+                print(f"{site} {split}: {n} boxes")
+            (d / "data.yaml").write_text(f"path: {d}\ntrain: images/train\nval: images/test\ntest: images/test\nnames:\n  0: Tree\n")
+            out[site] = d / "data.yaml"
+    return out
+
+
+def ultralytics_finetune(data: Path, freeze, epochs: int, name: str) -> Path:
+    from ultralytics import YOLO
+
+    model = YOLO(str(BASE_PT))
+    model.train(data=str(data), epochs=epochs, imgsz=320, batch=8, freeze=freeze, device="cpu", workers=0,
+                seed=0, deterministic=True, amp=False, plots=False, val=False, project=str(CACHE / "runs"),
+                name=name, exist_ok=True, pretrained=True, verbose=False, flipud=0.5, cache=True)
+    last = CACHE / "runs" / name / "weights/last.pt"
+    onnx = Path(YOLO(str(last)).export(format="onnx", imgsz=320, opset=17, simplify=True, dynamic=False))
+    dst = CACHE / "work" / f"{name}.onnx"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(onnx, dst)
+    return dst
+
+
+def conv_modules(model, prefix: str) -> list[str]:
+    """Non-grouped convs under `prefix` (`model.23.`: the YOLO11 Detect head; `model.`: all) of a
+    fused YOLO11, DFL excluded."""
+    return [n for n, m in model.named_modules()
+            if n.startswith(prefix) and isinstance(m, torch.nn.Conv2d) and m.groups == 1 and ".dfl" not in n]
+
+
+def lora_finetune(data: Path, epochs: int, out_dir: Path, rank=8, prefix="model.23."):
+    from peft import LoraConfig, get_peft_model
+    from ultralytics import YOLO
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_dataloader, build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.utils import DEFAULT_CFG
+
+    torch.manual_seed(0)
+    model = YOLO(str(BASE_PT)).model.float()
+    model.fuse()  # train on the fused convs, as exported: the LoRA then imports without BN scales
+    cfg = get_cfg(DEFAULT_CFG, {"imgsz": 320, "flipud": 0.5, "batch": 8, "seed": 0})
+    model.args = cfg
+    targets = conv_modules(model, prefix)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
+    d = check_det_dataset(str(data))
+    ds = build_yolo_dataset(cfg, d["train"], 8, d, mode="train", stride=32)
+    dl = build_dataloader(ds, 8, 0, shuffle=True)
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    base = peft_model.base_model.model
+    for epoch in range(epochs):
+        peft_model.train()
+        for batch in dl:
+            batch["img"] = batch["img"].float() / 255.0
+            loss, _ = base.loss(batch)
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+        if epoch % 10 == 0 or epoch == epochs - 1:
+            print(f"lora epoch {epoch}: loss {float(loss.sum()):.3f}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    peft_model.save_pretrained(str(out_dir))
+    (out_dir / "README.md").unlink(missing_ok=True)
+    return out_dir
+
+
+def perch(binary: str, *args) -> dict:
+    r = subprocess.run([binary, *args], check=True, capture_output=True, text=True)
+    return json.loads(r.stdout)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--epochs", type=int, default=300)
+    ap.add_argument("--perch", default=os.environ.get("PERCH_BIN", str(CACHE / "target/release/perch")))
+    ap.add_argument("--sites", default="osbs,soap")
+    a = ap.parse_args()
+    adapters = MODELS / "adapters"
+    adapters.mkdir(exist_ok=True)
+    data = site_data(CACHE / "data")
+    yell = CACHE / "data/yell/data.yaml"
+    results = []
+    for site in a.sites.split(","):
+        head_onnx = ultralytics_finetune(data[site], 23, a.epochs, f"{site}-freeze23")
+        head = adapters / f"{site}-head.safetensors"
+        perch(a.perch, "adapter", "diff", "--base", str(BASE_ONNX), "--tuned", str(head_onnx), "--freeze", "23",
+              "-o", str(head), "--name", f"{site}-head")
+        peft_dir = lora_finetune(data[site], a.epochs, CACHE / "work" / f"{site}-lora-peft")
+        lora = adapters / f"{site}-lora.safetensors"
+        perch(a.perch, "adapter", "import", "--peft", str(peft_dir), "--base", str(BASE_ONNX), "-o", str(lora),
+              "--name", f"{site}-lora")
+        peft_all = lora_finetune(data[site], a.epochs, CACHE / "work" / f"{site}-lora-all-peft", prefix="model.")
+        lora_all = adapters / f"{site}-lora-all.safetensors"
+        perch(a.perch, "adapter", "import", "--peft", str(peft_all), "--base", str(BASE_ONNX), "-o", str(lora_all),
+              "--name", f"{site}-lora-all")
+        full_onnx = ultralytics_finetune(data[site], None, a.epochs, f"{site}-full")
+        variants = [("base", BASE_ONNX, None), (f"base + {site}-head", BASE_ONNX, head),
+                    (f"base + {site}-lora", BASE_ONNX, lora), (f"base + {site}-lora-all", BASE_ONNX, lora_all),
+                    (f"{site} full fine-tune", full_onnx, None)]
+        for label, model, adapter in variants:
+            row = {"site": site, "model": label,
+                   "bytes": (adapter or model).stat().st_size}
+            for key, yaml, split in (("base_site", yell, "val"), ("target_site", data[site], "test")):
+                args = ["eval", "--model", str(model), "--data", str(yaml), "--split", split]
+                if adapter:
+                    args += ["--adapter", str(adapter)]
+                r = perch(a.perch, *args)
+                row[key] = {"map50": r["map50"], "map50_95": r["map50_95"], "images": r["images"], "instances": r["instances"]}
+            results.append(row)
+            print(json.dumps(row))
+    (adapters / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
