@@ -92,24 +92,13 @@ impl Letterbox {
                 // -0.1/+0.1 bias; scale_boxes() recomputes the pad from the unrounded size.
                 let new_w = ((src_w as f64 * gain).round_ties_even() as usize).clamp(1, dst_w);
                 let new_h = ((src_h as f64 * gain).round_ties_even() as usize).clamp(1, dst_h);
-                let dw = (dst_w - new_w) as f64 / 2.0;
-                let dh = (dst_h - new_h) as f64 / 2.0;
-                let left = (dw - 0.1).round_ties_even().max(0.0) as usize;
-                let top = (dh - 0.1).round_ties_even().max(0.0) as usize;
                 let unpad_x = ((dst_w as f64 - src_w as f64 * gain) / 2.0 - 0.1).round_ties_even();
                 let unpad_y = ((dst_h as f64 - src_h as f64 * gain) / 2.0 - 0.1).round_ties_even();
                 Letterbox {
-                    src_w,
-                    src_h,
-                    dst_w,
-                    dst_h,
-                    new_w,
-                    new_h,
-                    left,
-                    top,
                     gain,
                     unpad_x,
                     unpad_y,
+                    ..Letterbox::with_resized(src_w, src_h, dst_w, dst_h, new_w, new_h)
                 }
             }
             Placement::TopLeft => {

@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 
 use common::*;
 use perch::adapter::merge::{add_lora, apply, merged_weights};
@@ -416,14 +415,6 @@ fn bad_adapters_are_rejected_with_a_reason() {
         Adapter::from_bytes(&raw_adapter(&names, &as_refs(&good)), "names.safetensors").unwrap();
     let e = merged_weights(&base, &xn, 1.0).unwrap_err().to_string();
     assert!(e.contains("2 classes, the base has 3"), "{e}");
-}
-
-fn perch(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_perch"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
 }
 
 /// The CLI: import -> inspect -> detect --adapter (file and PEFT directory) -> merge; the merged

@@ -2,21 +2,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 use serde_json::Value;
 
 const FIXTURE: &str = "tests/fixtures/v8-t160-op11.onnx";
-
-fn perch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_perch"))
-        .args(args)
-        .current_dir(root())
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run perch")
-}
 
 fn stdout_records(out: &Output) -> Vec<Value> {
     String::from_utf8(out.stdout.clone())

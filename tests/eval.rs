@@ -2,17 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
-
-fn perch(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_perch"))
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
-}
 
 /// The bar: mAP50 and mAP50-95 within 0.5 points of Ultralytics `val` on the same ONNX
 /// model and data; precision and recall (taken at the smoothed max-F1 point) within 0.01.

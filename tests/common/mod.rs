@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use serde_json::Value;
 
@@ -50,4 +51,14 @@ pub fn golden_files(dir: &str) -> Vec<PathBuf> {
 
 pub fn rel(p: &Path) -> String {
     p.strip_prefix(root()).unwrap_or(p).display().to_string()
+}
+
+/// Runs the real `perch` binary in the repository root, with `RUST_LOG` unset.
+pub fn perch(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_perch"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run perch")
 }
