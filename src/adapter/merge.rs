@@ -40,6 +40,14 @@ pub fn add_lora(
 ) -> Result<(), String> {
     let (out, cols, transposed) = lora_layout(&w.shape, use_)?;
     let r = a.shape[0];
+    if r > out.min(cols) {
+        // A higher rank adds nothing over a dense delta and only makes the merge cost grow.
+        return Err(format!(
+            "LoRA rank {r} exceeds min(out, in) = {} of weight {:?}",
+            out.min(cols),
+            w.shape
+        ));
+    }
     if a.shape != [r, cols] || b.shape != [out, r] {
         return Err(format!(
             "LoRA A {:?} / B {:?} do not fit weight {:?} used as {use_:?} (expected A [r, {cols}], B [{out}, r])",
@@ -204,6 +212,15 @@ mod tests {
         let dense = t("a", &[2, 36], vec![1.0; 72]);
         let e = add_lora(&mut w, WeightUse::Conv { group: 4 }, &dense, &b, 1.0, None).unwrap_err();
         assert!(e.contains("expected A [r, 9]"), "{e}");
+    }
+
+    #[test]
+    fn rank_above_the_weight_rank_is_refused() {
+        let mut w = t("w", &[2, 3], vec![0.0; 6]);
+        let a = t("a", &[3, 3], vec![1.0; 9]);
+        let b = t("b", &[2, 3], vec![1.0; 6]);
+        let e = add_lora(&mut w, WeightUse::Gemm { trans_b: true }, &a, &b, 1.0, None).unwrap_err();
+        assert!(e.contains("rank 3 exceeds min(out, in) = 2"), "{e}");
     }
 
     #[test]
