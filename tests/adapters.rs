@@ -517,7 +517,11 @@ fn adapter_cli_round_trip() {
     let err = String::from_utf8_lossy(&b.stderr);
     assert_eq!(b.status.code(), Some(2), "{err}");
     assert!(b.stdout.is_empty());
-    assert_eq!(err.lines().count(), 1, "{err}");
+    let errors: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("perch: error:"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{err}");
     assert!(
         err.contains("truncated.safetensors") && err.contains("invalid"),
         "{err}"

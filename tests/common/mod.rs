@@ -53,10 +53,21 @@ pub fn rel(p: &Path) -> String {
     p.strip_prefix(root()).unwrap_or(p).display().to_string()
 }
 
-/// Runs the real `perch` binary in the repository root, with `RUST_LOG` unset.
+/// Runs the real `perch` binary in the repository root, with `RUST_LOG` unset. A cross-built
+/// binary runs through `PERCH_TEST_RUNNER` (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`):
+/// cargo's target runner wraps test executables, not the processes they spawn.
 pub fn perch(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_perch"))
-        .args(args)
+    let runner = std::env::var("PERCH_TEST_RUNNER").unwrap_or_default();
+    let mut prefix = runner.split_whitespace();
+    let mut cmd = match prefix.next() {
+        Some(program) => {
+            let mut c = Command::new(program);
+            c.args(prefix).arg(env!("CARGO_BIN_EXE_perch"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_perch")),
+    };
+    cmd.args(args)
         .current_dir(root())
         .env_remove("RUST_LOG")
         .output()
