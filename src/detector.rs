@@ -215,34 +215,45 @@ impl Detector {
         Ok((o.shape, o.data))
     }
 
-    /// Detects objects in `frame`: boxes in frame pixels, clipped, best first.
-    pub fn detect(
+    /// Letterboxes `frame` as `lb` says, runs the model and postprocesses: detections in
+    /// model-input pixels, best first, with the time of each stage.
+    fn infer(
         &mut self,
         frame: &RgbFrame,
+        lb: &Letterbox,
     ) -> Result<(Vec<Detection>, StageTimings), DetectorError> {
         let t0 = Instant::now();
-        let (h, w) = self.input_hw;
-        let lb = Letterbox::new(frame.width(), frame.height(), w, h, self.format.placement);
-        letterbox_into(frame, &lb, &self.format, &mut self.input);
+        letterbox_into(frame, lb, &self.format, &mut self.input);
         let t1 = Instant::now();
         let outs = self.session.run(&self.input)?;
         let t2 = Instant::now();
         let out = &outs[0];
-        let mut dets = postprocess::postprocess(
+        let dets = postprocess::postprocess(
             self.spec,
             &out.shape,
             &out.data,
             self.input_hw,
             &self.params,
         );
-        for d in &mut dets {
-            d.bbox = lb.box_to_source(d.bbox);
-        }
         let timings = StageTimings {
             preprocess: t1 - t0,
             inference: t2 - t1,
             postprocess: t2.elapsed(),
         };
+        Ok((dets, timings))
+    }
+
+    /// Detects objects in `frame`: boxes in frame pixels, clipped, best first.
+    pub fn detect(
+        &mut self,
+        frame: &RgbFrame,
+    ) -> Result<(Vec<Detection>, StageTimings), DetectorError> {
+        let (h, w) = self.input_hw;
+        let lb = Letterbox::new(frame.width(), frame.height(), w, h, self.format.placement);
+        let (mut dets, timings) = self.infer(frame, &lb)?;
+        for d in &mut dets {
+            d.bbox = lb.box_to_source(d.bbox);
+        }
         Ok((dets, timings))
     }
 
@@ -253,16 +264,7 @@ impl Detector {
         frame: &RgbFrame,
         lb: &Letterbox,
     ) -> Result<Vec<Detection>, DetectorError> {
-        letterbox_into(frame, lb, &self.format, &mut self.input);
-        let outs = self.session.run(&self.input)?;
-        let out = &outs[0];
-        Ok(postprocess::postprocess(
-            self.spec,
-            &out.shape,
-            &out.data,
-            self.input_hw,
-            &self.params,
-        ))
+        Ok(self.infer(frame, lb)?.0)
     }
 
     /// The prepared model, to spawn more sessions (e.g. one per worker thread).

@@ -477,7 +477,6 @@ impl Adapter {
     /// Writes the adapter atomically to `path` and returns it as loaded back from disk (so its
     /// hash and f16 rounding are those of the file).
     pub fn save(&self, path: &Path, dtype: StoredDtype) -> Result<Adapter, AdapterError> {
-        let bytes = self.to_bytes(dtype)?;
         if let Some(f16_overflow) = (dtype == StoredDtype::F16)
             .then(|| {
                 self.tensors
@@ -494,6 +493,7 @@ impl Adapter {
                 ),
             });
         }
+        let bytes = self.to_bytes(dtype)?;
         crate::fsutil::write_atomic(path, &bytes).map_err(|source| AdapterError::Io {
             path: path.to_path_buf(),
             source,
