@@ -10,10 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use perch::adapter::{self, Adapter, StoredDtype, peft::ImportOptions};
 use perch::detector::{DetectorOptions, read_labels};
 use perch::exit;
-use perch::image_io::{IMAGE_EXTENSIONS, load_rgb, save_rgb};
+use perch::image_io::{IMAGE_EXTENSIONS, list_images, load_rgb, save_rgb};
 use perch::model::OnnxModel;
 use perch::overlay::{RgbCanvas, draw_detections};
-use perch::report::{AdapterRef, DetectionRecord, ImageRecord};
+use perch::report::{AdapterRef, ImageRecord};
 use perch::{Detector, Layout, PostprocessParams, RgbFrame};
 
 #[derive(Parser, Debug)]
@@ -36,6 +36,10 @@ enum Command {
     /// Accuracy (mAP50, mAP50-95, precision, recall per class) on a YOLO-format dataset, as
     /// Ultralytics `val` computes it; prints one JSON object.
     Eval(EvalArgs),
+    /// Run as a service: frames from a camera or replay source to detections, until stopped.
+    Run(RunArgs),
+    /// Talk to a running service over its control socket; prints the JSON reply.
+    Ctl(CtlArgs),
     /// Create, inspect and merge adapters.
     #[command(subcommand)]
     Adapter(AdapterCommand),
@@ -204,6 +208,37 @@ struct BenchArgs {
     json: bool,
 }
 
+#[derive(Args, Debug)]
+struct RunArgs {
+    /// Service configuration (TOML); see deploy/perch.toml.
+    #[arg(long, value_name = "FILE", required_unless_present_all = ["model", "source"])]
+    config: Option<PathBuf>,
+    /// Validate the configuration, load the model and open the source, then exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Model to run (overrides the configuration; enough with --source for a quick start).
+    #[arg(long, value_name = "M.onnx")]
+    model: Option<PathBuf>,
+    /// Frame source URI: v4l2:/dev/videoN, y4m:FILE, images:DIR_OR_GLOB, synthetic.
+    #[arg(long, value_name = "URI")]
+    source: Option<String>,
+    /// Stop after this many frames.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    frames: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct CtlArgs {
+    /// Control socket of the service.
+    #[arg(long, default_value = "/run/perch/control.sock")]
+    socket: PathBuf,
+    /// Seconds to wait for the reply.
+    #[arg(long, default_value_t = 10.0)]
+    timeout: f64,
+    /// Command: status, ping, reload.
+    command: String,
+}
+
 fn parse_imgsz(s: &str) -> Result<(usize, usize), String> {
     let hw = perch::model::parse_imgsz(s).ok_or_else(|| format!("'{s}' is not N or H,W"))?;
     if hw.0 == 0 || hw.1 == 0 || hw.0 > 8192 || hw.1 > 8192 {
@@ -226,6 +261,8 @@ pub fn run(cli: Cli) -> u8 {
         Command::Detect(a) => detect(a),
         Command::Bench(a) => bench(a).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
         Command::Eval(a) => eval(a).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
+        Command::Run(a) => run_service(a),
+        Command::Ctl(a) => ctl(a),
         Command::Adapter(c) => adapter_cmd(c).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
     }
 }
@@ -252,20 +289,6 @@ fn report_error(e: &anyhow::Error, code: u8) -> u8 {
     code
 }
 
-/// Loads an adapter argument: a perch adapter file, or a PEFT directory imported against `base`.
-fn load_adapter(p: &Path, base: &OnnxModel) -> anyhow::Result<Adapter> {
-    if p.is_dir() {
-        let imported = adapter::peft::import(p, base, &ImportOptions::default())?;
-        // Give the on-the-fly import the identity of its f32 serialisation.
-        Ok(Adapter::from_bytes(
-            &imported.to_bytes(StoredDtype::F32)?,
-            p,
-        )?)
-    } else {
-        Ok(Adapter::load(p)?)
-    }
-}
-
 /// Wall-clock milliseconds of the load stages, for `bench`.
 #[derive(Debug, Default)]
 struct LoadTimes {
@@ -289,7 +312,7 @@ fn load_model(
         times.read_ms = ms_since(t);
         return Ok((base, None));
     };
-    let adapter = load_adapter(p, &base)?;
+    let adapter = Adapter::load_any(p, &base)?;
     times.read_ms = ms_since(t);
     let t = Instant::now();
     let merged = adapter::merge::apply(&base, &adapter, a.adapter_scale)?;
@@ -345,18 +368,8 @@ fn expand_inputs(inputs: &[PathBuf]) -> Vec<Result<PathBuf, anyhow::Error>> {
             out.push(Ok(p.clone()));
             continue;
         }
-        match std::fs::read_dir(p) {
-            Ok(entries) => {
-                let mut files: Vec<PathBuf> = entries
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|f| {
-                        f.is_file()
-                            && f.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-                                IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())
-                            })
-                    })
-                    .collect();
-                files.sort();
+        match list_images(p) {
+            Ok(files) => {
                 if files.is_empty() {
                     out.push(Err(anyhow::anyhow!(
                         "{}: directory has no .jpg/.jpeg/.png images",
@@ -424,15 +437,7 @@ fn detect_one(
         source: path.display().to_string(),
         width: frame.width(),
         height: frame.height(),
-        detections: dets
-            .iter()
-            .map(|d| DetectionRecord {
-                class_id: d.class_id,
-                label: det.label(d.class_id),
-                score: d.score,
-                bbox: d.bbox,
-            })
-            .collect(),
+        detections: det.records(&dets),
         timings_ms: timings.into(),
         adapter: adapter.cloned(),
     };
@@ -462,10 +467,7 @@ fn detect(a: DetectArgs) -> u8 {
     }
     let mut code = exit::OK;
     let mut used = std::collections::HashSet::new();
-    let adapter_ref = adapter.as_ref().map(|x| AdapterRef {
-        name: x.header.name.clone(),
-        sha256: x.sha256().to_string(),
-    });
+    let adapter_ref = adapter.as_ref().map(Adapter::reference);
     for input in expand_inputs(&a.inputs) {
         let result = input.map_err(Failure::Input).and_then(|path| {
             detect_one(
@@ -607,7 +609,7 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
             output,
         } => {
             let base = OnnxModel::load(&base)?;
-            let x = load_adapter(&adapter, &base)?;
+            let x = Adapter::load_any(&adapter, &base)?;
             let t = Instant::now();
             let merged = adapter::merge::apply(&base, &x, scale)?;
             let merge_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -720,4 +722,77 @@ fn eval(a: EvalArgs) -> anyhow::Result<u8> {
     }
     println!("{v}");
     Ok(exit::OK)
+}
+
+fn run_service(a: RunArgs) -> u8 {
+    use perch::service::{self, Invocation, ServiceError};
+    let source = match a
+        .source
+        .as_deref()
+        .map(perch::camera::parse_uri)
+        .transpose()
+    {
+        Ok(s) => s,
+        Err(e) => return report_error(&anyhow::anyhow!("--source {e}"), exit::CONFIG),
+    };
+    let (model, frames) = (a.model.clone(), a.frames);
+    let overrides = move |s: &mut perch::config::Settings| {
+        if let Some(m) = &model {
+            s.model.path = m.clone();
+        }
+        if let Some(k) = &source {
+            s.source.kind = k.clone();
+        }
+        if frames.is_some() {
+            s.source.max_frames = frames;
+        }
+    };
+    let settings = match &a.config {
+        Some(p) => service::load_settings(p),
+        None => {
+            // --model and --source given: the defaults of an empty configuration.
+            let text = "[model]\npath = \"-\"\n[source]\nuri = \"synthetic\"\n";
+            perch::config::parse(text, Path::new("perch.toml"))
+                .map_err(|e| ServiceError::Config(e.to_string()))
+        }
+    };
+    let result = settings.and_then(|mut s| {
+        overrides(&mut s);
+        if a.check_config {
+            let line = service::check(&s)?;
+            println!("{line}");
+            return Ok(());
+        }
+        service::run(
+            s,
+            Invocation {
+                config_path: a.config.clone(),
+                overrides: Box::new(overrides),
+            },
+        )
+    });
+    match result {
+        Ok(()) => exit::OK,
+        Err(ServiceError::Config(e)) => report_error(&anyhow::anyhow!(e), exit::CONFIG),
+        Err(ServiceError::Runtime(e)) => report_error(&anyhow::anyhow!(e), exit::FAILURE),
+    }
+}
+
+fn ctl(a: CtlArgs) -> u8 {
+    let timeout = Duration::from_secs_f64(a.timeout.clamp(0.1, 3600.0));
+    let req = serde_json::json!({ "cmd": a.command });
+    match perch::service::control::request(&a.socket, &req, timeout) {
+        Ok(reply) => {
+            println!("{reply}");
+            if reply["ok"] == true {
+                exit::OK
+            } else {
+                exit::FAILURE
+            }
+        }
+        Err(e) => report_error(
+            &anyhow::anyhow!("{}: {e}", a.socket.display()),
+            exit::FAILURE,
+        ),
+    }
 }

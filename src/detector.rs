@@ -192,6 +192,18 @@ impl Detector {
             .unwrap_or_else(|| format!("class{class_id}"))
     }
 
+    /// Detections as printed in records, with their labels.
+    pub fn records(&self, dets: &[Detection]) -> Vec<crate::report::DetectionRecord> {
+        dets.iter()
+            .map(|d| crate::report::DetectionRecord {
+                class_id: d.class_id,
+                label: self.label(d.class_id),
+                score: d.score,
+                bbox: d.bbox,
+            })
+            .collect()
+    }
+
     /// Model input (height, width) in pixels.
     pub fn input_hw(&self) -> (usize, usize) {
         self.input_hw

@@ -23,6 +23,24 @@ pub enum ImageError {
 /// File extensions read when a directory is given (lower case).
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
+/// The image files (by [`IMAGE_EXTENSIONS`], case-insensitive) directly inside `dir`, sorted
+/// by name. Subdirectories are not entered.
+pub fn list_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let is_image = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
+        if is_image && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
 /// Decodes a JPEG or PNG file (format sniffed from the bytes) to 8-bit RGB, applying the EXIF
 /// orientation as OpenCV's `imread` does. Alpha is dropped, grey is expanded, 16-bit is reduced.
 pub fn load_rgb(path: &Path) -> Result<RgbFrame, ImageError> {
@@ -52,6 +70,30 @@ pub fn load_rgb(path: &Path) -> Result<RgbFrame, ImageError> {
     RgbFrame::new(w, h, rgb.into_raw()).map_err(|e| decode(e.to_string()))
 }
 
+/// Encodes `frame` as a baseline JPEG of `quality` (1..=100).
+pub fn encode_jpeg(frame: &RgbFrame, quality: u8) -> Result<Vec<u8>, String> {
+    encode(frame, |img, bytes| {
+        img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+            bytes, quality,
+        ))
+    })
+}
+
+fn encode(
+    frame: &RgbFrame,
+    write: impl FnOnce(&RgbImage, &mut Vec<u8>) -> image::ImageResult<()>,
+) -> Result<Vec<u8>, String> {
+    let img = RgbImage::from_raw(
+        frame.width() as u32,
+        frame.height() as u32,
+        frame.clone().into_packed(),
+    )
+    .ok_or_else(|| "frame buffer size mismatch".to_string())?;
+    let mut bytes = Vec::new();
+    write(&img, &mut bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
+}
+
 /// Writes `frame` to `path` (JPEG at quality 90 or PNG, from the extension) through a temporary
 /// file in the same directory and a rename, so readers never see a partial image.
 pub fn save_rgb(frame: &RgbFrame, path: &Path) -> Result<(), ImageError> {
@@ -63,30 +105,18 @@ pub fn save_rgb(frame: &RgbFrame, path: &Path) -> Result<(), ImageError> {
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
-    let img = RgbImage::from_raw(
-        frame.width() as u32,
-        frame.height() as u32,
-        frame.clone().into_packed(),
-    )
-    .ok_or_else(|| fail("frame buffer size mismatch".into()))?;
-    let mut bytes = Vec::new();
-    match ext.as_deref() {
-        Some("jpg" | "jpeg") => {
-            let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, 90);
-            img.write_with_encoder(enc)
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        Some("png") => {
-            let enc = image::codecs::png::PngEncoder::new(&mut bytes);
-            img.write_with_encoder(enc)
-                .map_err(|e| fail(e.to_string()))?;
-        }
+    let bytes = match ext.as_deref() {
+        Some("jpg" | "jpeg") => encode_jpeg(frame, 90),
+        Some("png") => encode(frame, |img, bytes| {
+            img.write_with_encoder(image::codecs::png::PngEncoder::new(bytes))
+        }),
         _ => {
             return Err(fail(
                 "unsupported extension (use .jpg, .jpeg or .png)".into(),
             ));
         }
     }
+    .map_err(fail)?;
     crate::fsutil::write_atomic(path, &bytes).map_err(|e| fail(e.to_string()))
 }
 

@@ -11,11 +11,24 @@
 //! - [`detector`]: ties the above into a per-thread [`detector::Detector`].
 //! - [`overlay`]: drawing detections on any `embedded-graphics` target.
 //! - [`image_io`], [`report`]: still images in, JSON records out.
+//! - [`camera`]: frame sources (V4L2, y4m, image files, synthetic) and pixel conversions.
+//! - [`output`]: JSON-lines files, socket subscribers, snapshots, the HTTP live view.
+//! - [`config`]: the service's TOML configuration, validated into `Settings`.
+//! - [`service`]: `perch run`: pipeline threads, control socket, systemd, signals.
 //!
 //! # One frame
 //! ```text
 //! RgbFrame --letterbox_into--> NCHW f32 --Session::run--> raw output [1, A, B]
 //!   --decode (layout)--> candidates (input px) --NMS--> detections --box_to_source--> frame px
+//! ```
+//!
+//! # The service
+//! ```text
+//! capture thread:   source -> RgbFrame -> one-slot handoff (newest wins, drops counted)
+//! inference thread: handoff -> Detector -> FrameRecord -> stdout / file / socket subscribers
+//!                                                      -> snapshots, live view (own threads)
+//! main thread:      signals (TERM: drain and exit, HUP: reload), sd_notify STATUS
+//! control thread:   UNIX socket, line-delimited JSON (status, ping, reload)
 //! ```
 //!
 //! # Example
@@ -33,6 +46,8 @@
 //! ```
 
 pub mod adapter;
+pub mod camera;
+pub mod config;
 pub mod detector;
 pub mod eval;
 pub mod exit;
@@ -40,10 +55,12 @@ pub mod frame;
 pub mod fsutil;
 pub mod image_io;
 pub mod model;
+pub mod output;
 pub mod overlay;
 pub mod postprocess;
 pub mod preprocess;
 pub mod report;
+pub mod service;
 pub mod tensor;
 
 pub use detector::{Detector, DetectorError, DetectorOptions};

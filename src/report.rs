@@ -24,8 +24,6 @@ pub struct TimingsMs {
 
 impl From<StageTimings> for TimingsMs {
     fn from(t: StageTimings) -> Self {
-        // Microsecond resolution keeps the JSON short; the clock is not finer in practice.
-        let ms = |d: std::time::Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
         TimingsMs {
             preprocess: ms(t.preprocess),
             inference: ms(t.inference),
@@ -40,6 +38,47 @@ pub struct AdapterRef {
     pub name: String,
     /// sha256 of the adapter file.
     pub sha256: String,
+}
+
+/// The model a record was produced with.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelRef {
+    pub path: String,
+    /// sha256 over the base model's initializers (see `OnnxModel::fingerprint`).
+    pub fingerprint: String,
+}
+
+/// Per-stage wall-clock milliseconds of one camera frame.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct FrameTimingsMs {
+    /// From capture until inference took the frame.
+    pub wait: f64,
+    #[serde(flatten)]
+    pub stages: TimingsMs,
+}
+
+/// The record `perch run` emits for one frame: the `detect` record plus stream identity.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FrameRecord<'a> {
+    /// Frame sequence number, counted from 0 at service start across reconnects and reloads.
+    pub seq: u64,
+    /// Capture time, seconds since the Unix epoch (millisecond resolution).
+    pub ts: f64,
+    pub source: &'a str,
+    pub width: usize,
+    pub height: usize,
+    pub detections: Vec<DetectionRecord>,
+    pub timings_ms: FrameTimingsMs,
+    /// Capture to the moment the record was written, milliseconds.
+    pub frame_age_ms: f64,
+    pub model: &'a ModelRef,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<&'a AdapterRef>,
+}
+
+/// Rounds a duration to milliseconds with microsecond resolution.
+pub fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// The record `perch detect` prints for one image.

@@ -501,6 +501,25 @@ impl Adapter {
         Self::from_bytes(&bytes, path)
     }
 
+    /// Loads a perch adapter file, or imports a PEFT directory against `base` on the fly (the
+    /// import then gets the identity of its f32 serialisation).
+    pub fn load_any(path: &Path, base: &crate::model::OnnxModel) -> Result<Self, AdapterError> {
+        if path.is_dir() {
+            let imported = peft::import(path, base, &peft::ImportOptions::default())?;
+            Adapter::from_bytes(&imported.to_bytes(StoredDtype::F32)?, path)
+        } else {
+            Adapter::load(path)
+        }
+    }
+
+    /// The record identity: name and file sha256.
+    pub fn reference(&self) -> crate::report::AdapterRef {
+        crate::report::AdapterRef {
+            name: self.header.name.clone(),
+            sha256: self.sha256.clone(),
+        }
+    }
+
     /// `name@<first 12 hex digits of sha256>`, the identity printed in detection records.
     pub fn id(&self) -> String {
         format!(

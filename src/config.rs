@@ -1,0 +1,627 @@
+//! The service configuration: TOML parsed into validated [`Settings`]. Every error names the
+//! file, the line and the key.
+//!
+//! Relative paths in the file are resolved against the file's directory.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::camera::{self, PixelFormat, SourceSpec};
+use crate::postprocess::{Layout, PostprocessParams};
+
+/// A configuration error: `file:line: key: reason`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}{}: {}{reason}", file.display(), line.map_or(String::new(), |l| format!(":{l}")), key.as_ref().map_or(String::new(), |k| format!("{k}: ")))]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub reason: String,
+}
+
+/// The model and how to post-process its output.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSettings {
+    pub path: PathBuf,
+    pub imgsz: Option<(usize, usize)>,
+    pub layout: Option<Layout>,
+    pub labels: Option<PathBuf>,
+    pub adapter: Option<PathBuf>,
+    pub adapter_scale: f32,
+    pub params: PostprocessParams,
+}
+
+/// Where JSON records go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputSettings {
+    /// One JSON line per frame on stdout (journald under systemd).
+    pub stdout: bool,
+    /// A JSON-lines file, rotated when it reaches `file_max_bytes`.
+    pub file: Option<PathBuf>,
+    pub file_max_bytes: u64,
+    /// Rotated files kept (`file.1` .. `file.N`).
+    pub file_keep: usize,
+    /// A UNIX socket where subscribers connect to receive the JSON lines.
+    pub socket: Option<PathBuf>,
+}
+
+/// Annotated JPEG snapshots.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotSettings {
+    pub dir: PathBuf,
+    /// Take one at least this often.
+    pub every: Option<Duration>,
+    /// Take one when a detection of these classes (labels) appears ...
+    pub on_classes: Vec<String>,
+    /// ... but not more often than this.
+    pub min_gap: Duration,
+    /// Oldest snapshots are deleted to keep the directory's snapshots under this many bytes.
+    pub quota_bytes: u64,
+}
+
+/// The loopback HTTP endpoint: live MJPEG view and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSettings {
+    pub listen: SocketAddr,
+    /// Frame rate cap of the MJPEG stream.
+    pub max_fps: f64,
+}
+
+/// The control socket.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlSettings {
+    pub socket: PathBuf,
+    /// File mode of the sockets perch creates.
+    pub mode: u32,
+}
+
+/// Everything `perch run` needs, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub model: ModelSettings,
+    pub source: SourceSpec,
+    pub output: OutputSettings,
+    pub snapshots: Option<SnapshotSettings>,
+    pub http: Option<HttpSettings>,
+    pub control: Option<ControlSettings>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    model: RawModel,
+    source: RawSource,
+    #[serde(default)]
+    output: RawOutput,
+    snapshots: Option<RawSnapshots>,
+    http: Option<RawHttp>,
+    control: Option<RawControl>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    path: Spanned<String>,
+    imgsz: Option<Spanned<toml::Value>>,
+    layout: Option<Spanned<String>>,
+    labels: Option<String>,
+    adapter: Option<String>,
+    adapter_scale: Option<Spanned<f64>>,
+    conf: Option<Spanned<f64>>,
+    iou: Option<Spanned<f64>>,
+    max_det: Option<Spanned<i64>>,
+    classes: Option<Vec<usize>>,
+    #[serde(default)]
+    agnostic_nms: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    uri: Spanned<String>,
+    width: Option<Spanned<i64>>,
+    height: Option<Spanned<i64>>,
+    fps: Option<Spanned<f64>>,
+    format: Option<Spanned<String>>,
+    realtime: Option<bool>,
+    #[serde(rename = "loop", default)]
+    looped: bool,
+    frames: Option<Spanned<i64>>,
+    stall_timeout_s: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutput {
+    #[serde(default = "yes")]
+    stdout: bool,
+    file: Option<String>,
+    file_max_bytes: Option<Spanned<i64>>,
+    file_keep: Option<Spanned<i64>>,
+    socket: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for RawOutput {
+    fn default() -> Self {
+        RawOutput {
+            stdout: true,
+            file: None,
+            file_max_bytes: None,
+            file_keep: None,
+            socket: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSnapshots {
+    dir: String,
+    every_s: Option<Spanned<f64>>,
+    #[serde(default)]
+    on_classes: Vec<String>,
+    min_gap_s: Option<Spanned<f64>>,
+    quota_mb: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHttp {
+    listen: Spanned<String>,
+    max_fps: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawControl {
+    socket: String,
+    mode: Option<Spanned<String>>,
+}
+
+/// Validation context: turns spans into line numbers.
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    base: PathBuf,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn err<T>(&self, at: &Spanned<T>, key: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: Some(self.line_of(at.span().start)),
+            key: Some(key.into()),
+            reason: reason.into(),
+        }
+    }
+
+    fn missing(&self, key: &str, reason: impl Into<String>) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: None,
+            key: Some(key.into()),
+            reason: reason.into(),
+        }
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        let p = Path::new(p);
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.base.join(p)
+        }
+    }
+
+    fn in_range(
+        &self,
+        v: &Option<Spanned<f64>>,
+        key: &str,
+        lo: f64,
+        hi: f64,
+        default: f64,
+    ) -> Result<f64, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) if (lo..=hi).contains(s.get_ref()) => Ok(*s.get_ref()),
+            Some(s) => Err(self.err(s, key, format!("{} is outside {lo}..={hi}", s.get_ref()))),
+        }
+    }
+
+    fn count(
+        &self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        lo: i64,
+        hi: i64,
+    ) -> Result<Option<i64>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(s) if (lo..=hi).contains(s.get_ref()) => Ok(Some(*s.get_ref())),
+            Some(s) => Err(self.err(s, key, format!("{} is outside {lo}..={hi}", s.get_ref()))),
+        }
+    }
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: None,
+        key: None,
+        reason: format!("cannot read: {e}"),
+    })?;
+    parse(&text, path)
+}
+
+/// Parses and validates configuration `text`; `file` names it in errors and anchors relative
+/// paths.
+pub fn parse(text: &str, file: &Path) -> Result<Settings, ConfigError> {
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let ctx = Ctx { file, text, base };
+    let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+        file: file.to_path_buf(),
+        line: e.span().map(|s| ctx.line_of(s.start)),
+        key: None,
+        reason: e.message().trim().to_string(),
+    })?;
+    Ok(Settings {
+        model: model(&ctx, raw.model)?,
+        source: source(&ctx, raw.source)?,
+        output: output(&ctx, raw.output)?,
+        snapshots: raw.snapshots.map(|s| snapshots(&ctx, s)).transpose()?,
+        http: raw.http.map(|h| http(&ctx, h)).transpose()?,
+        control: raw.control.map(|c| control(&ctx, c)).transpose()?,
+    })
+}
+
+fn model(ctx: &Ctx, m: RawModel) -> Result<ModelSettings, ConfigError> {
+    if m.path.get_ref().is_empty() {
+        return Err(ctx.err(&m.path, "model.path", "must not be empty"));
+    }
+    let imgsz = match &m.imgsz {
+        None => None,
+        Some(s) => {
+            let hw = match s.get_ref() {
+                toml::Value::Integer(n) => Some((*n, *n)),
+                toml::Value::Array(a) if a.len() == 2 => match (&a[0], &a[1]) {
+                    (toml::Value::Integer(h), toml::Value::Integer(w)) => Some((*h, *w)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            match hw {
+                Some((h, w)) if (1..=8192).contains(&h) && (1..=8192).contains(&w) => {
+                    Some((h as usize, w as usize))
+                }
+                _ => {
+                    return Err(ctx.err(
+                        s,
+                        "model.imgsz",
+                        "must be N or [H, W] with sizes 1..=8192",
+                    ));
+                }
+            }
+        }
+    };
+    let layout = m
+        .layout
+        .as_ref()
+        .map(|l| {
+            l.get_ref()
+                .parse::<Layout>()
+                .map_err(|e| ctx.err(l, "model.layout", e))
+        })
+        .transpose()?;
+    let defaults = PostprocessParams::default();
+    let params = PostprocessParams {
+        conf: ctx.in_range(&m.conf, "model.conf", 0.0, 1.0, 0.25)? as f32,
+        iou: ctx.in_range(&m.iou, "model.iou", 0.0, 1.0, f64::from(defaults.iou))? as f32,
+        max_det: ctx
+            .count(&m.max_det, "model.max_det", 1, 100_000)?
+            .map_or(defaults.max_det, |n| n as usize),
+        classes: m.classes,
+        agnostic: m.agnostic_nms,
+    };
+    if let (Some(scale), None) = (&m.adapter_scale, &m.adapter) {
+        return Err(ctx.err(scale, "model.adapter_scale", "set without model.adapter"));
+    }
+    Ok(ModelSettings {
+        path: ctx.path(m.path.get_ref()),
+        imgsz,
+        layout,
+        labels: m.labels.as_deref().map(|p| ctx.path(p)),
+        adapter: m.adapter.as_deref().map(|p| ctx.path(p)),
+        adapter_scale: ctx.in_range(&m.adapter_scale, "model.adapter_scale", -10.0, 10.0, 1.0)?
+            as f32,
+        params,
+    })
+}
+
+fn source(ctx: &Ctx, s: RawSource) -> Result<SourceSpec, ConfigError> {
+    let uri = s.uri.get_ref();
+    let kind = camera::parse_uri(uri).map_err(|e| ctx.err(&s.uri, "source.uri", e))?;
+    // File sources are relative to the configuration, like every other path.
+    let kind = match kind {
+        camera::SourceKind::Y4m(p) => camera::SourceKind::Y4m(ctx.path(&p.to_string_lossy())),
+        camera::SourceKind::Images(p) => {
+            camera::SourceKind::Images(ctx.path(&p).to_string_lossy().into_owned())
+        }
+        k => k,
+    };
+    let mut spec = SourceSpec::new(kind);
+    let w = ctx.count(&s.width, "source.width", 16, 16384)?;
+    let h = ctx.count(&s.height, "source.height", 16, 16384)?;
+    spec.size = match (w, h) {
+        (Some(w), Some(h)) => Some((w as usize, h as usize)),
+        (None, None) => None,
+        (Some(_), None) => return Err(ctx.missing("source.height", "required with source.width")),
+        (None, Some(_)) => return Err(ctx.missing("source.width", "required with source.height")),
+    };
+    spec.fps = match &s.fps {
+        Some(f) if !(f.get_ref().is_finite() && *f.get_ref() > 0.0 && *f.get_ref() <= 1000.0) => {
+            return Err(ctx.err(
+                f,
+                "source.fps",
+                format!("{} is outside (0, 1000]", f.get_ref()),
+            ));
+        }
+        f => f.as_ref().map(|f| *f.get_ref()),
+    };
+    spec.format = s
+        .format
+        .as_ref()
+        .filter(|f| f.get_ref() != "auto")
+        .map(|f| {
+            PixelFormat::from_name(f.get_ref()).ok_or_else(|| {
+                ctx.err(
+                    f,
+                    "source.format",
+                    format!(
+                        "unknown '{}' (auto, yuyv, uyvy, nv12, yu12, rgb24, bgr24, mjpeg, grey)",
+                        f.get_ref()
+                    ),
+                )
+            })
+        })
+        .transpose()?;
+    spec.realtime = s.realtime.unwrap_or(true);
+    spec.looped = s.looped;
+    spec.max_frames = ctx
+        .count(&s.frames, "source.frames", 1, i64::MAX)?
+        .map(|n| n as u64);
+    spec.stall_timeout = Duration::from_secs_f64(ctx.in_range(
+        &s.stall_timeout_s,
+        "source.stall_timeout_s",
+        0.1,
+        3600.0,
+        5.0,
+    )?);
+    Ok(spec)
+}
+
+fn output(ctx: &Ctx, o: RawOutput) -> Result<OutputSettings, ConfigError> {
+    Ok(OutputSettings {
+        stdout: o.stdout,
+        file: o.file.as_deref().map(|p| ctx.path(p)),
+        file_max_bytes: ctx
+            .count(&o.file_max_bytes, "output.file_max_bytes", 4096, i64::MAX)?
+            .map_or(64 << 20, |n| n as u64),
+        file_keep: ctx
+            .count(&o.file_keep, "output.file_keep", 0, 1000)?
+            .map_or(3, |n| n as usize),
+        socket: o.socket.as_deref().map(|p| ctx.path(p)),
+    })
+}
+
+fn snapshots(ctx: &Ctx, s: RawSnapshots) -> Result<SnapshotSettings, ConfigError> {
+    let secs = |v: &Option<Spanned<f64>>, key: &str| {
+        v.as_ref()
+            .map(|x| {
+                if x.get_ref().is_finite() && *x.get_ref() >= 0.0 {
+                    Ok(Duration::from_secs_f64(*x.get_ref()))
+                } else {
+                    Err(ctx.err(x, key, "must be a number of seconds >= 0"))
+                }
+            })
+            .transpose()
+    };
+    let every = secs(&s.every_s, "snapshots.every_s")?;
+    if every.is_none() && s.on_classes.is_empty() {
+        return Err(ctx.missing(
+            "snapshots",
+            "set every_s, on_classes or both (otherwise no snapshot is ever taken)",
+        ));
+    }
+    let quota = ctx.in_range(&s.quota_mb, "snapshots.quota_mb", 0.1, 1e7, 100.0)?;
+    Ok(SnapshotSettings {
+        dir: ctx.path(&s.dir),
+        every,
+        on_classes: s.on_classes,
+        min_gap: secs(&s.min_gap_s, "snapshots.min_gap_s")?.unwrap_or(Duration::from_secs(10)),
+        quota_bytes: (quota * 1e6) as u64,
+    })
+}
+
+fn http(ctx: &Ctx, h: RawHttp) -> Result<HttpSettings, ConfigError> {
+    let listen: SocketAddr = h.listen.get_ref().parse().map_err(|_| {
+        ctx.err(
+            &h.listen,
+            "http.listen",
+            "must be IP:PORT, e.g. 127.0.0.1:8090",
+        )
+    })?;
+    if !listen.ip().is_loopback() {
+        return Err(ctx.err(
+            &h.listen,
+            "http.listen",
+            format!(
+                "{} is not a loopback address; the live view is for local use only (tunnel it \
+                 over SSH to view it remotely)",
+                listen.ip()
+            ),
+        ));
+    }
+    Ok(HttpSettings {
+        listen,
+        max_fps: ctx.in_range(&h.max_fps, "http.max_fps", 0.1, 120.0, 10.0)?,
+    })
+}
+
+fn control(ctx: &Ctx, c: RawControl) -> Result<ControlSettings, ConfigError> {
+    let mode = match &c.mode {
+        None => 0o660,
+        Some(m) => match u32::from_str_radix(m.get_ref().trim_start_matches("0o"), 8) {
+            Ok(v) if v <= 0o777 && v & 0o007 == 0 => v,
+            Ok(_) => {
+                return Err(ctx.err(
+                    m,
+                    "control.mode",
+                    "must not grant access to others (e.g. \"0660\")",
+                ));
+            }
+            Err(_) => {
+                return Err(ctx.err(m, "control.mode", "must be an octal mode such as \"0660\""));
+            }
+        },
+    };
+    Ok(ControlSettings {
+        socket: ctx.path(&c.socket),
+        mode,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[model]
+path = "models/m.onnx"
+conf = 0.4
+imgsz = [320, 480]
+
+[source]
+uri = "y4m:clip.y4m"
+fps = 12.5
+frames = 100
+
+[output]
+file = "/var/lib/perch/out.jsonl"
+socket = "records.sock"
+
+[snapshots]
+dir = "snaps"
+on_classes = ["Tree"]
+
+[http]
+listen = "127.0.0.1:8090"
+
+[control]
+socket = "/run/perch/control.sock"
+"#;
+
+    fn parse_str(text: &str) -> Result<Settings, ConfigError> {
+        parse(text, Path::new("/etc/perch/perch.toml"))
+    }
+
+    #[test]
+    fn parses_and_resolves_paths() {
+        let s = parse_str(GOOD).unwrap();
+        assert_eq!(s.model.path, Path::new("/etc/perch/models/m.onnx"));
+        assert_eq!(s.model.imgsz, Some((320, 480)));
+        assert_eq!(s.model.params.conf, 0.4);
+        assert_eq!(
+            s.source.kind,
+            camera::SourceKind::Y4m("/etc/perch/clip.y4m".into())
+        );
+        assert_eq!((s.source.fps, s.source.max_frames), (Some(12.5), Some(100)));
+        assert_eq!(s.output.socket, Some("/etc/perch/records.sock".into()));
+        assert_eq!(s.snapshots.unwrap().quota_bytes, 100_000_000);
+        assert_eq!(s.control.unwrap().mode, 0o660);
+    }
+
+    #[test]
+    fn errors_name_line_and_key() {
+        let cases = [
+            (
+                GOOD.replace("conf = 0.4", "conf = 1.5"),
+                "perch.toml:4: model.conf: 1.5 is outside",
+            ),
+            (
+                GOOD.replace("fps = 12.5", "fps = -1.0"),
+                "perch.toml:9: source.fps:",
+            ),
+            (
+                GOOD.replace("fps = 12.5", "fpss = 1.0"),
+                "perch.toml:9: unknown field `fpss`",
+            ),
+            (
+                GOOD.replace("127.0.0.1:8090", "0.0.0.0:8090"),
+                "perch.toml:21: http.listen: 0.0.0.0 is not a loopback",
+            ),
+            (
+                GOOD.replace("y4m:clip.y4m", "rtsp://x"),
+                "perch.toml:8: source.uri:",
+            ),
+            (
+                GOOD.replace("on_classes = [\"Tree\"]", ""),
+                "perch.toml: snapshots: set every_s",
+            ),
+            (
+                GOOD.replace("[model]\npath = \"models/m.onnx\"", "[model]"),
+                "missing field `path`",
+            ),
+            (
+                GOOD.replace("conf = 0.4", "conf = \"high\""),
+                "perch.toml:4: invalid type",
+            ),
+            (
+                GOOD.replace(
+                    "socket = \"/run/perch/control.sock\"",
+                    "socket = \"/run/c\"\nmode = \"0666\"",
+                ),
+                "control.mode: must not grant",
+            ),
+            (
+                GOOD.replace("imgsz = [320, 480]", "imgsz = 0"),
+                "perch.toml:5: model.imgsz",
+            ),
+            ("[model\n".to_string(), "perch.toml:1:"),
+        ];
+        for (text, want) in cases {
+            let e = parse_str(&text).unwrap_err().to_string();
+            assert!(
+                e.starts_with("/etc/perch/") && e.contains(want),
+                "want '{want}' in '{e}'"
+            );
+        }
+        let e = load(Path::new("/nonexistent/perch.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("/nonexistent/perch.toml: cannot read:"),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,248 @@
+//! The control socket: a local UNIX socket speaking line-delimited JSON.
+//!
+//! Each request is one line holding a JSON object with a `cmd` string, e.g.
+//! `{"cmd":"status"}`. Each reply is one line: `{"ok":true, ...}` or
+//! `{"ok":false,"error":"..."}`. A connection may send many requests. Lines over
+//! [`MAX_REQUEST`] bytes get an error reply and the connection is closed; malformed requests
+//! get an error reply. Requests are handled on the socket's own threads and never block the
+//! frame pipeline.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+
+use crate::fsutil::bind_socket;
+
+/// Longest request line accepted, in bytes.
+pub const MAX_REQUEST: usize = 64 * 1024;
+/// Connections served at once; more are answered with an error and closed.
+pub const MAX_CONNECTIONS: usize = 8;
+/// A connection idle this long is closed.
+const IDLE: Duration = Duration::from_secs(60);
+
+/// Answers one request (the parsed object, `cmd` included) with the fields of an `ok` reply,
+/// or an error message.
+pub type Handler =
+    Arc<dyn Fn(&str, &Map<String, Value>) -> Result<Map<String, Value>, String> + Send + Sync>;
+
+/// A listening control socket; stops and removes the socket file when dropped.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Binds `path` with file `mode` and serves requests with `handler`.
+    pub fn start(path: &Path, mode: u32, handler: Handler) -> std::io::Result<Self> {
+        let listener = bind_socket(path, mode)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let accept = std::thread::Builder::new()
+            .name("perch-control".into())
+            .spawn(move || {
+                let active = Arc::new(AtomicUsize::new(0));
+                let mut workers: Vec<JoinHandle<()>> = Vec::new();
+                while !s.load(Ordering::Relaxed) {
+                    workers.retain(|w| !w.is_finished());
+                    match listener.accept() {
+                        Ok((mut stream, _)) => {
+                            if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+                                let _ = reply(&mut stream, &Err("too many connections".into()));
+                                continue;
+                            }
+                            active.fetch_add(1, Ordering::Relaxed);
+                            let (h, a, st) = (handler.clone(), active.clone(), s.clone());
+                            match std::thread::Builder::new()
+                                .name("perch-control-conn".into())
+                                .spawn(move || {
+                                    serve(stream, &h, &st);
+                                    a.fetch_sub(1, Ordering::Relaxed);
+                                }) {
+                                Ok(w) => workers.push(w),
+                                Err(_) => {
+                                    active.fetch_sub(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        Err(e) => {
+                            log::warn!("control socket: accept failed: {e}");
+                            std::thread::sleep(Duration::from_millis(200));
+                        }
+                    }
+                }
+                for w in workers {
+                    let _ = w.join();
+                }
+            })?;
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            stop,
+            accept: Some(accept),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn reply(stream: &mut UnixStream, r: &Result<Map<String, Value>, String>) -> std::io::Result<()> {
+    let v = match r {
+        Ok(fields) => {
+            let mut m = Map::new();
+            m.insert("ok".into(), Value::Bool(true));
+            m.extend(fields.clone());
+            Value::Object(m)
+        }
+        Err(e) => json!({"ok": false, "error": e}),
+    };
+    let mut line = serde_json::to_vec(&v).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    stream.write_all(&line)
+}
+
+/// Parses one request line into (cmd, object).
+pub fn parse_request(line: &[u8]) -> Result<(String, Map<String, Value>), String> {
+    let v: Value = serde_json::from_slice(line).map_err(|e| format!("malformed request: {e}"))?;
+    let Value::Object(m) = v else {
+        return Err("malformed request: not a JSON object".into());
+    };
+    match m.get("cmd") {
+        Some(Value::String(c)) => Ok((c.clone(), m)),
+        _ => Err("malformed request: no \"cmd\" string".into()),
+    }
+}
+
+fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool) {
+    // Short read timeouts let the thread notice shutdown; IDLE bounds a silent client.
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut idle = Duration::ZERO;
+    let mut line = Vec::new();
+    while !stop.load(Ordering::Relaxed) && idle < IDLE {
+        let room = (MAX_REQUEST + 1).saturating_sub(line.len()) as u64;
+        match (&mut reader).take(room).read_until(b'\n', &mut line) {
+            Ok(0) if line.is_empty() => return,
+            Ok(_) if line.last() == Some(&b'\n') => {
+                idle = Duration::ZERO;
+                let text = line.trim_ascii();
+                if !text.is_empty() {
+                    let r = parse_request(text).and_then(|(cmd, m)| handler(&cmd, &m));
+                    if reply(&mut out, &r).is_err() {
+                        return;
+                    }
+                }
+                line.clear();
+            }
+            Ok(_) if line.len() > MAX_REQUEST => {
+                let _ = reply(
+                    &mut out,
+                    &Err(format!("request longer than {MAX_REQUEST} bytes")),
+                );
+                return;
+            }
+            // End of stream inside a line: answer it, then close.
+            Ok(0) => {
+                let r = parse_request(line.trim_ascii()).and_then(|(cmd, m)| handler(&cmd, &m));
+                let _ = reply(&mut out, &r);
+                return;
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                idle += Duration::from_millis(200);
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Sends one request to the control socket at `path` and returns the reply object.
+pub fn request(path: &Path, req: &Value, timeout: Duration) -> std::io::Result<Value> {
+    let mut s = UnixStream::connect(path)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    s.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(s).read_line(&mut reply)?;
+    serde_json::from_str(&reply).map_err(|e| std::io::Error::other(format!("bad reply: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_errors_and_limits() {
+        let dir = std::env::temp_dir().join(format!("perch-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("control.sock");
+        let handler: Handler = Arc::new(|cmd, _| match cmd {
+            "ping" => Ok(Map::from_iter([("pong".to_string(), Value::Bool(true))])),
+            other => Err(format!("unknown command '{other}'")),
+        });
+        let server = ControlServer::start(&p, 0o600, handler).unwrap();
+        let t = Duration::from_secs(5);
+        assert_eq!(
+            request(&p, &json!({"cmd": "ping"}), t).unwrap(),
+            json!({"ok": true, "pong": true})
+        );
+        assert_eq!(
+            request(&p, &json!({"cmd": "fly"}), t).unwrap(),
+            json!({"ok": false, "error": "unknown command 'fly'"})
+        );
+        let mut s = UnixStream::connect(&p).unwrap();
+        s.write_all(b"{not json\n[1]\n{\"cmd\":\"ping\"}\n")
+            .unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut lines = Vec::new();
+        for _ in 0..3 {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            lines.push(serde_json::from_str::<Value>(&l).unwrap());
+        }
+        assert!(
+            lines[0]["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("malformed request")
+        );
+        assert_eq!(lines[1]["error"], "malformed request: not a JSON object");
+        assert_eq!(lines[2]["ok"], true);
+        // Oversized: error reply, then the server closes the connection.
+        let mut big = UnixStream::connect(&p).unwrap();
+        let _ = big.write_all(&vec![b'x'; MAX_REQUEST + 10]);
+        let mut l = String::new();
+        BufReader::new(big).read_line(&mut l).unwrap();
+        assert!(l.contains("longer than"), "{l}");
+        drop(server);
+        assert!(!p.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
