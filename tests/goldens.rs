@@ -246,3 +246,34 @@ fn letterbox_matches_ultralytics() {
         );
     }
 }
+
+/// Camera pixel conversions equal OpenCV's `cvtColor(..., COLOR_YUV2RGB_*)` byte for byte
+/// (BT.601 limited range), on a real photo and on random bytes covering every chroma extreme.
+#[test]
+fn pixel_conversions_match_opencv_exactly() {
+    use perch::camera::pixfmt::{PixelFormat, to_rgb};
+    let index = json("tests/goldens/pixfmt/index.json");
+    let cases = index["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 8);
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let format = match case["format"].as_str().unwrap() {
+            "i420" => PixelFormat::Yuv420,
+            "nv12" => PixelFormat::Nv12,
+            "yuyv" => PixelFormat::Yuyv,
+            "uyvy" => PixelFormat::Uyvy,
+            other => panic!("unknown format {other}"),
+        };
+        let (w, h) = (
+            case["width"].as_u64().unwrap() as usize,
+            case["height"].as_u64().unwrap() as usize,
+        );
+        let src = std::fs::read(path(&format!("tests/goldens/pixfmt/{name}.yuv"))).unwrap();
+        let want = std::fs::read(path(&format!("tests/goldens/pixfmt/{name}.rgb"))).unwrap();
+        let mut got = Vec::new();
+        to_rgb(format, &src, w, h, &mut got).unwrap();
+        let diffs = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+        assert_eq!(got.len(), want.len(), "{name}");
+        assert_eq!(diffs, 0, "{name}: {diffs} bytes differ from OpenCV");
+    }
+}

@@ -35,6 +35,19 @@ pub enum SourceKind {
     Synthetic,
 }
 
+impl std::fmt::Display for SourceKind {
+    /// The canonical URI (`v4l2:/dev/video0`, `y4m:clip.y4m`, `synthetic`, ...).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceKind::V4l2(p) => write!(f, "v4l2:{}", p.display()),
+            SourceKind::Nokhwa(i) => write!(f, "nokhwa:{i}"),
+            SourceKind::Images(p) => write!(f, "images:{p}"),
+            SourceKind::Y4m(p) => write!(f, "y4m:{}", p.display()),
+            SourceKind::Synthetic => f.write_str("synthetic"),
+        }
+    }
+}
+
 /// A parsed source URI plus the capture settings that go with it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SourceSpec {

@@ -252,12 +252,11 @@ impl Pipeline {
             }
             Err(e) => return Err(ServiceError::Config(e.to_string())),
         };
-        let name = first
-            .as_ref()
-            .map_or_else(|| format!("{:?}", s.source.kind), |f| f.describe());
-        log::info!("source {name}");
+        let uri = s.source.kind.to_string();
+        let described = first.as_ref().map_or_else(|| uri.clone(), |f| f.describe());
+        log::info!("source {described}");
         metrics.update(|st| {
-            st.source = name.clone();
+            st.source = described;
             st.model = Some(engine.model.clone());
             st.adapter = engine.adapter.clone();
         });
@@ -266,7 +265,7 @@ impl Pipeline {
             |e: std::io::Error| ServiceError::Runtime(format!("cannot start thread: {e}"));
         let inference = {
             let (h, m, n) = (handoff.clone(), metrics.clone(), notifier.clone());
-            let src_name = name.clone();
+            let src_name = uri;
             std::thread::Builder::new()
                 .name("perch-inference".into())
                 .spawn(move || {
@@ -424,8 +423,8 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
     let (reload_tx, reload_rx) = std::sync::mpsc::channel();
     let mut engine = build_engine(&settings.model).map_err(|e| ServiceError::Config(chain(&e)))?;
     let mut seq = 0;
+    let mut endpoints = start_endpoints(&settings, &metrics, &reload_tx)?;
     loop {
-        let endpoints = start_endpoints(&settings, &metrics, &reload_tx)?;
         let outputs = start_outputs(&settings, endpoints.latest.clone())?;
         let pipeline = Pipeline::start(&settings, engine, outputs, seq, &metrics, &notifier)?;
         let event = wait_event(
@@ -443,7 +442,6 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
         }
         let (old_engine, end) = pipeline.stop();
         seq = end.next_seq;
-        drop(endpoints);
         match event {
             Event::Stop => return Ok(()),
             Event::Ended => {
@@ -459,6 +457,12 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
                 });
                 log::info!("configuration reloaded");
                 engine = new_engine.unwrap_or(old_engine);
+                // The control socket and HTTP endpoint stay up across a reload unless their
+                // own settings changed, so clients polling status never see it vanish.
+                if next.control != settings.control || next.http != settings.http {
+                    drop(endpoints);
+                    endpoints = start_endpoints(&next, &metrics, &reload_tx)?;
+                }
                 settings = next;
             }
         }
