@@ -144,7 +144,7 @@ fn y4m_replay_matches_ultralytics_frame_by_frame() {
         "file and stdout carry the same records"
     );
     let base = perch::model::OnnxModel::load(model()).unwrap();
-    let mut compared = 0;
+    let (mut compared, mut worst) = (0, (0.0f64, 0.0f64));
     for (r, w) in got.iter().zip(want) {
         assert_eq!((&r["width"], &r["height"]), (&w["width"], &w["height"]));
         assert_eq!(r["source"], format!("y4m:{}", clip.display()));
@@ -157,9 +157,15 @@ fn y4m_replay_matches_ultralytics_frame_by_frame() {
             r["detections"].as_array().unwrap(),
         );
         let ctx = format!("frame {}", r["seq"]);
-        compared += assert_covered(a, b, 0.25, (1.0, 0.01), &ctx).0;
+        let (n, px, ds) = assert_covered(a, b, 0.25, (1.0, 0.01), &ctx);
         assert_covered(b, a, 0.25, (1.0, 0.01), &ctx);
+        compared += n;
+        worst = (worst.0.max(px), worst.1.max(ds));
     }
+    eprintln!(
+        "{compared} detections compared, worst {:.3} px / {:.4} score",
+        worst.0, worst.1
+    );
     assert!(compared >= 30, "only {compared} detections compared");
     std::fs::remove_dir_all(&dir).unwrap();
 }
