@@ -660,3 +660,30 @@ fn which(program: &str) -> Result<PathBuf, ()> {
         .find(|p| p.is_file())
         .ok_or(())
 }
+
+/// An image directory replays in name order; a corrupt file is skipped with a warning naming it,
+/// and the records keep consecutive sequence numbers.
+#[test]
+fn image_directory_source_skips_corrupt_files() {
+    let dir = scratch("images");
+    let imgs = dir.join("imgs");
+    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::copy(path("tests/data/osbs_029.png"), imgs.join("a.png")).unwrap();
+    std::fs::write(imgs.join("b.jpg"), b"\xff\xd8 truncated").unwrap();
+    std::fs::copy(path("tests/data/chelsea-160.png"), imgs.join("c.png")).unwrap();
+    let source = format!("images:{}", imgs.display());
+    let out = perch(&["run", "--model", &model(), "--source", &source]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let recs = records(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(seqs(&recs), [0, 1]);
+    assert_eq!(
+        (&recs[0]["width"], &recs[1]["width"]),
+        (&400.into(), &160.into())
+    );
+    assert!(
+        err.contains("b.jpg") && err.contains("cannot decode"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
