@@ -71,6 +71,13 @@ pub struct HttpSettings {
     pub max_fps: f64,
 }
 
+/// A framebuffer screen showing the annotated live view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FramebufferSettings {
+    pub device: PathBuf,
+    pub max_fps: f64,
+}
+
 /// The control socket.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ControlSettings {
@@ -87,6 +94,7 @@ pub struct Settings {
     pub output: OutputSettings,
     pub snapshots: Option<SnapshotSettings>,
     pub http: Option<HttpSettings>,
+    pub framebuffer: Option<FramebufferSettings>,
     pub control: Option<ControlSettings>,
 }
 
@@ -99,7 +107,15 @@ struct RawConfig {
     output: RawOutput,
     snapshots: Option<RawSnapshots>,
     http: Option<RawHttp>,
+    framebuffer: Option<RawFramebuffer>,
     control: Option<RawControl>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFramebuffer {
+    device: String,
+    max_fps: Option<Spanned<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -291,6 +307,15 @@ pub fn parse(text: &str, file: &Path) -> Result<Settings, ConfigError> {
         output: output(&ctx, raw.output)?,
         snapshots: raw.snapshots.map(|s| snapshots(&ctx, s)).transpose()?,
         http: raw.http.map(|h| http(&ctx, h)).transpose()?,
+        framebuffer: raw
+            .framebuffer
+            .map(|f| -> Result<_, ConfigError> {
+                Ok(FramebufferSettings {
+                    device: ctx.path(&f.device),
+                    max_fps: ctx.in_range(&f.max_fps, "framebuffer.max_fps", 0.1, 120.0, 10.0)?,
+                })
+            })
+            .transpose()?,
         control: raw.control.map(|c| control(&ctx, c)).transpose()?,
     })
 }

@@ -545,6 +545,10 @@ fn bad_configs_exit_78_with_one_line() {
             "[source]\nuri = \"synthetic\"\n[http]\nlisten = \"0.0.0.0:80\"\n".into(),
             "not a loopback address",
         ),
+        (
+            "[source]\nuri = \"synthetic\"\n[framebuffer]\ndevice = \"/dev/null\"\n".into(),
+            "/dev/null: not a framebuffer device",
+        ),
     ];
     for (body, want) in cases {
         let cfg = write_config(&dir, &body);

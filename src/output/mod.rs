@@ -1,10 +1,11 @@
 //! Where results go: JSON-lines files with rotation ([`jsonl`]), UNIX-socket subscribers
 //! ([`subscribers`]), annotated JPEG snapshots ([`snapshots`]) and the loopback HTTP live view
-//! with metrics ([`http`]).
+//! with metrics ([`http`]), and a Linux framebuffer screen ([`framebuffer`]).
 //!
 //! Sinks that need pixels receive an [`Annotatable`]: the frame and its detections, shared,
 //! so the overlay is drawn and encoded on the sink's own thread, never the inference thread's.
 
+pub mod framebuffer;
 pub mod http;
 pub mod jsonl;
 pub mod snapshots;

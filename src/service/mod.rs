@@ -26,6 +26,7 @@ use crate::camera::{self, Retry};
 use crate::config::{self, ModelSettings, Settings};
 use crate::detector::{Detector, DetectorOptions, read_labels};
 use crate::model::OnnxModel;
+use crate::output::framebuffer::{FbSink, Framebuffer};
 use crate::output::http::{HttpServer, Latest, TextFn};
 use crate::output::jsonl::RotatingFile;
 use crate::output::snapshots::Snapshots;
@@ -130,6 +131,7 @@ fn chain(e: &anyhow::Error) -> String {
 struct Endpoints {
     _control: Option<ControlServer>,
     _http: Option<HttpServer>,
+    _framebuffer: Option<FbSink>,
     latest: Option<Arc<Latest>>,
 }
 
@@ -166,9 +168,9 @@ fn start_endpoints(
         }
         None => None,
     };
-    let (http, latest) = match &s.http {
-        Some(h) => {
-            let latest = Arc::new(Latest::default());
+    let latest = (s.http.is_some() || s.framebuffer.is_some()).then(|| Arc::new(Latest::default()));
+    let http = match (&s.http, &latest) {
+        (Some(h), Some(latest)) => {
             let (m1, m2) = (metrics.clone(), metrics.clone());
             let status: TextFn =
                 Arc::new(move || serde_json::to_string(&m1.status()).expect("status serialises"));
@@ -178,13 +180,32 @@ fn start_endpoints(
                     ServiceError::Runtime(format!("http {}: cannot listen: {e}", h.listen))
                 })?;
             log::info!("live view on http://{}/stream.mjpg", server.local_addr());
-            (Some(server), Some(latest))
+            Some(server)
         }
-        None => (None, None),
+        _ => None,
+    };
+    let framebuffer = match (&s.framebuffer, &latest) {
+        (Some(f), Some(latest)) => {
+            let fb =
+                Framebuffer::open(&f.device).map_err(|e| ServiceError::Config(e.to_string()))?;
+            let g = fb.geometry();
+            log::info!(
+                "{}: {}x{} at {} bpp",
+                f.device.display(),
+                g.width,
+                g.height,
+                g.bits_per_pixel
+            );
+            Some(FbSink::start(fb, f.max_fps, latest.clone()).map_err(|e| {
+                ServiceError::Runtime(format!("cannot start the framebuffer thread: {e}"))
+            })?)
+        }
+        _ => None,
     };
     Ok(Endpoints {
         _control: control,
         _http: http,
+        _framebuffer: framebuffer,
         latest,
     })
 }
@@ -459,7 +480,10 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
                 engine = new_engine.unwrap_or(old_engine);
                 // The control socket and HTTP endpoint stay up across a reload unless their
                 // own settings changed, so clients polling status never see it vanish.
-                if next.control != settings.control || next.http != settings.http {
+                if next.control != settings.control
+                    || next.http != settings.http
+                    || next.framebuffer != settings.framebuffer
+                {
                     drop(endpoints);
                     endpoints = start_endpoints(&next, &metrics, &reload_tx)?;
                 }
