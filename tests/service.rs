@@ -63,12 +63,24 @@ fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-fn signal(child: &Child, sig: i32) {
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+/// A spawned service, killed when dropped, so a failing test leaves no process behind.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
-fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Child {
+fn signal(child: &Running, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, sig) }, 0);
+}
+
+fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Running {
     let mut cmd = perch_command(args);
     for (k, v) in envs {
         cmd.env(k, v);
@@ -76,11 +88,13 @@ fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Child {
     cmd.stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
+        .map(Running)
         .expect("spawn perch run")
 }
 
 /// Waits for exit (killing after `secs`) and returns (code, stdout, stderr).
-fn finish(mut child: Child, secs: u64) -> (Option<i32>, String, String) {
+fn finish(mut running: Running, secs: u64) -> (Option<i32>, String, String) {
+    let child = &mut running.0;
     let mut out = String::new();
     let mut err = String::new();
     let mut so = child.stdout.take().unwrap();
@@ -414,8 +428,8 @@ fn service_notify_control_subscribers_http_snapshots_and_sigterm() {
 
 /// Names of the service's long-lived threads, sorted (control connection threads, which live
 /// as long as a client stays connected, are left out).
-fn thread_names(child: &Child) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.id()))
+fn thread_names(child: &Running) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", child.0.id()))
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
         .map(|n| n.trim().to_string())
