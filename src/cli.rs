@@ -270,22 +270,7 @@ pub fn run(cli: Cli) -> u8 {
 /// Prints `e` and its causes on one line, skipping causes its message already includes
 /// (library errors embed their source's text), and returns `code`.
 fn report_error(e: &anyhow::Error, code: u8) -> u8 {
-    let mut line = String::new();
-    for cause in e.chain() {
-        // Third-party messages may span lines; the contract is one line per error.
-        let text = cause
-            .to_string()
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .join(" ");
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    eprintln!("perch: error: {line}");
+    eprintln!("perch: error: {}", exit::one_line(e));
     code
 }
 

@@ -9,3 +9,23 @@ pub const BAD_INPUT: u8 = 2;
 /// The service configuration (or a model or source it names) is unusable (sysexits
 /// `EX_CONFIG`). The systemd unit lists it in `RestartPreventExitStatus`.
 pub const CONFIG: u8 = 78;
+
+/// An error and its causes as one line, skipping causes whose text the line already holds
+/// (library errors embed their source's message) and folding multi-line third-party messages.
+pub fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+    }
+    line
+}

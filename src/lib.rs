@@ -60,6 +60,7 @@ pub mod overlay;
 pub mod postprocess;
 pub mod preprocess;
 pub mod report;
+pub mod server;
 pub mod service;
 pub mod tensor;
 

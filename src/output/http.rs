@@ -5,13 +5,14 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::Annotatable;
 use crate::image_io::encode_jpeg;
+use crate::server::{Workers, accept_until};
 
 /// Concurrent connections served; more get 503.
 pub const MAX_CLIENTS: usize = 8;
@@ -69,7 +70,6 @@ struct Shared {
     status: TextFn,
     metrics: TextFn,
     min_interval: Duration,
-    clients: AtomicUsize,
     stop: Arc<AtomicBool>,
 }
 
@@ -91,7 +91,6 @@ impl HttpServer {
             status,
             metrics,
             min_interval: Duration::from_secs_f64(1.0 / max_fps),
-            clients: AtomicUsize::new(0),
             stop: stop.clone(),
         });
         let accept = std::thread::Builder::new()
@@ -120,52 +119,33 @@ impl Drop for HttpServer {
 }
 
 fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
-    let mut workers: Vec<JoinHandle<()>> = Vec::new();
-    while !shared.stop.load(Ordering::Relaxed) {
-        workers.retain(|w| !w.is_finished());
-        match listener.accept() {
-            Ok((mut stream, peer)) => {
-                if !peer.ip().is_loopback() {
-                    continue;
-                }
-                if shared.clients.load(Ordering::Relaxed) >= MAX_CLIENTS {
-                    let _ = respond(
-                        &mut stream,
-                        "503 Service Unavailable",
-                        "text/plain",
-                        b"busy\n",
-                    );
-                    continue;
-                }
-                shared.clients.fetch_add(1, Ordering::Relaxed);
-                let s = shared.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("perch-http-client".into())
-                    .spawn(move || {
-                        if let Err(e) = serve(stream, &s) {
-                            log::debug!("http client {peer}: {e}");
-                        }
-                        s.clients.fetch_sub(1, Ordering::Relaxed);
-                    });
-                match spawned {
-                    Ok(h) => workers.push(h),
-                    Err(_) => {
-                        shared.clients.fetch_sub(1, Ordering::Relaxed);
-                    }
-                }
+    let mut workers = Workers::new("perch-http-client", MAX_CLIENTS);
+    accept_until(
+        &shared.stop,
+        "http",
+        || listener.accept(),
+        |(mut stream, peer)| {
+            if !peer.ip().is_loopback() {
+                return;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
+            if !workers.has_room() {
+                let _ = respond(
+                    &mut stream,
+                    "503 Service Unavailable",
+                    "text/plain",
+                    b"busy\n",
+                );
+                return;
             }
-            Err(e) => {
-                log::warn!("http: accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-    }
-    for w in workers {
-        let _ = w.join();
-    }
+            let s = shared.clone();
+            workers.spawn(move || {
+                if let Err(e) = serve(stream, &s) {
+                    log::debug!("http client {peer}: {e}");
+                }
+            });
+        },
+    );
+    workers.join_all();
 }
 
 fn respond(s: &mut TcpStream, status: &str, ctype: &str, body: &[u8]) -> std::io::Result<()> {

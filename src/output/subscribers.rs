@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::os::unix::net::UnixListener;
 
-use crate::fsutil::bind_socket;
+use crate::server::{accept_until, bind_socket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
@@ -98,46 +98,34 @@ impl Drop for Subscribers {
 }
 
 fn accept_loop(listener: UnixListener, list: Arc<Mutex<Vec<Subscriber>>>, stop: Arc<AtomicBool>) {
-    while !stop.load(Ordering::Relaxed) {
-        match listener.accept() {
-            Ok((stream, _)) => {
-                let mut l = list.lock().expect("subscriber list lock");
-                if l.len() >= MAX_SUBSCRIBERS {
-                    let mut s = stream;
-                    let _ = s.write_all(b"{\"error\":\"too many subscribers\"}\n");
-                    continue;
-                }
-                let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<str>>(QUEUE);
-                let alive = Arc::new(AtomicBool::new(true));
-                let a = alive.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("perch-subscriber".into())
-                    .spawn(move || {
-                        let mut stream = stream;
-                        let _ = stream.set_nonblocking(false);
-                        let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-                        for line in rx {
-                            if stream.write_all(line.as_bytes()).is_err()
-                                || stream.write_all(b"\n").is_err()
-                            {
-                                break;
-                            }
-                        }
-                        a.store(false, Ordering::Relaxed);
-                    });
-                if spawned.is_ok() {
-                    l.push(Subscriber { tx, alive });
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => {
-                log::warn!("records socket: accept failed: {e}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
+    let accept = || listener.accept().map(|(stream, _)| stream);
+    accept_until(&stop, "records socket", accept, |mut stream| {
+        let mut l = list.lock().expect("subscriber list lock");
+        if l.len() >= MAX_SUBSCRIBERS {
+            let _ = stream.write_all(b"{\"error\":\"too many subscribers\"}\n");
+            return;
         }
-    }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<str>>(QUEUE);
+        let alive = Arc::new(AtomicBool::new(true));
+        let a = alive.clone();
+        let spawned = std::thread::Builder::new()
+            .name("perch-subscriber".into())
+            .spawn(move || {
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+                for line in rx {
+                    if stream.write_all(line.as_bytes()).is_err()
+                        || stream.write_all(b"\n").is_err()
+                    {
+                        break;
+                    }
+                }
+                a.store(false, Ordering::Relaxed);
+            });
+        if spawned.is_ok() {
+            l.push(Subscriber { tx, alive });
+        }
+    });
 }
 
 #[cfg(test)]

@@ -11,13 +11,13 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use crate::fsutil::bind_socket;
+use crate::server::{Workers, accept_until, bind_socket};
 
 /// Longest request line accepted, in bytes.
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -47,42 +47,17 @@ impl ControlServer {
         let accept = std::thread::Builder::new()
             .name("perch-control".into())
             .spawn(move || {
-                let active = Arc::new(AtomicUsize::new(0));
-                let mut workers: Vec<JoinHandle<()>> = Vec::new();
-                while !s.load(Ordering::Relaxed) {
-                    workers.retain(|w| !w.is_finished());
-                    match listener.accept() {
-                        Ok((mut stream, _)) => {
-                            if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-                                let _ = reply(&mut stream, &Err("too many connections".into()));
-                                continue;
-                            }
-                            active.fetch_add(1, Ordering::Relaxed);
-                            let (h, a, st) = (handler.clone(), active.clone(), s.clone());
-                            match std::thread::Builder::new()
-                                .name("perch-control-conn".into())
-                                .spawn(move || {
-                                    serve(stream, &h, &st);
-                                    a.fetch_sub(1, Ordering::Relaxed);
-                                }) {
-                                Ok(w) => workers.push(w),
-                                Err(_) => {
-                                    active.fetch_sub(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                        Err(e) => {
-                            log::warn!("control socket: accept failed: {e}");
-                            std::thread::sleep(Duration::from_millis(200));
-                        }
+                let mut workers = Workers::new("perch-control-conn", MAX_CONNECTIONS);
+                let accept = || listener.accept().map(|(stream, _)| stream);
+                accept_until(&s, "control socket", accept, |mut stream| {
+                    if !workers.has_room() {
+                        let _ = reply(&mut stream, &Err("too many connections".into()));
+                        return;
                     }
-                }
-                for w in workers {
-                    let _ = w.join();
-                }
+                    let (h, st) = (handler.clone(), s.clone());
+                    workers.spawn(move || serve(stream, &h, &st));
+                });
+                workers.join_all();
             })?;
         Ok(ControlServer {
             path: path.to_path_buf(),

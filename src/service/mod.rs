@@ -98,7 +98,8 @@ pub fn build_engine(m: &ModelSettings) -> anyhow::Result<Engine> {
 /// Validates `settings` the way `perch run` would start: builds the model and opens the
 /// source once. Returns a one-line summary.
 pub fn check(settings: &Settings) -> Result<String, ServiceError> {
-    let engine = build_engine(&settings.model).map_err(|e| ServiceError::Config(chain(&e)))?;
+    let engine = build_engine(&settings.model)
+        .map_err(|e| ServiceError::Config(crate::exit::one_line(&e)))?;
     let stop = Arc::new(AtomicBool::new(false));
     let source = match camera::open(&settings.source, stop) {
         Ok(s) => s.describe(),
@@ -111,20 +112,6 @@ pub fn check(settings: &Settings) -> Result<String, ServiceError> {
         engine.model.path,
         engine.detector.spec().num_classes
     ))
-}
-
-fn chain(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if !line.contains(&text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(&text);
-        }
-    }
-    line
 }
 
 /// Sockets and servers that live as long as one configuration.
@@ -387,7 +374,7 @@ fn try_reload(inv: &Invocation, current: &Settings, metrics: &Metrics) -> Option
     } else {
         match build_engine(&next.model) {
             Ok(e) => Some(e),
-            Err(e) => return fail(chain(&e)),
+            Err(e) => return fail(crate::exit::one_line(&e)),
         }
     };
     Some(Event::Reload(Box::new((next, engine))))
@@ -442,7 +429,8 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
     let notifier = Arc::new(Notifier::from_env());
     let metrics = Arc::new(Metrics::default());
     let (reload_tx, reload_rx) = std::sync::mpsc::channel();
-    let mut engine = build_engine(&settings.model).map_err(|e| ServiceError::Config(chain(&e)))?;
+    let mut engine = build_engine(&settings.model)
+        .map_err(|e| ServiceError::Config(crate::exit::one_line(&e)))?;
     let mut seq = 0;
     let mut endpoints = start_endpoints(&settings, &metrics, &reload_tx)?;
     loop {
