@@ -255,7 +255,7 @@ fn service_notify_control_subscribers_http_snapshots_and_sigterm() {
     let cfg = write_config(
         &dir,
         &format!(
-            "[source]\nuri = \"synthetic\"\nfps = 8\n\
+            "[source]\nuri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 8\n\
              [output]\nsocket = \"records.sock\"\n\
              [snapshots]\ndir = \"snaps\"\nevery_s = 0.3\n\
              [http]\nlisten = \"127.0.0.1:{port}\"\nmax_fps = 20\n\
@@ -312,7 +312,7 @@ fn service_notify_control_subscribers_http_snapshots_and_sigterm() {
 
     // A subscriber receives consecutive records.
     let sub = UnixStream::connect(dir.join("records.sock")).unwrap();
-    sub.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sub.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut sub = BufReader::new(sub);
     let mut got = Vec::new();
     while got.len() < 3 {
@@ -330,7 +330,7 @@ fn service_notify_control_subscribers_http_snapshots_and_sigterm() {
     // stream delivers parts with increasing X-Perch-Seq; /metrics and /status answer.
     let http_get = |path: &str| -> (String, Vec<u8>) {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
         let mut buf = Vec::new();
         let _ = s.read_to_end(&mut buf);
@@ -368,7 +368,7 @@ fn service_notify_control_subscribers_http_snapshots_and_sigterm() {
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     {
         let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         s.write_all(b"GET /stream.mjpg HTTP/1.1\r\n\r\n").unwrap();
         let mut r = BufReader::new(s);
         let mut seqs = Vec::new();
