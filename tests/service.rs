@@ -269,18 +269,25 @@ fn service_notify_control_subscribers_http_snapshots_and_sigterm() {
             ("WATCHDOG_USEC", "400000"),
         ],
     );
-    let mut msgs: Vec<String> = Vec::new();
-    let recv = |msgs: &mut Vec<String>| {
-        let mut buf = [0u8; 4096];
-        if let Ok(n) = notify.recv(&mut buf) {
-            msgs.push(String::from_utf8_lossy(&buf[..n]).into_owned());
-        }
+    // Datagrams are drained on their own thread for the whole run, as systemd would.
+    let msgs = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let drain = {
+        let (msgs, done) = (msgs.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(n) = notify.recv(&mut buf) {
+                    let mut m = msgs.lock().unwrap();
+                    m.push_str(&String::from_utf8_lossy(&buf[..n]));
+                    m.push('\n');
+                }
+            }
+        })
     };
+    let received = || msgs.lock().unwrap().clone();
     wait_for(60, "READY=1", || {
-        recv(&mut msgs);
-        msgs.iter()
-            .any(|m| m.lines().any(|l| l == "READY=1"))
-            .then_some(())
+        received().lines().any(|l| l == "READY=1").then_some(())
     });
     let control = dir.join("control.sock");
     {
@@ -402,18 +409,16 @@ fn service_notify_control_subscribers_http_snapshots_and_sigterm() {
 
     // Watchdog pings and STATUS lines while frames flow.
     wait_for(20, "WATCHDOG=1 and STATUS=", || {
-        recv(&mut msgs);
-        let all = msgs.join("\n");
+        let all = received();
         (all.contains("WATCHDOG=1") && all.contains("STATUS=running: ")).then_some(())
     });
 
     signal(&child, libc::SIGTERM);
     let (code, stdout, stderr) = finish(child, 30);
     assert_eq!(code, Some(0), "{stderr}");
-    while notify.recv(&mut [0u8; 4096]).is_ok_and(|n| {
-        msgs.push("x".into());
-        n > 0
-    }) {}
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    drain.join().unwrap();
+    assert!(received().contains("STOPPING=1"), "{}", received());
     let recs = records(&stdout);
     assert!(recs.len() >= 3);
     let s = seqs(&recs);

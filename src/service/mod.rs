@@ -409,6 +409,7 @@ fn wait_event(
         if pipeline.finished() {
             return Event::Ended;
         }
+        notifier.tick();
         if last_status.elapsed() >= Duration::from_secs(2) {
             last_status = Instant::now();
             let s = metrics.status();

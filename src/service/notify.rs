@@ -8,19 +8,28 @@
 //! restart loop.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
-/// The service's link to systemd.
+/// The service's link to systemd. Pipeline threads only record progress
+/// ([`Notifier::frame_processed`], [`Notifier::keepalive`]); the service's main loop sends
+/// the messages ([`Notifier::tick`]), so a slow notify socket can never stall a frame.
 pub struct Notifier {
     enabled: bool,
     watchdog: Option<Duration>,
+    frames: AtomicU64,
+    alive_idle: AtomicBool,
     state: Mutex<State>,
 }
 
 struct State {
     ready: bool,
+    /// Frames counted at the last tick.
+    seen: u64,
+    /// Progress was made since the last WATCHDOG.
+    pending: bool,
     last_ping: Option<Instant>,
 }
 
@@ -30,8 +39,12 @@ impl Notifier {
         Notifier {
             enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
             watchdog: sd_notify::watchdog_enabled(),
+            frames: AtomicU64::new(0),
+            alive_idle: AtomicBool::new(false),
             state: Mutex::new(State {
                 ready: false,
+                seen: 0,
+                pending: false,
                 last_ping: None,
             }),
         }
@@ -45,25 +58,38 @@ impl Notifier {
         }
     }
 
-    /// A frame was processed: READY the first time, then WATCHDOG at half the interval.
+    /// The inference loop finished a frame.
     pub fn frame_processed(&self) {
+        self.frames.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The capture loop is alive without frames (waiting to reopen the camera).
+    pub fn keepalive(&self) {
+        self.alive_idle.store(true, Ordering::Relaxed);
+    }
+
+    /// Sends READY after the first frame processed since start or the last reload, and
+    /// WATCHDOG at half the watchdog interval when progress was recorded since the last one.
+    /// Call it often (the main loop does, every 50 ms).
+    pub fn tick(&self) {
         let mut g = self.state.lock().expect("notifier lock");
-        if !g.ready {
+        let n = self.frames.load(Ordering::Relaxed);
+        let progressed = n > g.seen;
+        g.seen = n;
+        g.pending |= progressed || self.alive_idle.swap(false, Ordering::Relaxed);
+        let now = Instant::now();
+        if progressed && !g.ready {
             g.ready = true;
-            g.last_ping = Some(Instant::now());
+            g.pending = false;
+            g.last_ping = Some(now);
             self.send(&[NotifyState::Ready, NotifyState::Status("running")]);
             return;
         }
-        drop(g);
-        self.keepalive();
-    }
-
-    /// The service is alive without frames (waiting to reopen the camera).
-    pub fn keepalive(&self) {
-        let Some(wd) = self.watchdog else { return };
-        let mut g = self.state.lock().expect("notifier lock");
-        let now = Instant::now();
-        if g.last_ping.is_none_or(|t| now.duration_since(t) >= wd / 2) {
+        if let Some(wd) = self.watchdog
+            && g.pending
+            && g.last_ping.is_none_or(|t| now.duration_since(t) >= wd / 2)
+        {
+            g.pending = false;
             g.last_ping = Some(now);
             self.send(&[NotifyState::Watchdog]);
         }
@@ -81,7 +107,10 @@ impl Notifier {
 
     /// A configuration reload has begun; READY follows with the next processed frame.
     pub fn reloading(&self) {
-        self.state.lock().expect("notifier lock").ready = false;
+        let mut g = self.state.lock().expect("notifier lock");
+        g.ready = false;
+        g.seen = self.frames.load(Ordering::Relaxed);
+        drop(g);
         let mono = NotifyState::monotonic_usec_now().ok();
         let mut states = vec![NotifyState::Reloading];
         states.extend(mono);
