@@ -230,13 +230,46 @@ struct RunArgs {
 #[derive(Args, Debug)]
 struct CtlArgs {
     /// Control socket of the service.
-    #[arg(long, default_value = "/run/perch/control.sock")]
+    #[arg(long, default_value = "/run/perch/control.sock", global = true)]
     socket: PathBuf,
-    /// Seconds to wait for the reply.
-    #[arg(long, default_value_t = 10.0)]
+    /// Seconds to wait for the reply (an activation builds a model first).
+    #[arg(long, default_value_t = 120.0, global = true)]
     timeout: f64,
-    /// Command: status, ping, reload.
-    command: String,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlCommand {
+    /// Counters, latencies, model and adapter state.
+    Status,
+    /// Checks that the service answers.
+    Ping,
+    /// Re-reads the configuration file (like SIGHUP).
+    Reload,
+    /// Installed adapters, the active one and the last known good one.
+    List,
+    /// Copies an adapter file into the service's store after checking it against the running
+    /// base model.
+    Install {
+        file: PathBuf,
+        /// Store name [default: the file name without extension].
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Builds, health-checks and swaps in an installed adapter while frames keep flowing.
+    Activate {
+        name: String,
+        /// LoRA delta scale.
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+        scale: f32,
+    },
+    /// Runs the base model alone.
+    Deactivate,
+    /// Returns to the last known good adapter (or the one before the current one).
+    Rollback,
+    /// Deletes an installed adapter that is neither active nor the rollback target.
+    Remove { name: String },
 }
 
 fn parse_imgsz(s: &str) -> Result<(usize, usize), String> {
@@ -452,7 +485,7 @@ fn detect(a: DetectArgs) -> u8 {
     }
     let mut code = exit::OK;
     let mut used = std::collections::HashSet::new();
-    let adapter_ref = adapter.as_ref().map(Adapter::reference);
+    let adapter_ref = adapter.as_ref().map(|x| x.reference(a.model.adapter_scale));
     for input in expand_inputs(&a.inputs) {
         let result = input.map_err(Failure::Input).and_then(|path| {
             detect_one(
@@ -764,9 +797,40 @@ fn run_service(a: RunArgs) -> u8 {
 }
 
 fn ctl(a: CtlArgs) -> u8 {
+    use serde_json::json;
     let timeout = Duration::from_secs_f64(a.timeout.clamp(0.1, 3600.0));
-    let req = serde_json::json!({ "cmd": a.command });
-    match perch::service::control::request(&a.socket, &req, timeout) {
+    let mut payload = Vec::new();
+    let req = match a.command {
+        CtlCommand::Status => json!({"cmd": "status"}),
+        CtlCommand::Ping => json!({"cmd": "ping"}),
+        CtlCommand::Reload => json!({"cmd": "reload"}),
+        CtlCommand::List => json!({"cmd": "list"}),
+        CtlCommand::Deactivate => json!({"cmd": "deactivate"}),
+        CtlCommand::Rollback => json!({"cmd": "rollback"}),
+        CtlCommand::Remove { name } => json!({"cmd": "remove", "name": name}),
+        CtlCommand::Activate { name, scale } => {
+            json!({"cmd": "activate", "name": name, "scale": scale})
+        }
+        CtlCommand::Install { file, name } => {
+            let name = name.unwrap_or_else(|| {
+                file.file_stem()
+                    .map_or(String::new(), |s| s.to_string_lossy().into_owned())
+            });
+            payload = match std::fs::read(&file) {
+                Ok(b) if b.is_empty() => {
+                    let e = anyhow::anyhow!("{}: file is empty", file.display());
+                    return report_error(&e, exit::BAD_INPUT);
+                }
+                Ok(b) => b,
+                Err(e) => {
+                    let e = anyhow::anyhow!("{}: cannot read: {e}", file.display());
+                    return report_error(&e, exit::BAD_INPUT);
+                }
+            };
+            json!({"cmd": "install", "name": name})
+        }
+    };
+    match perch::service::control::request_with_payload(&a.socket, &req, &payload, timeout) {
         Ok(reply) => {
             println!("{reply}");
             if reply["ok"] == true {

@@ -86,6 +86,26 @@ pub struct ControlSettings {
     pub mode: u32,
 }
 
+/// The on-device adapter store and how swaps are checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterSettings {
+    /// Store directory (created if missing).
+    pub store: PathBuf,
+    /// Largest adapter file accepted by `install`, in bytes.
+    pub max_bytes: u64,
+    /// Adapter to activate when the store has no state yet, or when this value changes on
+    /// reload.
+    pub active: Option<String>,
+    /// LoRA scale for `active`.
+    pub scale: f32,
+    /// Frames a new adapter must process without an error before it is committed as the last
+    /// known good one; 0 commits at once.
+    pub probation_frames: u64,
+    /// Images every new model must run cleanly on before it is published; built-in synthetic
+    /// frames when unset.
+    pub health_images: Option<PathBuf>,
+}
+
 /// Everything `perch run` needs, validated.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -96,6 +116,7 @@ pub struct Settings {
     pub http: Option<HttpSettings>,
     pub framebuffer: Option<FramebufferSettings>,
     pub control: Option<ControlSettings>,
+    pub adapters: Option<AdapterSettings>,
 }
 
 #[derive(Deserialize)]
@@ -109,6 +130,18 @@ struct RawConfig {
     http: Option<RawHttp>,
     framebuffer: Option<RawFramebuffer>,
     control: Option<RawControl>,
+    adapters: Option<RawAdapters>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdapters {
+    store: String,
+    max_mb: Option<Spanned<f64>>,
+    active: Option<Spanned<String>>,
+    scale: Option<Spanned<f64>>,
+    probation_frames: Option<Spanned<i64>>,
+    health_images: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -125,7 +158,7 @@ struct RawModel {
     imgsz: Option<Spanned<toml::Value>>,
     layout: Option<Spanned<String>>,
     labels: Option<String>,
-    adapter: Option<String>,
+    adapter: Option<Spanned<String>>,
     adapter_scale: Option<Spanned<f64>>,
     conf: Option<Spanned<f64>>,
     iou: Option<Spanned<f64>>,
@@ -301,6 +334,7 @@ pub fn parse(text: &str, file: &Path) -> Result<Settings, ConfigError> {
         key: None,
         reason: e.message().trim().to_string(),
     })?;
+    let model_adapter = raw.model.adapter.clone();
     Ok(Settings {
         model: model(&ctx, raw.model)?,
         source: source(&ctx, raw.source)?,
@@ -317,6 +351,42 @@ pub fn parse(text: &str, file: &Path) -> Result<Settings, ConfigError> {
             })
             .transpose()?,
         control: raw.control.map(|c| control(&ctx, c)).transpose()?,
+        adapters: match raw.adapters {
+            None => None,
+            Some(a) => {
+                if let Some(p) = &model_adapter {
+                    return Err(ctx.err(
+                        p,
+                        "model.adapter",
+                        "cannot be combined with [adapters]: the store decides which adapter runs",
+                    ));
+                }
+                Some(adapters(&ctx, a)?)
+            }
+        },
+    })
+}
+
+fn adapters(ctx: &Ctx, a: RawAdapters) -> Result<AdapterSettings, ConfigError> {
+    if let Some(n) = &a.active {
+        crate::adapter::store::check_name(n.get_ref())
+            .map_err(|e| ctx.err(n, "adapters.active", e.to_string()))?;
+    }
+    Ok(AdapterSettings {
+        store: ctx.path(&a.store),
+        max_bytes: (ctx.in_range(&a.max_mb, "adapters.max_mb", 0.001, 256.0, 64.0)? * 1048576.0)
+            as u64,
+        active: a.active.map(Spanned::into_inner),
+        scale: ctx.in_range(&a.scale, "adapters.scale", -10.0, 10.0, 1.0)? as f32,
+        probation_frames: ctx
+            .count(
+                &a.probation_frames,
+                "adapters.probation_frames",
+                0,
+                1_000_000,
+            )?
+            .map_or(100, |n| n as u64),
+        health_images: a.health_images.as_deref().map(|p| ctx.path(p)),
     })
 }
 
@@ -376,7 +446,7 @@ fn model(ctx: &Ctx, m: RawModel) -> Result<ModelSettings, ConfigError> {
         imgsz,
         layout,
         labels: m.labels.as_deref().map(|p| ctx.path(p)),
-        adapter: m.adapter.as_deref().map(|p| ctx.path(p)),
+        adapter: m.adapter.as_ref().map(|p| ctx.path(p.get_ref())),
         adapter_scale: ctx.in_range(&m.adapter_scale, "model.adapter_scale", -10.0, 10.0, 1.0)?
             as f32,
         params,

@@ -23,6 +23,14 @@ pub enum DetectorError {
     /// A labels file could not be used.
     #[error("{}: bad labels file: {reason}", path.display())]
     Labels { path: PathBuf, reason: String },
+    /// The model produced NaN or infinite values (e.g. a broken adapter); the frame's
+    /// detections would be meaningless.
+    #[error("{}: output has a non-finite value ({value}) at index {index}", path.display())]
+    NonFinite {
+        path: PathBuf,
+        index: usize,
+        value: f32,
+    },
 }
 
 /// How to build a [`Detector`]; `Default` follows the model's metadata and Ultralytics predict.
@@ -240,6 +248,13 @@ impl Detector {
         let outs = self.session.run(&self.input)?;
         let t2 = Instant::now();
         let out = &outs[0];
+        if let Some(index) = out.data.iter().position(|v| !v.is_finite()) {
+            return Err(DetectorError::NonFinite {
+                path: self.path.clone(),
+                index,
+                value: out.data[index],
+            });
+        }
         let dets = postprocess::postprocess(
             self.spec,
             &out.shape,
@@ -256,6 +271,8 @@ impl Detector {
     }
 
     /// Detects objects in `frame`: boxes in frame pixels, clipped, best first.
+    ///
+    /// Fails with [`DetectorError::NonFinite`] when the model output holds NaN or infinity.
     pub fn detect(
         &mut self,
         frame: &RgbFrame,

@@ -38,6 +38,13 @@ pub struct AdapterRef {
     pub name: String,
     /// sha256 of the adapter file.
     pub sha256: String,
+    /// LoRA delta scale it was merged with; omitted when 1.
+    #[serde(skip_serializing_if = "is_one")]
+    pub scale: f32,
+}
+
+fn is_one(v: &f32) -> bool {
+    *v == 1.0
 }
 
 /// The model a record was produced with.

@@ -13,6 +13,7 @@
 pub mod diff;
 pub mod merge;
 pub mod peft;
+pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -512,11 +513,12 @@ impl Adapter {
         }
     }
 
-    /// The record identity: name and file sha256.
-    pub fn reference(&self) -> crate::report::AdapterRef {
+    /// The record identity: name, file sha256 and the scale it is merged with.
+    pub fn reference(&self, scale: f32) -> crate::report::AdapterRef {
         crate::report::AdapterRef {
             name: self.header.name.clone(),
             sha256: self.sha256.clone(),
+            scale,
         }
     }
 

@@ -233,6 +233,7 @@ impl OnnxModel {
         // 2*((height+31)/32) with another form of the same size), so concrete sizes are written
         // into the protobuf input before tract analyses the graph; declared output and
         // intermediate shapes then carry stale symbols and are ignored.
+        let t0 = std::time::Instant::now();
         let mut proto = self.proto.clone();
         // PERCH_NO_REWRITES=1 runs the graph as exported (for A/B measurements and bug reports).
         let rewritten = if std::env::var_os("PERCH_NO_REWRITES").is_some_and(|v| v == "1") {
@@ -260,16 +261,29 @@ impl OnnxModel {
                 parsed.unresolved_inputs
             )));
         }
+        let t_parse = t0.elapsed();
         let typed = parsed
             .model
             .into_typed()
             .map_err(|e| prep(format!("typing: {e:#}")))?;
         let typed =
             concretize_input(typed, [1, 3, height, width]).map_err(|e| prep(format!("{e:#}")))?;
-        let optimized = typed
+        let t_typed = t0.elapsed();
+        let decluttered = typed
             .into_decluttered()
-            .and_then(|m| m.into_optimized())
+            .map_err(|e| prep(format!("decluttering: {e:#}")))?;
+        let t_declutter = t0.elapsed();
+        let optimized = decluttered
+            .into_optimized()
             .map_err(|e| prep(format!("optimising: {e:#}")))?;
+        log::debug!(
+            "{}: prepare timings: parse {:.0} ms, typing {:.0} ms, declutter {:.0} ms, optimise {:.0} ms",
+            self.path.display(),
+            t_parse.as_secs_f64() * 1e3,
+            (t_typed - t_parse).as_secs_f64() * 1e3,
+            (t_declutter - t_typed).as_secs_f64() * 1e3,
+            (t0.elapsed() - t_declutter).as_secs_f64() * 1e3,
+        );
         let mut output_shapes = Vec::new();
         for (ix, outlet) in optimized
             .output_outlets()

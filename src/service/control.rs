@@ -6,12 +6,16 @@
 //! [`MAX_REQUEST`] bytes get an error reply and the connection is closed; malformed requests
 //! get an error reply. Requests are handled on the socket's own threads and never block the
 //! frame pipeline.
+//!
+//! A request may carry a binary payload (an adapter file for `install`): it declares
+//! `"payload_bytes": N` and the N raw bytes follow its newline. Payloads over the server's
+//! current limit are refused before they are read, and the connection is closed.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,10 +30,11 @@ pub const MAX_CONNECTIONS: usize = 8;
 /// A connection idle this long is closed.
 const IDLE: Duration = Duration::from_secs(60);
 
-/// Answers one request (the parsed object, `cmd` included) with the fields of an `ok` reply,
-/// or an error message.
-pub type Handler =
-    Arc<dyn Fn(&str, &Map<String, Value>) -> Result<Map<String, Value>, String> + Send + Sync>;
+/// Answers one request (the parsed object, `cmd` included, and its payload, empty when none)
+/// with the fields of an `ok` reply, or an error message.
+pub type Handler = Arc<
+    dyn Fn(&str, &Map<String, Value>, Vec<u8>) -> Result<Map<String, Value>, String> + Send + Sync,
+>;
 
 /// A listening control socket; stops and removes the socket file when dropped.
 pub struct ControlServer {
@@ -39,8 +44,14 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Binds `path` with file `mode` and serves requests with `handler`.
-    pub fn start(path: &Path, mode: u32, handler: Handler) -> std::io::Result<Self> {
+    /// Binds `path` with file `mode` and serves requests with `handler`. Payloads larger than
+    /// `payload_limit` bytes (read at each request) are refused.
+    pub fn start(
+        path: &Path,
+        mode: u32,
+        handler: Handler,
+        payload_limit: Arc<AtomicU64>,
+    ) -> std::io::Result<Self> {
         let listener = bind_socket(path, mode)?;
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
@@ -54,8 +65,8 @@ impl ControlServer {
                         let _ = reply(&mut stream, &Err("too many connections".into()));
                         return;
                     }
-                    let (h, st) = (handler.clone(), s.clone());
-                    workers.spawn(move || serve(stream, &h, &st));
+                    let (h, st, lim) = (handler.clone(), s.clone(), payload_limit.clone());
+                    workers.spawn(move || serve(stream, &h, &st, &lim));
                 });
                 workers.join_all();
             })?;
@@ -104,7 +115,62 @@ pub fn parse_request(line: &[u8]) -> Result<(String, Map<String, Value>), String
     }
 }
 
-fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool) {
+/// Reads exactly `n` payload bytes, tolerating the short read timeouts; `None` if the peer
+/// stops sending for [`IDLE`] or the service stops.
+fn read_payload(reader: &mut impl Read, n: usize, stop: &AtomicBool) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; n];
+    let (mut got, mut idle) = (0, Duration::ZERO);
+    while got < n {
+        if stop.load(Ordering::Relaxed) || idle >= IDLE {
+            return None;
+        }
+        match reader.read(&mut buf[got..]) {
+            Ok(0) => return None,
+            Ok(k) => {
+                got += k;
+                idle = Duration::ZERO;
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                idle += Duration::from_millis(200);
+            }
+            Err(_) => return None,
+        }
+    }
+    Some(buf)
+}
+
+/// What to do with one request line: handle it (with its payload) or refuse it.
+enum Parsed {
+    Handle(String, Map<String, Value>, usize),
+    Refuse(String, bool),
+}
+
+fn classify(line: &[u8], limit: u64) -> Parsed {
+    match parse_request(line) {
+        Err(e) => Parsed::Refuse(e, false),
+        Ok((cmd, m)) => match m.get("payload_bytes") {
+            None => Parsed::Handle(cmd, m, 0),
+            Some(v) => match v.as_u64() {
+                Some(n) if n <= limit => Parsed::Handle(cmd, m, n as usize),
+                Some(n) => Parsed::Refuse(
+                    format!("payload of {n} bytes is over the {limit}-byte limit"),
+                    true,
+                ),
+                None => Parsed::Refuse(
+                    "malformed request: \"payload_bytes\" must be a byte count".into(),
+                    true,
+                ),
+            },
+        },
+    }
+}
+
+fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool, limit: &AtomicU64) {
     // Short read timeouts let the thread notice shutdown; IDLE bounds a silent client.
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
@@ -122,8 +188,14 @@ fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool) {
                 idle = Duration::ZERO;
                 let text = line.trim_ascii();
                 if !text.is_empty() {
-                    let r = parse_request(text).and_then(|(cmd, m)| handler(&cmd, &m));
-                    if reply(&mut out, &r).is_err() {
+                    let (r, close) = match classify(text, limit.load(Ordering::Relaxed)) {
+                        Parsed::Refuse(e, close) => (Err(e), close),
+                        Parsed::Handle(cmd, m, n) => match read_payload(&mut reader, n, stop) {
+                            Some(payload) => (handler(&cmd, &m, payload), false),
+                            None => return,
+                        },
+                    };
+                    if reply(&mut out, &r).is_err() || close {
                         return;
                     }
                 }
@@ -138,7 +210,11 @@ fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool) {
             }
             // End of stream inside a line: answer it, then close.
             Ok(0) => {
-                let r = parse_request(line.trim_ascii()).and_then(|(cmd, m)| handler(&cmd, &m));
+                let r = match classify(line.trim_ascii(), 0) {
+                    Parsed::Handle(cmd, m, 0) => handler(&cmd, &m, Vec::new()),
+                    Parsed::Handle(..) => Err("payload missing".into()),
+                    Parsed::Refuse(e, _) => Err(e),
+                };
                 let _ = reply(&mut out, &r);
                 return;
             }
@@ -158,14 +234,42 @@ fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool) {
 
 /// Sends one request to the control socket at `path` and returns the reply object.
 pub fn request(path: &Path, req: &Value, timeout: Duration) -> std::io::Result<Value> {
+    request_with_payload(path, req, &[], timeout)
+}
+
+/// Like [`request`], followed by `payload` (declared in `req` as `payload_bytes`, which this
+/// function sets when the payload is not empty).
+pub fn request_with_payload(
+    path: &Path,
+    req: &Value,
+    payload: &[u8],
+    timeout: Duration,
+) -> std::io::Result<Value> {
     let mut s = UnixStream::connect(path)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
-    let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+    let mut req = req.clone();
+    if !payload.is_empty()
+        && let Value::Object(m) = &mut req
+    {
+        m.insert("payload_bytes".into(), Value::from(payload.len()));
+    }
+    let mut line = serde_json::to_vec(&req).map_err(std::io::Error::other)?;
     line.push(b'\n');
     s.write_all(&line)?;
+    // A refused payload is answered before it is read and the server closes: the write then
+    // fails, and the reply explains why.
+    let sent = s.write_all(payload);
     let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply)?;
+    match BufReader::new(s).read_line(&mut reply) {
+        Ok(n) if n > 0 => {}
+        Ok(_) => {
+            return Err(sent
+                .err()
+                .unwrap_or_else(|| std::io::Error::other("no reply")));
+        }
+        Err(e) => return Err(sent.err().unwrap_or(e)),
+    }
     serde_json::from_str(&reply).map_err(|e| std::io::Error::other(format!("bad reply: {e}")))
 }
 
@@ -178,11 +282,16 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("perch-ctl-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("control.sock");
-        let handler: Handler = Arc::new(|cmd, _| match cmd {
+        let handler: Handler = Arc::new(|cmd, _, payload| match cmd {
             "ping" => Ok(Map::from_iter([("pong".to_string(), Value::Bool(true))])),
+            "len" => Ok(Map::from_iter([(
+                "len".to_string(),
+                Value::from(payload.len()),
+            )])),
             other => Err(format!("unknown command '{other}'")),
         });
-        let server = ControlServer::start(&p, 0o600, handler).unwrap();
+        let server =
+            ControlServer::start(&p, 0o600, handler, Arc::new(AtomicU64::new(1000))).unwrap();
         let t = Duration::from_secs(5);
         assert_eq!(
             request(&p, &json!({"cmd": "ping"}), t).unwrap(),
@@ -210,6 +319,31 @@ mod tests {
         );
         assert_eq!(lines[1]["error"], "malformed request: not a JSON object");
         assert_eq!(lines[2]["ok"], true);
+        // Payloads: delivered whole (also when they contain newlines), limited, refused early.
+        let payload: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(
+            request_with_payload(&p, &json!({"cmd": "len"}), &payload, t).unwrap(),
+            json!({"ok": true, "len": 1000, })
+        );
+        let mut s = UnixStream::connect(&p).unwrap();
+        s.write_all(b"{\"cmd\":\"len\",\"payload_bytes\":3}\nab\n{\"cmd\":\"ping\"}\n")
+            .unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        for want in [
+            json!({"ok": true, "len": 3}),
+            json!({"ok": true, "pong": true}),
+        ] {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            assert_eq!(serde_json::from_str::<Value>(&l).unwrap(), want);
+        }
+        let over = request_with_payload(&p, &json!({"cmd": "len"}), &[0; 1001], t).unwrap();
+        assert!(
+            over["error"]
+                .as_str()
+                .unwrap()
+                .contains("over the 1000-byte limit")
+        );
         // Oversized: error reply, then the server closes the connection.
         let mut big = UnixStream::connect(&p).unwrap();
         let _ = big.write_all(&vec![b'x'; MAX_REQUEST + 10]);

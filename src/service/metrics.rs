@@ -64,6 +64,9 @@ pub struct Status {
     pub last_error: Option<String>,
     pub subscribers: usize,
     pub snapshots_written: u64,
+    /// The adapter store, when one is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub adapters: Option<super::swap::AdapterStatus>,
 }
 
 struct Inner {
@@ -104,6 +107,7 @@ impl Default for Metrics {
                     last_error: None,
                     subscribers: 0,
                     snapshots_written: 0,
+                    adapters: None,
                 },
                 latency: VecDeque::with_capacity(WINDOW),
                 inference: VecDeque::with_capacity(WINDOW),

@@ -5,14 +5,17 @@
 //! SIGTERM/SIGINT (drain and exit), SIGHUP or a `reload` request (re-read the configuration;
 //! if it is valid, restart the pipeline with it, reusing the prepared model when the model
 //! settings did not change; if not, keep running and report why), or the end of the source.
+//! With an adapter store (`[adapters]`), adapters are installed and swapped while frames keep
+//! flowing (see [`swap`]).
 
 pub mod control;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod swap;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,11 +24,10 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use crate::adapter::{self, Adapter};
+use crate::adapter::Adapter;
 use crate::camera::{self, Retry};
-use crate::config::{self, ModelSettings, Settings};
-use crate::detector::{Detector, DetectorOptions, read_labels};
-use crate::model::OnnxModel;
+use crate::config::{self, Settings};
+use crate::detector::Detector;
 use crate::output::framebuffer::{FbSink, Framebuffer};
 use crate::output::http::{HttpServer, Latest, TextFn};
 use crate::output::jsonl::RotatingFile;
@@ -35,7 +37,8 @@ use crate::report::{AdapterRef, ModelRef};
 use control::{ControlServer, Handler};
 use metrics::Metrics;
 use notify::Notifier;
-use pipeline::{CaptureCtx, CaptureEnd, Handoff, Outputs};
+use pipeline::{CaptureCtx, CaptureEnd, Handoff, InferenceCtx, Outputs};
+use swap::{EngineFactory, Job, Mailbox, SwapCtx, SwapLink, Swapper};
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -53,53 +56,75 @@ pub struct Engine {
     pub detector: Detector,
     pub model: ModelRef,
     pub adapter: Option<AdapterRef>,
+    /// Distinguishes the engines built by one service run (swaps, probation).
+    pub generation: u64,
 }
 
-/// Loads the model, merges the adapter, prepares the detector.
-pub fn build_engine(m: &ModelSettings) -> anyhow::Result<Engine> {
-    let t = Instant::now();
-    let base = OnnxModel::load(&m.path)?;
-    let model = ModelRef {
-        path: m.path.display().to_string(),
-        fingerprint: base.fingerprint(),
+/// The model side of a running service: the pristine base, the mailbox to the inference
+/// thread and, with an adapter store, the swap thread.
+struct Core {
+    mailbox: Arc<Mailbox>,
+    swapper: Option<Swapper>,
+}
+
+/// Loads the base model and builds the engine to start with: the configured `model.adapter`,
+/// or, with an adapter store, its persisted (or configured) active adapter.
+fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), ServiceError> {
+    let config = |e: String| ServiceError::Config(e);
+    let factory =
+        Arc::new(EngineFactory::new(&s.model).map_err(|e| config(crate::exit::one_line(&e)))?);
+    let mailbox = Arc::new(Mailbox::default());
+    let Some(a) = &s.adapters else {
+        let adapter = s
+            .model
+            .adapter
+            .as_deref()
+            .map(|p| Adapter::load_any(p, factory.base()))
+            .transpose()
+            .map_err(|e| config(e.to_string()))?;
+        let engine = factory
+            .build(adapter.as_ref().map(|a| (a, s.model.adapter_scale)), 0)
+            .map_err(|e| config(crate::exit::one_line(&e)))?;
+        return Ok((
+            Core {
+                mailbox,
+                swapper: None,
+            },
+            engine,
+        ));
     };
-    let (merged, adapter) = match &m.adapter {
-        Some(p) => {
-            let a = Adapter::load_any(p, &base)?;
-            (
-                adapter::merge::apply(&base, &a, m.adapter_scale)?,
-                Some(a.reference()),
-            )
-        }
-        None => (base, None),
-    };
-    let opts = DetectorOptions {
-        imgsz: m.imgsz,
-        layout: m.layout,
-        labels: m.labels.as_deref().map(read_labels).transpose()?,
-        params: m.params.clone(),
-    };
-    let detector = Detector::new(&merged, opts)?;
-    log::info!(
-        "model {} ready in {:.0} ms{}",
-        m.path.display(),
-        t.elapsed().as_secs_f64() * 1e3,
-        adapter
-            .as_ref()
-            .map_or(String::new(), |a| format!(" with adapter {}", a.name))
-    );
-    Ok(Engine {
-        detector,
-        model,
-        adapter,
-    })
+    let (ctx, engine) =
+        SwapCtx::start(factory, a, mailbox.clone(), metrics.clone()).map_err(config)?;
+    let swapper = Swapper::start(ctx)
+        .map_err(|e| ServiceError::Runtime(format!("cannot start the swap thread: {e}")))?;
+    Ok((
+        Core {
+            mailbox,
+            swapper: Some(swapper),
+        },
+        engine,
+    ))
 }
 
 /// Validates `settings` the way `perch run` would start: builds the model and opens the
 /// source once. Returns a one-line summary.
 pub fn check(settings: &Settings) -> Result<String, ServiceError> {
-    let engine = build_engine(&settings.model)
-        .map_err(|e| ServiceError::Config(crate::exit::one_line(&e)))?;
+    let config = |e: String| ServiceError::Config(e);
+    let factory =
+        EngineFactory::new(&settings.model).map_err(|e| config(crate::exit::one_line(&e)))?;
+    if let Some(p) = &settings.model.adapter {
+        let a = Adapter::load_any(p, factory.base()).map_err(|e| config(e.to_string()))?;
+        crate::adapter::merge::apply(factory.base(), &a, settings.model.adapter_scale)
+            .map_err(|e| config(e.to_string()))?;
+    }
+    if let Some(a) = &settings.adapters {
+        crate::adapter::store::AdapterStore::open(&a.store, a.max_bytes)
+            .map_err(|e| config(format!("adapters.store: {e}")))?;
+        swap::health_frames(a.health_images.as_deref()).map_err(config)?;
+    }
+    let engine = factory
+        .build(None, 0)
+        .map_err(|e| config(crate::exit::one_line(&e)))?;
     let stop = Arc::new(AtomicBool::new(false));
     let source = match camera::open(&settings.source, stop) {
         Ok(s) => s.describe(),
@@ -122,35 +147,100 @@ struct Endpoints {
     latest: Option<Arc<Latest>>,
 }
 
+/// Commands of the control socket.
+const COMMANDS: &str =
+    "status, ping, reload, list, install, activate, deactivate, rollback, remove";
+/// How long an adapter command waits for the swap thread (a build takes about a second).
+const SWAP_REPLY: Duration = Duration::from_secs(120);
+
+fn str_field<'a>(req: &'a Map<String, Value>, key: &str) -> Result<&'a str, String> {
+    req.get(key)
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("\"{key}\" (a string) is required"))
+}
+
+/// The control socket's command handler.
+fn control_handler(metrics: Arc<Metrics>, reload: Sender<()>, swap: SwapLink) -> Handler {
+    let reload = Mutex::new(reload);
+    Arc::new(move |cmd, req, payload| match cmd {
+        "ping" => Ok(Map::new()),
+        "status" => Ok(Map::from_iter([(
+            "status".to_string(),
+            serde_json::to_value(metrics.status()).expect("status serialises"),
+        )])),
+        "reload" => {
+            let _ = reload.lock().expect("reload sender lock").send(());
+            Ok(Map::from_iter([(
+                "reload".to_string(),
+                Value::from("requested"),
+            )]))
+        }
+        "list" => swap::ask(&swap, |reply| Job::List { reply }, SWAP_REPLY),
+        "install" => {
+            let name = str_field(req, "name")?.to_string();
+            if payload.is_empty() {
+                return Err("install needs the adapter file as payload".into());
+            }
+            swap::ask(
+                &swap,
+                |reply| Job::Install {
+                    name,
+                    bytes: payload,
+                    reply,
+                },
+                SWAP_REPLY,
+            )
+        }
+        "activate" | "deactivate" => {
+            let at = Instant::now();
+            let target = if cmd == "activate" {
+                let scale = match req.get("scale") {
+                    None => 1.0,
+                    Some(v) => v
+                        .as_f64()
+                        .filter(|s| s.is_finite() && (-10.0..=10.0).contains(s))
+                        .ok_or("\"scale\" must be a number in -10..=10")?
+                        as f32,
+                };
+                Some((str_field(req, "name")?.to_string(), scale))
+            } else {
+                None
+            };
+            swap::ask(
+                &swap,
+                |reply| Job::Activate {
+                    target,
+                    at,
+                    reply: Some(reply),
+                },
+                SWAP_REPLY,
+            )
+        }
+        "rollback" => swap::ask(&swap, |reply| Job::Rollback { reply }, SWAP_REPLY),
+        "remove" => {
+            let name = str_field(req, "name")?.to_string();
+            swap::ask(&swap, |reply| Job::Remove { name, reply }, SWAP_REPLY)
+        }
+        other => Err(format!("unknown command '{other}' (commands: {COMMANDS})")),
+    })
+}
+
 fn start_endpoints(
     s: &Settings,
     metrics: &Arc<Metrics>,
     reload: &Sender<()>,
+    swap: &SwapLink,
+    payload_limit: &Arc<AtomicU64>,
 ) -> Result<Endpoints, ServiceError> {
     let control = match &s.control {
         Some(c) => {
-            let (m, tx) = (metrics.clone(), Mutex::new(reload.clone()));
-            let handler: Handler = Arc::new(move |cmd, _req| match cmd {
-                "ping" => Ok(Map::new()),
-                "status" => Ok(Map::from_iter([(
-                    "status".to_string(),
-                    serde_json::to_value(m.status()).expect("status serialises"),
-                )])),
-                "reload" => {
-                    let _ = tx.lock().expect("reload sender lock").send(());
-                    Ok(Map::from_iter([(
-                        "reload".to_string(),
-                        Value::from("requested"),
-                    )]))
-                }
-                other => Err(format!(
-                    "unknown command '{other}' (commands: status, ping, reload)"
-                )),
-            });
+            let handler = control_handler(metrics.clone(), reload.clone(), swap.clone());
             Some(
-                ControlServer::start(&c.socket, c.mode, handler).map_err(|e| {
-                    ServiceError::Runtime(format!("{}: cannot listen: {e}", c.socket.display()))
-                })?,
+                ControlServer::start(&c.socket, c.mode, handler, payload_limit.clone()).map_err(
+                    |e| {
+                        ServiceError::Runtime(format!("{}: cannot listen: {e}", c.socket.display()))
+                    },
+                )?,
             )
         }
         None => None,
@@ -247,8 +337,8 @@ impl Pipeline {
         mut engine: Engine,
         mut outputs: Outputs,
         seq: u64,
-        metrics: &Arc<Metrics>,
-        notifier: &Arc<Notifier>,
+        mailbox: &Arc<Mailbox>,
+        (metrics, notifier): (&Arc<Metrics>, &Arc<Notifier>),
     ) -> Result<Self, ServiceError> {
         let stop = Arc::new(AtomicBool::new(false));
         let first = match camera::open(&s.source, stop.clone()) {
@@ -272,12 +362,24 @@ impl Pipeline {
         let spawn_err =
             |e: std::io::Error| ServiceError::Runtime(format!("cannot start thread: {e}"));
         let inference = {
-            let (h, m, n) = (handoff.clone(), metrics.clone(), notifier.clone());
+            let (h, mb, m, n) = (
+                handoff.clone(),
+                mailbox.clone(),
+                metrics.clone(),
+                notifier.clone(),
+            );
             let src_name = uri;
             std::thread::Builder::new()
                 .name("perch-inference".into())
                 .spawn(move || {
-                    pipeline::inference_loop(&mut engine, &h, &mut outputs, &m, &n, &src_name);
+                    let ctx = InferenceCtx {
+                        handoff: &h,
+                        mailbox: &mb,
+                        metrics: &m,
+                        notifier: &n,
+                        source_name: &src_name,
+                    };
+                    pipeline::inference_loop(&mut engine, &mut outputs, ctx);
                     engine
                 })
         };
@@ -337,7 +439,11 @@ impl Pipeline {
 enum Event {
     Stop,
     Ended,
-    Reload(Box<(Settings, Option<Engine>)>),
+    /// A valid new configuration that needs a pipeline restart (and a new core when the model
+    /// or the store changed).
+    Reload(Box<(Settings, Option<(Core, Engine)>)>),
+    /// A new configuration that only changes the adapter to activate: no restart.
+    Adopt(Box<Settings>),
 }
 
 /// How `perch run` was invoked: the configuration file (for reloads) and command-line
@@ -347,7 +453,28 @@ pub struct Invocation {
     pub overrides: Box<dyn Fn(&mut Settings)>,
 }
 
-fn try_reload(inv: &Invocation, current: &Settings, metrics: &Metrics) -> Option<Event> {
+/// `s` with the adapter selection blanked, to tell selection changes from other changes.
+fn without_selection(s: &Settings) -> Settings {
+    let mut c = s.clone();
+    if let Some(a) = &mut c.adapters {
+        a.active = None;
+        a.scale = 1.0;
+    }
+    c
+}
+
+/// The adapter `next` asks for when it differs from what `current` asked for.
+fn selection_change(current: &Settings, next: &Settings) -> Option<(String, f32)> {
+    let pick = |s: &Settings| {
+        s.adapters
+            .as_ref()
+            .and_then(|a| a.active.clone().map(|n| (n, a.scale)))
+    };
+    let wanted = pick(next);
+    (wanted != pick(current)).then_some(wanted).flatten()
+}
+
+fn try_reload(inv: &Invocation, current: &Settings, metrics: &Arc<Metrics>) -> Option<Event> {
     let Some(path) = &inv.config_path else {
         log::warn!("reload requested, but perch runs without a configuration file");
         return None;
@@ -362,6 +489,10 @@ fn try_reload(inv: &Invocation, current: &Settings, metrics: &Metrics) -> Option
         Err(e) => return fail(e.to_string()),
     };
     (inv.overrides)(&mut next);
+    let (plain_next, plain_current) = (without_selection(&next), without_selection(current));
+    if plain_next == plain_current && selection_change(current, &next).is_some() {
+        return Some(Event::Adopt(Box::new(next)));
+    }
     // File sources are checked now; a camera is busy (held by the running pipeline) and will
     // be retried by the new pipeline anyway.
     if let Err(e) = camera::open(&next.source, Arc::new(AtomicBool::new(false)))
@@ -369,15 +500,15 @@ fn try_reload(inv: &Invocation, current: &Settings, metrics: &Metrics) -> Option
     {
         return fail(e.to_string());
     }
-    let engine = if next.model == current.model {
+    let core = if next.model == current.model && plain_next.adapters == plain_current.adapters {
         None
     } else {
-        match build_engine(&next.model) {
-            Ok(e) => Some(e),
-            Err(e) => return fail(crate::exit::one_line(&e)),
+        match start_core(&next, metrics) {
+            Ok(c) => Some(c),
+            Err(e) => return fail(e.to_string()),
         }
     };
-    Some(Event::Reload(Box::new((next, engine))))
+    Some(Event::Reload(Box::new((next, core))))
 }
 
 fn wait_event(
@@ -386,7 +517,7 @@ fn wait_event(
     pipeline: &Pipeline,
     inv: &Invocation,
     settings: &Settings,
-    metrics: &Metrics,
+    metrics: &Arc<Metrics>,
     notifier: &Notifier,
 ) -> Event {
     let mut last_status = Instant::now();
@@ -422,6 +553,31 @@ fn wait_event(
     }
 }
 
+/// Asks the swap thread to activate `target` without waiting for the result (it is logged and
+/// shown in the status).
+fn activate_async(swap: &SwapLink, target: (String, f32)) {
+    log::info!(
+        "configuration selects adapter '{}' (scale {})",
+        target.0,
+        target.1
+    );
+    if let Some(tx) = swap.lock().expect("swap link lock").as_ref() {
+        let _ = tx.send(Job::Activate {
+            target: Some(target),
+            at: Instant::now(),
+            reply: None,
+        });
+    }
+}
+
+fn link_core(core: &Core, swap: &SwapLink, limit: &AtomicU64, s: &Settings) {
+    *swap.lock().expect("swap link lock") = core.swapper.as_ref().map(Swapper::sender);
+    limit.store(
+        s.adapters.as_ref().map_or(0, |a| a.max_bytes),
+        Ordering::Relaxed,
+    );
+}
+
 /// Runs the service until SIGTERM/SIGINT (Ok), the end of a finite source (Ok), or a fatal
 /// error.
 pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> {
@@ -430,22 +586,42 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
     let notifier = Arc::new(Notifier::from_env());
     let metrics = Arc::new(Metrics::default());
     let (reload_tx, reload_rx) = std::sync::mpsc::channel();
-    let mut engine = build_engine(&settings.model)
-        .map_err(|e| ServiceError::Config(crate::exit::one_line(&e)))?;
+    let (mut core, mut engine) = start_core(&settings, &metrics)?;
+    let swap: SwapLink = Arc::new(Mutex::new(None));
+    let payload_limit = Arc::new(AtomicU64::new(0));
+    link_core(&core, &swap, &payload_limit, &settings);
     let mut seq = 0;
-    let mut endpoints = start_endpoints(&settings, &metrics, &reload_tx)?;
+    let mut endpoints = start_endpoints(&settings, &metrics, &reload_tx, &swap, &payload_limit)?;
     loop {
         let outputs = start_outputs(&settings, endpoints.latest.clone())?;
-        let pipeline = Pipeline::start(&settings, engine, outputs, seq, &metrics, &notifier)?;
-        let event = wait_event(
-            &mut signals,
-            &reload_rx,
-            &pipeline,
-            &inv,
+        let pipeline = Pipeline::start(
             &settings,
-            &metrics,
-            &notifier,
-        );
+            engine,
+            outputs,
+            seq,
+            &core.mailbox,
+            (&metrics, &notifier),
+        )?;
+        let event = loop {
+            match wait_event(
+                &mut signals,
+                &reload_rx,
+                &pipeline,
+                &inv,
+                &settings,
+                &metrics,
+                &notifier,
+            ) {
+                Event::Adopt(next) => {
+                    metrics.update(|s| s.reloads += 1);
+                    if let Some(t) = selection_change(&settings, &next) {
+                        activate_async(&swap, t);
+                    }
+                    settings = *next;
+                }
+                ev => break ev,
+            }
+        };
         if matches!(event, Event::Stop) {
             notifier.stopping();
             metrics.update(|s| s.state = "stopping".into());
@@ -453,20 +629,33 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
         let (old_engine, end) = pipeline.stop();
         seq = end.next_seq;
         match event {
-            Event::Stop => return Ok(()),
+            Event::Stop | Event::Adopt(_) => return Ok(()),
             Event::Ended => {
                 metrics.update(|s| s.state = "ended".into());
                 return end.error.map_or(Ok(()), |e| Err(ServiceError::Runtime(e)));
             }
             Event::Reload(next) => {
-                let (next, new_engine) = *next;
+                let (next, new_core) = *next;
                 notifier.reloading();
                 metrics.update(|s| {
                     s.reloads += 1;
                     s.state = "reloading".into();
                 });
                 log::info!("configuration reloaded");
-                engine = new_engine.unwrap_or(old_engine);
+                let selection = selection_change(&settings, &next);
+                match new_core {
+                    Some((c, e)) => {
+                        // The old engine and swap thread go first, so at most one core lives.
+                        drop(old_engine);
+                        core = c;
+                        engine = e;
+                    }
+                    None => {
+                        // A swap published while the pipeline stopped is taken by the next one.
+                        engine = old_engine;
+                    }
+                }
+                link_core(&core, &swap, &payload_limit, &next);
                 // The control socket and HTTP endpoint stay up across a reload unless their
                 // own settings changed, so clients polling status never see it vanish.
                 if next.control != settings.control
@@ -474,9 +663,13 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
                     || next.framebuffer != settings.framebuffer
                 {
                     drop(endpoints);
-                    endpoints = start_endpoints(&next, &metrics, &reload_tx)?;
+                    endpoints =
+                        start_endpoints(&next, &metrics, &reload_tx, &swap, &payload_limit)?;
                 }
                 settings = next;
+                if let Some(t) = selection {
+                    activate_async(&swap, t);
+                }
             }
         }
     }

@@ -25,6 +25,7 @@ use crate::report::{FrameRecord, FrameTimingsMs, ms};
 use super::Engine;
 use super::metrics::Metrics;
 use super::notify::Notifier;
+use super::swap::Mailbox;
 
 /// Replay rate of the synthetic source when none is configured.
 const SYNTHETIC_FPS: f64 = 30.0;
@@ -288,22 +289,37 @@ impl Outputs {
     }
 }
 
-/// Runs frames from `handoff` through `engine` into `outputs` until the handoff closes.
-pub fn inference_loop(
-    engine: &mut Engine,
-    handoff: &Handoff,
-    outputs: &mut Outputs,
-    metrics: &Metrics,
-    notifier: &Notifier,
-    source_name: &str,
-) {
-    let labels: Arc<[String]> = engine.detector.labels().to_vec().into();
+/// What the inference loop shares with the service.
+pub struct InferenceCtx<'a> {
+    pub handoff: &'a Handoff,
+    pub mailbox: &'a Mailbox,
+    pub metrics: &'a Metrics,
+    pub notifier: &'a Notifier,
+    pub source_name: &'a str,
+}
+
+/// Runs frames from the handoff through `engine` into `outputs` until the handoff closes.
+/// Between two frames, an engine published in the mailbox replaces `engine`.
+pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: InferenceCtx) {
+    let InferenceCtx {
+        handoff,
+        mailbox,
+        metrics,
+        notifier,
+        source_name,
+    } = ctx;
+    let mut labels: Arc<[String]> = engine.detector.labels().to_vec().into();
     while let Some(c) = handoff.take() {
+        if mailbox.swap_in(engine) {
+            labels = engine.detector.labels().to_vec().into();
+            metrics.update(|s| s.adapter = engine.adapter.clone());
+        }
         let taken = Instant::now();
         let (dets, timings) = match engine.detector.detect(&c.frame) {
             Ok(x) => x,
             Err(e) => {
                 log::error!("frame {}: {e}", c.seq);
+                mailbox.frame_done(engine.generation, Some(&e.to_string()));
                 metrics.update(|s| {
                     s.inference_errors += 1;
                     s.last_error = Some(format!("frame {}: {e}", c.seq));
@@ -366,6 +382,7 @@ pub fn inference_loop(
             }
         });
         metrics.frame_done(c.at.elapsed(), timings.inference);
+        mailbox.frame_done(engine.generation, None);
         notifier.frame_processed();
     }
 }
