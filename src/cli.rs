@@ -257,6 +257,14 @@ enum CtlCommand {
         #[arg(long)]
         name: Option<String>,
     },
+    /// Builds and health-checks an installed adapter ahead of time, so that activating it
+    /// later only waits for the next frame.
+    Stage {
+        name: String,
+        /// LoRA delta scale.
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+        scale: f32,
+    },
     /// Builds, health-checks and swaps in an installed adapter while frames keep flowing.
     Activate {
         name: String,
@@ -808,6 +816,9 @@ fn ctl(a: CtlArgs) -> u8 {
         CtlCommand::Deactivate => json!({"cmd": "deactivate"}),
         CtlCommand::Rollback => json!({"cmd": "rollback"}),
         CtlCommand::Remove { name } => json!({"cmd": "remove", "name": name}),
+        CtlCommand::Stage { name, scale } => {
+            json!({"cmd": "stage", "name": name, "scale": scale})
+        }
         CtlCommand::Activate { name, scale } => {
             json!({"cmd": "activate", "name": name, "scale": scale})
         }

@@ -149,7 +149,7 @@ struct Endpoints {
 
 /// Commands of the control socket.
 const COMMANDS: &str =
-    "status, ping, reload, list, install, activate, deactivate, rollback, remove";
+    "status, ping, reload, list, install, stage, activate, deactivate, rollback, remove";
 /// How long an adapter command waits for the swap thread (a build takes about a second).
 const SWAP_REPLY: Duration = Duration::from_secs(120);
 
@@ -157,6 +157,17 @@ fn str_field<'a>(req: &'a Map<String, Value>, key: &str) -> Result<&'a str, Stri
     req.get(key)
         .and_then(Value::as_str)
         .ok_or_else(|| format!("\"{key}\" (a string) is required"))
+}
+
+fn scale_field(req: &Map<String, Value>) -> Result<f32, String> {
+    match req.get("scale") {
+        None => Ok(1.0),
+        Some(v) => v
+            .as_f64()
+            .filter(|s| s.is_finite() && (-10.0..=10.0).contains(s))
+            .map(|s| s as f32)
+            .ok_or_else(|| "\"scale\" must be a number in -10..=10".into()),
+    }
 }
 
 /// The control socket's command handler.
@@ -191,18 +202,14 @@ fn control_handler(metrics: Arc<Metrics>, reload: Sender<()>, swap: SwapLink) ->
                 SWAP_REPLY,
             )
         }
+        "stage" => {
+            let (name, scale) = (str_field(req, "name")?.to_string(), scale_field(req)?);
+            swap::ask(&swap, |reply| Job::Stage { name, scale, reply }, SWAP_REPLY)
+        }
         "activate" | "deactivate" => {
             let at = Instant::now();
             let target = if cmd == "activate" {
-                let scale = match req.get("scale") {
-                    None => 1.0,
-                    Some(v) => v
-                        .as_f64()
-                        .filter(|s| s.is_finite() && (-10.0..=10.0).contains(s))
-                        .ok_or("\"scale\" must be a number in -10..=10")?
-                        as f32,
-                };
-                Some((str_field(req, "name")?.to_string(), scale))
+                Some((str_field(req, "name")?.to_string(), scale_field(req)?))
             } else {
                 None
             };

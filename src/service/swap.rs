@@ -216,6 +216,8 @@ pub struct AdapterStatus {
     pub last_swap: Option<SwapTimes>,
     /// The selection being built, if a swap is in progress.
     pub building: Option<String>,
+    /// Built and checked ahead of its activation.
+    pub staged: Option<Selection>,
 }
 
 type Reply = Sender<Result<Map<String, Value>, String>>;
@@ -227,6 +229,12 @@ pub enum Job {
         target: Option<(String, f32)>,
         at: Instant,
         reply: Option<Reply>,
+    },
+    /// Build and check `name` now; a later `Activate` of it only publishes.
+    Stage {
+        name: String,
+        scale: f32,
+        reply: Reply,
     },
     Rollback {
         reply: Reply,
@@ -274,7 +282,6 @@ pub fn ask(
 pub fn health_frames(dir: Option<&Path>) -> Result<Vec<RgbFrame>, String> {
     let Some(dir) = dir else {
         return Ok(vec![
-            crate::camera::synthetic::render(0, 640, 480),
             crate::camera::synthetic::render(7, 640, 480),
             RgbFrame::filled(640, 480, [114, 114, 114]),
         ]);
@@ -325,8 +332,19 @@ fn lower_priority() {
     }
 }
 
+/// An engine built and checked ahead of its activation.
+struct Staged {
+    name: String,
+    scale: f32,
+    sha256: String,
+    engine: Engine,
+    times: SwapTimes,
+}
+
 /// Everything the swap thread owns.
 pub struct SwapCtx {
+    staged: Option<Staged>,
+    first_frame_wait: Duration,
     pub factory: Arc<EngineFactory>,
     pub store: AdapterStore,
     pub settings: AdapterSettings,
@@ -377,6 +395,8 @@ impl SwapCtx {
             state.last_good = Some(sel);
         }
         let mut ctx = SwapCtx {
+            staged: None,
+            first_frame_wait: FIRST_FRAME_WAIT,
             status: AdapterStatus {
                 store: store.dir().display().to_string(),
                 ..Default::default()
@@ -400,9 +420,9 @@ impl SwapCtx {
         let mut engine = None;
         for c in candidates {
             match ctx.build_checked(c.as_ref().map(|s| (s.name.as_str(), s.scale))) {
-                Ok((e, adapter, _)) => {
+                Ok((e, sha, _)) => {
                     let sel = c.map(|s| Selection {
-                        sha256: adapter.map(|a| a.sha256().to_string()).unwrap_or_default(),
+                        sha256: sha.unwrap_or_default(),
                         ..s
                     });
                     ctx.state = StoreState {
@@ -441,7 +461,7 @@ impl SwapCtx {
     fn build_checked(
         &mut self,
         target: Option<(&str, f32)>,
-    ) -> Result<(Engine, Option<Adapter>, SwapTimes), String> {
+    ) -> Result<(Engine, Option<String>, SwapTimes), String> {
         let t = Instant::now();
         let adapter = match target {
             Some((name, _)) => Some(self.store.load(name).map_err(|e| e.to_string())?),
@@ -457,7 +477,7 @@ impl SwapCtx {
         health_check(&mut engine, &self.health)?;
         Ok((
             engine,
-            adapter,
+            adapter.map(|a| a.sha256().to_string()),
             SwapTimes {
                 build_ms,
                 health_ms: t.elapsed().as_secs_f64() * 1e3,
@@ -470,6 +490,11 @@ impl SwapCtx {
         self.status.active = self.state.active.clone();
         self.status.last_good = self.state.last_good.clone();
         self.status.generation = self.generation;
+        self.status.staged = self.staged.as_ref().map(|s| Selection {
+            name: s.name.clone(),
+            scale: s.scale,
+            sha256: s.sha256.clone(),
+        });
         self.status.probation = self.state.probation.then(|| {
             let done = self.mailbox.progress(self.generation).map_or(0, |(f, _)| f);
             [
@@ -495,9 +520,25 @@ impl SwapCtx {
                 .map_or("base".into(), |(n, s)| format!("{n} (scale {s})")),
         );
         self.refresh_status();
-        let built = self.build_checked(target.as_ref().map(|(n, s)| (n.as_str(), *s)));
+        let staged = self.staged.take();
+        let mut was_staged = false;
+        let built = match staged {
+            Some(st)
+                if target
+                    .as_ref()
+                    .is_some_and(|(n, s)| *n == st.name && *s == st.scale) =>
+            {
+                was_staged = true;
+                Ok((st.engine, Some(st.sha256), st.times))
+            }
+            other => {
+                // At most one model besides the serving one: a different staged one goes.
+                drop(other);
+                self.build_checked(target.as_ref().map(|(n, s)| (n.as_str(), *s)))
+            }
+        };
         self.status.building = None;
-        let (engine, adapter, mut times) = match built {
+        let (engine, sha, mut times) = match built {
             Ok(b) => b,
             Err(e) => {
                 self.status.rejected += 1;
@@ -511,10 +552,7 @@ impl SwapCtx {
         let sel = target.map(|(name, scale)| Selection {
             name,
             scale,
-            sha256: adapter
-                .as_ref()
-                .map(|a| a.sha256().to_string())
-                .unwrap_or_default(),
+            sha256: sha.unwrap_or_default(),
         });
         let probation = !committed && self.settings.probation_frames > 0 && sel.is_some();
         let mut next = self.state.clone();
@@ -541,7 +579,7 @@ impl SwapCtx {
             if probation { " (on probation)" } else { "" }
         );
         // Report the first frame on the new engine (frames may not flow: bounded wait).
-        let deadline = Instant::now() + FIRST_FRAME_WAIT;
+        let deadline = Instant::now() + self.first_frame_wait;
         while Instant::now() < deadline {
             if self
                 .mailbox
@@ -561,6 +599,7 @@ impl SwapCtx {
         m.insert("active".into(), json!(sel));
         m.insert("generation".into(), json!(generation));
         m.insert("probation".into(), json!(probation));
+        m.insert("staged".into(), json!(was_staged));
         m.insert("times".into(), json!(times));
         Ok(m)
     }
@@ -613,6 +652,33 @@ impl SwapCtx {
         self.refresh_status();
     }
 
+    /// Builds and health-checks `name` at `scale` ahead of time, so that activating it later
+    /// only waits for the next frame. Replaces an earlier staged engine.
+    fn stage(&mut self, name: String, scale: f32) -> Result<Map<String, Value>, String> {
+        self.staged = None;
+        self.status.building = Some(format!("{name} (scale {scale}, staging)"));
+        self.refresh_status();
+        let built = self.build_checked(Some((&name, scale)));
+        self.status.building = None;
+        self.refresh_status();
+        let (engine, sha, times) = built.inspect_err(|_| self.status.rejected += 1)?;
+        let sha256 = sha.unwrap_or_default();
+        let mut m = Map::new();
+        m.insert(
+            "staged".into(),
+            json!({"name": name, "scale": scale, "sha256": sha256}),
+        );
+        m.insert("times".into(), json!(times));
+        self.staged = Some(Staged {
+            name,
+            scale,
+            sha256,
+            engine,
+            times,
+        });
+        Ok(m)
+    }
+
     fn rollback(&mut self) -> Result<Map<String, Value>, String> {
         let target = if self.state.probation {
             self.state.last_good.clone()
@@ -631,8 +697,8 @@ impl SwapCtx {
         let base = self.factory.base();
         let a = self
             .store
-            .install(name, bytes, &self.state, |p| {
-                let a = Adapter::load(p).map_err(|e| e.to_string())?;
+            .install(name, bytes, &self.state, |_| {
+                let a = Adapter::from_bytes(bytes, name).map_err(|e| e.to_string())?;
                 // Checks every target against the base (names, shapes, fingerprint, values).
                 adapter::merge::apply(base, &a, 1.0).map_err(|e| e.to_string())?;
                 Ok(a)
@@ -669,15 +735,26 @@ impl SwapCtx {
                     answer(&reply, r);
                 }
             }
+            Job::Stage { name, scale, reply } => answer(&reply, self.stage(name, scale)),
             Job::Rollback { reply } => answer(&reply, self.rollback()),
-            Job::Install { name, bytes, reply } => answer(&reply, self.install(&name, &bytes)),
-            Job::Remove { name, reply } => answer(
-                &reply,
-                self.store
-                    .remove(&name, &self.state)
-                    .map(|()| Map::from_iter([("removed".into(), Value::from(name))]))
-                    .map_err(|e| e.to_string()),
-            ),
+            Job::Install { name, bytes, reply } => {
+                if self.staged.as_ref().is_some_and(|s| s.name == name) {
+                    self.staged = None;
+                }
+                answer(&reply, self.install(&name, &bytes))
+            }
+            Job::Remove { name, reply } => {
+                if self.staged.as_ref().is_some_and(|s| s.name == name) {
+                    self.staged = None;
+                }
+                answer(
+                    &reply,
+                    self.store
+                        .remove(&name, &self.state)
+                        .map(|()| Map::from_iter([("removed".into(), Value::from(name))]))
+                        .map_err(|e| e.to_string()),
+                )
+            }
             Job::List { reply } => answer(&reply, self.list()),
         }
     }
@@ -764,6 +841,69 @@ mod tests {
         assert_eq!(mb.progress(3), Some((1, 1)));
         assert_eq!(mb.free_retired(), 2, "generation 1 and the superseded 2");
         assert!(!mb.swap_in(&mut serving));
+    }
+
+    /// The swap thread's logic without its thread: activation publishes, a clean probation
+    /// commits, a failing one rolls back to the last good adapter, and the state file follows.
+    #[test]
+    fn probation_commits_or_rolls_back() {
+        let dir = std::env::temp_dir().join(format!("perch-probation-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let adapters = AdapterSettings {
+            store: dir.clone(),
+            max_bytes: 1 << 20,
+            active: None,
+            scale: 1.0,
+            probation_frames: 3,
+            health_images: None,
+        };
+        let factory = Arc::new(EngineFactory::new(&settings()).unwrap());
+        let mb = Arc::new(Mailbox::default());
+        let metrics = Arc::new(Metrics::default());
+        let (mut ctx, mut serving) =
+            SwapCtx::start(factory, &adapters, mb.clone(), metrics).unwrap();
+        ctx.first_frame_wait = Duration::ZERO;
+        for (name, file) in [("osbs", "osbs-lora"), ("soap", "soap-lora")] {
+            let bytes = std::fs::read(format!("models/adapters/{file}.safetensors")).unwrap();
+            ctx.install(name, &bytes).unwrap();
+        }
+        let frame = |mb: &Mailbox, e: &mut Engine, err: Option<&str>| {
+            mb.swap_in(e);
+            mb.frame_done(e.generation, err);
+        };
+        ctx.activate(Some(("osbs".into(), 1.0)), Instant::now(), false)
+            .unwrap();
+        assert!(ctx.state.probation);
+        for _ in 0..3 {
+            frame(&mb, &mut serving, None);
+            ctx.check_probation();
+        }
+        assert_eq!(serving.adapter.as_ref().unwrap().name, "osbs-lora");
+        let saved = ctx.store.load_state().unwrap();
+        assert!(!saved.probation);
+        assert_eq!(saved.last_good.unwrap().name, "osbs");
+
+        ctx.activate(Some(("soap".into(), 0.5)), Instant::now(), false)
+            .unwrap();
+        frame(&mb, &mut serving, None);
+        assert_eq!(serving.adapter.as_ref().unwrap().name, "soap-lora");
+        assert!(ctx.store.load_state().unwrap().probation);
+        frame(
+            &mb,
+            &mut serving,
+            Some("frame 9: output has a non-finite value"),
+        );
+        ctx.check_probation();
+        frame(&mb, &mut serving, None);
+        assert_eq!(serving.adapter.as_ref().unwrap().name, "osbs-lora");
+        let saved = ctx.store.load_state().unwrap();
+        assert_eq!(saved.active.as_ref().unwrap().name, "osbs");
+        assert!(!saved.probation);
+        assert_eq!(ctx.status.rollbacks, 1);
+        // Neither the active nor the rollback target can be removed; the failed one can.
+        assert!(ctx.store.remove("osbs", &ctx.state).is_err());
+        ctx.store.remove("soap", &ctx.state).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
