@@ -1,8 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -125,4 +127,134 @@ pub fn assert_covered(
         worst_score = worst_score.max(ds);
     }
     (matched, worst_px, worst_score)
+}
+
+// ---- running the service ----
+
+/// A scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("perch-svc-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+pub fn model() -> String {
+    path("models/tree-yolo11n-320.onnx").display().to_string()
+}
+
+pub fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("perch.toml");
+    std::fs::write(&p, format!("[model]\npath = \"{}\"\n{body}", model())).unwrap();
+    p
+}
+
+pub fn records(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad record {l}: {e}")))
+        .collect()
+}
+
+pub fn seqs(recs: &[Value]) -> Vec<u64> {
+    recs.iter().map(|r| r["seq"].as_u64().unwrap()).collect()
+}
+
+/// Sends one control request and returns the reply.
+pub fn ctl(sock: &Path, cmd: &str) -> Value {
+    ctl_args(sock, &[cmd])
+}
+
+/// Runs `perch ctl` with `args` and returns the reply.
+pub fn ctl_args(sock: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["ctl", "--socket", sock.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = perch(&all);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("ctl {args:?}: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// The status, or None while the service is not answering yet.
+pub fn try_status(sock: &Path) -> Option<Value> {
+    let out = perch(&["ctl", "--socket", sock.to_str().unwrap(), "status"]);
+    let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+    (v["ok"] == true).then(|| v["status"].clone())
+}
+
+pub fn status(sock: &Path) -> Value {
+    ctl(sock, "status")["status"].clone()
+}
+
+/// Polls `f` until it returns Some, failing after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A spawned service, killed when dropped, so a failing test leaves no process behind.
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+pub fn signal(child: &Running, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, sig) }, 0);
+}
+
+pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Running {
+    let mut cmd = perch_command(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map(Running)
+        .expect("spawn perch run")
+}
+
+/// Waits for exit (killing after `secs`) and returns (code, stdout, stderr).
+pub fn finish(mut running: Running, secs: u64) -> (Option<i32>, String, String) {
+    let child = &mut running.0;
+    let mut out = String::new();
+    let mut err = String::new();
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        so.read_to_string(&mut s).unwrap();
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        se.read_to_string(&mut s).unwrap();
+        s
+    });
+    let end = Instant::now() + Duration::from_secs(secs);
+    let code = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st.code();
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("perch run did not exit within {secs} s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    out.push_str(&t_out.join().unwrap());
+    err.push_str(&t_err.join().unwrap());
+    (code, out, err)
 }
