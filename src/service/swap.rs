@@ -186,6 +186,9 @@ impl Mailbox {
         let old: Vec<Engine> = std::mem::take(&mut *self.retired.lock().expect("mailbox lock"));
         let n = old.len();
         drop(old);
+        if n > 0 {
+            release_free_memory();
+        }
         n
     }
 }
@@ -314,6 +317,16 @@ fn health_check(engine: &mut Engine, frames: &[RgbFrame]) -> Result<(), String> 
             .map_err(|e| format!("health check failed on frame {i}: {e}"))?;
     }
     Ok(())
+}
+
+/// Hands memory freed by a retired model back to the system, so RSS reflects the live models
+/// rather than the allocator's high-water mark.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own heap structures.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Lowers the calling thread's scheduling priority so builds yield to the frame pipeline.
