@@ -158,7 +158,7 @@ fn main() {
     let baseline = (now_s(), now_s() + baseline_s);
     std::thread::sleep(Duration::from_secs_f64(baseline_s));
     let rss = |sock: &Path| request(sock, json!({"cmd": "status"}))["status"]["rss_bytes"].as_f64();
-    let mut rss_after_10 = None;
+    let mut rss_at: Vec<(usize, Option<f64>)> = Vec::new();
     let mut phases = Vec::new();
     let mut done = 0usize;
     for (name, staged) in [("cold", false), ("staged", true)] {
@@ -191,12 +191,15 @@ fn main() {
             p.build
                 .push(r["times"]["build_ms"].as_f64().unwrap_or(f64::NAN));
             done += 1;
-            if done == 10 {
-                rss_after_10 = rss(&sock);
+            if [10, 50, 100, 200, 500, 1000, 2000].contains(&done) {
+                // Let the swap thread free the retired engine first.
+                std::thread::sleep(Duration::from_millis(300));
+                rss_at.push((done, rss(&sock)));
             }
         }
         phases.push(p);
     }
+    std::thread::sleep(Duration::from_millis(300));
     let rss_end = rss(&sock);
     let hwm = vm_hwm_kb(pid);
     let status = request(&sock, json!({"cmd": "status"}))["status"].clone();
@@ -249,9 +252,13 @@ fn main() {
         );
     }
     let mb = |b: Option<f64>| b.map_or("?".into(), |b| format!("{:.1}", b / 1048576.0));
+    let checkpoints: Vec<String> = rss_at
+        .iter()
+        .map(|(n, b)| format!("{n}: {}", mb(*b)))
+        .collect();
     println!(
-        "RSS after 10 swaps: {} MB; after {done}: {} MB; peak (VmHWM): {} MB",
-        mb(rss_after_10),
+        "RSS (MB) after swaps {}; at the end ({done}): {}; peak (VmHWM): {} MB",
+        checkpoints.join(", "),
         mb(rss_end),
         hwm.map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0))
     );

@@ -296,6 +296,14 @@ impl Detector {
         Ok(self.infer(frame, lb)?.0)
     }
 
+    /// Replaces the inference state with a fresh one, so that its buffers are allocated by the
+    /// next thread that runs it (a state warmed on a build thread and then used and freed on the
+    /// inference thread fragments glibc's heap across swaps).
+    pub fn reset_session(&mut self) -> Result<(), DetectorError> {
+        self.session = self.prepared.session()?;
+        Ok(())
+    }
+
     /// The prepared model, to spawn more sessions (e.g. one per worker thread).
     pub fn prepared(&self) -> &PreparedModel {
         &self.prepared

@@ -262,6 +262,40 @@ pub fn prometheus(s: &Status) -> String {
         "Seconds since start.",
         &[("", s.uptime_s)],
     );
+    if let Some(a) = &s.adapters {
+        metric(
+            "adapter_swaps_total",
+            "counter",
+            "Adapter activations published.",
+            &[("", a.swaps as f64)],
+        );
+        metric(
+            "adapter_rollbacks_total",
+            "counter",
+            "Rollbacks to the last known good adapter.",
+            &[("", a.rollbacks as f64)],
+        );
+        metric(
+            "adapter_rejected_total",
+            "counter",
+            "Activations refused by the build or the health check.",
+            &[("", a.rejected as f64)],
+        );
+        metric(
+            "adapter_probation",
+            "gauge",
+            "1 while the active adapter is on probation.",
+            &[("", f64::from(u8::from(a.probation.is_some())))],
+        );
+        if let Some(t) = a.last_swap.and_then(|t| t.command_to_first_frame_ms) {
+            metric(
+                "adapter_last_swap_ms",
+                "gauge",
+                "Command to first frame of the last activation.",
+                &[("", t)],
+            );
+        }
+    }
     out
 }
 
@@ -296,5 +330,18 @@ mod tests {
         );
         assert!(text.contains("perch_frames_dropped_total 3\n"));
         assert!(text.contains("perch_latency_ms{quantile=\"0.99\"}"));
+        assert!(!text.contains("adapter"), "no store, no adapter metrics");
+        m.update(|s| {
+            s.adapters = Some(crate::service::swap::AdapterStatus {
+                swaps: 7,
+                rollbacks: 1,
+                probation: Some([3, 100]),
+                ..Default::default()
+            })
+        });
+        let text = prometheus(&m.status());
+        assert!(text.contains("perch_adapter_swaps_total 7\n"), "{text}");
+        assert!(text.contains("perch_adapter_rollbacks_total 1\n"));
+        assert!(text.contains("perch_adapter_probation 1\n"));
     }
 }

@@ -118,8 +118,13 @@ pub fn check(settings: &Settings) -> Result<String, ServiceError> {
             .map_err(|e| config(e.to_string()))?;
     }
     if let Some(a) = &settings.adapters {
-        crate::adapter::store::AdapterStore::open(&a.store, a.max_bytes)
-            .map_err(|e| config(format!("adapters.store: {e}")))?;
+        // Read-only: opening the store would clean up a running service's installs.
+        if a.store.exists() && !a.store.is_dir() {
+            return Err(config(format!(
+                "adapters.store: {}: not a directory",
+                a.store.display()
+            )));
+        }
         swap::health_frames(a.health_images.as_deref()).map_err(config)?;
     }
     let engine = factory

@@ -310,7 +310,8 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
     } = ctx;
     let mut labels: Arc<[String]> = engine.detector.labels().to_vec().into();
     while let Some(c) = handoff.take() {
-        if mailbox.swap_in(engine) {
+        let retired = mailbox.swap_in(engine);
+        if retired.is_some() {
             labels = engine.detector.labels().to_vec().into();
             metrics.update(|s| s.adapter = engine.adapter.clone());
         }
@@ -320,6 +321,10 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
             Err(e) => {
                 log::error!("frame {}: {e}", c.seq);
                 mailbox.frame_done(engine.generation, Some(&e.to_string()));
+                if let Some(old) = retired {
+                    drop(old);
+                    mailbox.freed();
+                }
                 metrics.update(|s| {
                     s.inference_errors += 1;
                     s.last_error = Some(format!("frame {}: {e}", c.seq));
@@ -384,6 +389,11 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
         metrics.frame_done(c.at.elapsed(), timings.inference);
         mailbox.frame_done(engine.generation, None);
         notifier.frame_processed();
+        // After the frame, so the first frame on a new engine is not delayed by the old one.
+        if let Some(old) = retired {
+            drop(old);
+            mailbox.freed();
+        }
     }
 }
 

@@ -3,16 +3,16 @@
 //! ```text
 //! control thread --Job--> swap thread (nice +10): load from store, merge into the pristine base,
 //!                         prepare, health check -> Mailbox::publish
-//! inference thread: between two frames, Mailbox::swap_in replaces its engine; the old one goes
-//!                   back to the swap thread to be freed off the frame path
+//! inference thread: between two frames, Mailbox::swap_in replaces its engine; the old one is
+//!                   dropped after that frame (about 2 ms), and the swap thread trims the heap
 //! swap thread: probation (N frames without error) -> commit, or automatic rollback
 //! ```
 //! The inference thread owns its engine (a tract run state needs `&mut`), so the atomic
 //! publication is a one-slot mailbox checked once per frame rather than a shared pointer: a frame
 //! runs entirely on the engine it started with, and no frame waits for a build.
 //!
-//! Memory stays bounded: the pristine base, the serving engine, at most one engine being built
-//! (or published and not yet taken), and retired engines, which are freed within one poll period.
+//! Memory stays bounded: the pristine base, the serving engine, and at most one engine being
+//! built, staged, or published and not yet taken.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -119,6 +119,7 @@ pub struct Mailbox {
     next: Mutex<Option<Engine>>,
     pending: AtomicBool,
     retired: Mutex<Vec<Engine>>,
+    trim: AtomicBool,
     serving: AtomicU64,
     frames: AtomicU64,
     errors: AtomicU64,
@@ -138,21 +139,26 @@ impl Mailbox {
     }
 
     /// Called by the inference thread between frames: takes a published engine, if any, in
-    /// place of `engine`. Returns true when it swapped.
-    pub fn swap_in(&self, engine: &mut Engine) -> bool {
+    /// place of `engine` and returns the old one. The caller drops the old engine itself, after
+    /// its frame, then calls [`Mailbox::freed`]: memory freed on the thread that used it goes
+    /// back to the allocator cleanly (freeing it on another thread made glibc's RSS creep up
+    /// over thousands of swaps).
+    pub fn swap_in(&self, engine: &mut Engine) -> Option<Engine> {
         if !self.pending.swap(false, Ordering::AcqRel) {
-            return false;
+            return None;
         }
-        let Some(new) = self.next.lock().expect("mailbox lock").take() else {
-            return false;
-        };
+        let new = self.next.lock().expect("mailbox lock").take()?;
         let old = std::mem::replace(engine, new);
-        self.retired.lock().expect("mailbox lock").push(old);
         self.frames.store(0, Ordering::Relaxed);
         self.errors.store(0, Ordering::Relaxed);
         *self.first_frame.lock().expect("mailbox lock") = None;
         self.serving.store(engine.generation, Ordering::Release);
-        true
+        Some(old)
+    }
+
+    /// Reports that the inference thread dropped a swapped-out engine.
+    pub fn freed(&self) {
+        self.trim.store(true, Ordering::Release);
     }
 
     /// Called by the inference thread after each frame on engine `generation`.
@@ -182,11 +188,13 @@ impl Mailbox {
         })
     }
 
+    /// Frees engines superseded before the inference thread took them, and returns freed
+    /// memory to the system after any engine was freed. Returns how many were superseded.
     fn free_retired(&self) -> usize {
         let old: Vec<Engine> = std::mem::take(&mut *self.retired.lock().expect("mailbox lock"));
         let n = old.len();
         drop(old);
-        if n > 0 {
+        if self.trim.swap(false, Ordering::AcqRel) || n > 0 {
             release_free_memory();
         }
         n
@@ -365,7 +373,10 @@ pub struct SwapCtx {
     pub mailbox: Arc<Mailbox>,
     pub metrics: Arc<Metrics>,
     pub state: StoreState,
+    /// The last generation built.
     pub generation: u64,
+    /// The generation of the active selection (serving, or published and about to serve).
+    pub active_generation: u64,
     pub status: AdapterStatus,
 }
 
@@ -422,6 +433,7 @@ impl SwapCtx {
             metrics,
             state: state.clone(),
             generation: 0,
+            active_generation: 0,
         };
         let mut candidates = vec![state.active.clone()];
         if state.last_good != state.active {
@@ -456,6 +468,7 @@ impl SwapCtx {
             }
         }
         let engine = engine.ok_or("the base model itself does not pass the health check")?;
+        ctx.active_generation = engine.generation;
         if ctx.state != saved {
             ctx.store
                 .save_state(&ctx.state)
@@ -488,6 +501,10 @@ impl SwapCtx {
         let build_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
         health_check(&mut engine, &self.health)?;
+        engine
+            .detector
+            .reset_session()
+            .map_err(|e| format!("cannot start an inference state: {e}"))?;
         Ok((
             engine,
             adapter.map(|a| a.sha256().to_string()),
@@ -502,14 +519,17 @@ impl SwapCtx {
     fn refresh_status(&mut self) {
         self.status.active = self.state.active.clone();
         self.status.last_good = self.state.last_good.clone();
-        self.status.generation = self.generation;
+        self.status.generation = self.active_generation;
         self.status.staged = self.staged.as_ref().map(|s| Selection {
             name: s.name.clone(),
             scale: s.scale,
             sha256: s.sha256.clone(),
         });
         self.status.probation = self.state.probation.then(|| {
-            let done = self.mailbox.progress(self.generation).map_or(0, |(f, _)| f);
+            let done = self
+                .mailbox
+                .progress(self.active_generation)
+                .map_or(0, |(f, _)| f);
             [
                 done.min(self.settings.probation_frames),
                 self.settings.probation_frames,
@@ -583,6 +603,7 @@ impl SwapCtx {
             .map_err(|e| format!("cannot save the adapter state: {e}"))?;
         self.state = next;
         let generation = engine.generation;
+        self.active_generation = generation;
         self.mailbox.publish(engine);
         self.status.swaps += 1;
         self.refresh_status();
@@ -622,7 +643,7 @@ impl SwapCtx {
         if !self.state.probation {
             return;
         }
-        let Some((frames, errors)) = self.mailbox.progress(self.generation) else {
+        let Some((frames, errors)) = self.mailbox.progress(self.active_generation) else {
             return;
         };
         if errors > 0 {
@@ -843,17 +864,18 @@ mod tests {
         let mut serving = f.build(None, 1).unwrap();
         mb.frame_done(1, None);
         assert_eq!(mb.progress(1), Some((1, 0)));
-        assert!(!mb.swap_in(&mut serving), "nothing published");
+        assert!(mb.swap_in(&mut serving).is_none(), "nothing published");
         mb.publish(f.build(None, 2).unwrap());
         mb.publish(f.build(None, 3).unwrap());
-        assert!(mb.swap_in(&mut serving));
+        let old = mb.swap_in(&mut serving).unwrap();
+        assert_eq!(old.generation, 1);
         assert_eq!(serving.generation, 3, "the newest publication wins");
         assert_eq!(mb.progress(1), None);
         assert_eq!(mb.progress(3), Some((0, 0)));
         mb.frame_done(3, Some("boom"));
         assert_eq!(mb.progress(3), Some((1, 1)));
-        assert_eq!(mb.free_retired(), 2, "generation 1 and the superseded 2");
-        assert!(!mb.swap_in(&mut serving));
+        assert_eq!(mb.free_retired(), 1, "the superseded generation 2");
+        assert!(mb.swap_in(&mut serving).is_none());
     }
 
     /// The swap thread's logic without its thread: activation publishes, a clean probation
@@ -881,12 +903,15 @@ mod tests {
             ctx.install(name, &bytes).unwrap();
         }
         let frame = |mb: &Mailbox, e: &mut Engine, err: Option<&str>| {
-            mb.swap_in(e);
+            let old = mb.swap_in(e);
             mb.frame_done(e.generation, err);
+            drop(old);
         };
         ctx.activate(Some(("osbs".into(), 1.0)), Instant::now(), false)
             .unwrap();
         assert!(ctx.state.probation);
+        // Staging the next adapter meanwhile does not disturb the probation of this one.
+        ctx.stage("soap".into(), 0.5).unwrap();
         for _ in 0..3 {
             frame(&mb, &mut serving, None);
             ctx.check_probation();
@@ -896,8 +921,10 @@ mod tests {
         assert!(!saved.probation);
         assert_eq!(saved.last_good.unwrap().name, "osbs");
 
-        ctx.activate(Some(("soap".into(), 0.5)), Instant::now(), false)
+        let r = ctx
+            .activate(Some(("soap".into(), 0.5)), Instant::now(), false)
             .unwrap();
+        assert_eq!(r["staged"], true);
         frame(&mb, &mut serving, None);
         assert_eq!(serving.adapter.as_ref().unwrap().name, "soap-lora");
         assert!(ctx.store.load_state().unwrap().probation);
