@@ -508,12 +508,14 @@ fn kill_9_at_any_point_restarts_on_a_good_adapter() {
     let frames = status(&sock)["frames_processed"].as_u64().unwrap();
     write_config(&dir, &body("active = \"soap\"\n"));
     signal(&svc, libc::SIGHUP);
-    wait_for(60, "config activation", || {
-        (active_name(&sock).as_deref() == Some("soap")).then_some(())
+    // The state names the new selection before the inference thread takes it at the next
+    // frame: wait for both.
+    let st = wait_for(60, "config activation", || {
+        let st = status(&sock);
+        (st["adapters"]["active"]["name"] == "soap" && st["adapter"]["name"] == "soap-lora")
+            .then_some(st)
     });
-    let st = status(&sock);
     assert!(st["frames_processed"].as_u64().unwrap() > frames);
-    assert_eq!(st["adapter"]["name"], "soap-lora");
     signal(&svc, libc::SIGTERM);
     let (code, _, err) = finish(svc, 60);
     assert_eq!(code, Some(0), "{err}");
