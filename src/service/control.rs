@@ -115,6 +115,17 @@ pub fn parse_request(line: &[u8]) -> Result<(String, Map<String, Value>), String
     }
 }
 
+/// Read timeout of a connection: short, so its thread notices shutdown.
+const READ_SLICE: Duration = Duration::from_millis(200);
+
+/// True for the error a read returns when [`READ_SLICE`] passed without data.
+fn read_timed_out(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
+}
+
 /// Reads exactly `n` payload bytes, tolerating the short read timeouts; `None` if the peer
 /// stops sending for [`IDLE`] or the service stops.
 fn read_payload(reader: &mut impl Read, n: usize, stop: &AtomicBool) -> Option<Vec<u8>> {
@@ -130,14 +141,7 @@ fn read_payload(reader: &mut impl Read, n: usize, stop: &AtomicBool) -> Option<V
                 got += k;
                 idle = Duration::ZERO;
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                idle += Duration::from_millis(200);
-            }
+            Err(e) if read_timed_out(&e) => idle += READ_SLICE,
             Err(_) => return None,
         }
     }
@@ -172,7 +176,7 @@ fn classify(line: &[u8], limit: u64) -> Parsed {
 
 fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool, limit: &AtomicU64) {
     // Short read timeouts let the thread notice shutdown; IDLE bounds a silent client.
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = stream.set_read_timeout(Some(READ_SLICE));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     let Ok(mut out) = stream.try_clone() else {
         return;
@@ -219,14 +223,7 @@ fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool, limit: &Atomi
                 return;
             }
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) =>
-            {
-                idle += Duration::from_millis(200);
-            }
+            Err(e) if read_timed_out(&e) => idle += READ_SLICE,
             Err(_) => return,
         }
     }
