@@ -11,6 +11,18 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
+/// Runs `perch run --config cfg` to the end of its finite source; it must exit 0.
+fn run_to_end(cfg: &std::path::Path) -> std::process::Output {
+    let out = perch(&["run", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// The replayed clip through the service gives, frame by frame, the detections Ultralytics'
 /// predictor finds on the same frames converted by OpenCV (I420 -> RGB is bit-exact, so the
 /// lossless-input bar applies: 1 px, 0.01 score). Every frame comes out once, in order.
@@ -26,13 +38,7 @@ fn y4m_replay_matches_ultralytics_frame_by_frame() {
             clip.display()
         ),
     );
-    let out = perch(&["run", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_to_end(&cfg);
     let got = records(&String::from_utf8(out.stdout).unwrap());
     let want = g["records"].as_array().unwrap();
     assert_eq!(seqs(&got), (0..want.len() as u64).collect::<Vec<_>>());
@@ -79,13 +85,7 @@ fn synthetic_lossless_n_in_n_out_with_rotation() {
         "[source]\nuri = \"synthetic\"\nwidth = 320\nheight = 240\nrealtime = false\nframes = 25\n\
          [output]\nstdout = false\nfile = \"r.jsonl\"\nfile_max_bytes = 4096\nfile_keep = 50\n",
     );
-    let out = perch(&["run", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = run_to_end(&cfg);
     assert!(out.stdout.is_empty(), "stdout = false");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap()

@@ -26,7 +26,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::adapter::Adapter;
 use crate::camera::{self, Retry};
-use crate::config::{self, Settings};
+use crate::config::{self, ModelSettings, Settings};
 use crate::detector::Detector;
 use crate::output::framebuffer::{FbSink, Framebuffer};
 use crate::output::http::{HttpServer, Latest, TextFn};
@@ -67,6 +67,21 @@ struct Core {
     swapper: Option<Swapper>,
 }
 
+/// Builds the engine of a configuration without an adapter store: the base with the fixed
+/// `model.adapter`, if any, merged in.
+fn fixed_engine(factory: &EngineFactory, m: &ModelSettings) -> Result<Engine, ServiceError> {
+    let config = |e: String| ServiceError::Config(e);
+    let adapter = m
+        .adapter
+        .as_deref()
+        .map(|p| Adapter::load_any(p, factory.base()))
+        .transpose()
+        .map_err(|e| config(e.to_string()))?;
+    factory
+        .build(adapter.as_ref().map(|a| (a, m.adapter_scale)), 0)
+        .map_err(|e| config(crate::exit::one_line(&e)))
+}
+
 /// Loads the base model and builds the engine to start with: the configured `model.adapter`,
 /// or, with an adapter store, its persisted (or configured) active adapter.
 fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), ServiceError> {
@@ -75,16 +90,7 @@ fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), Se
         Arc::new(EngineFactory::new(&s.model).map_err(|e| config(crate::exit::one_line(&e)))?);
     let mailbox = Arc::new(Mailbox::default());
     let Some(a) = &s.adapters else {
-        let adapter = s
-            .model
-            .adapter
-            .as_deref()
-            .map(|p| Adapter::load_any(p, factory.base()))
-            .transpose()
-            .map_err(|e| config(e.to_string()))?;
-        let engine = factory
-            .build(adapter.as_ref().map(|a| (a, s.model.adapter_scale)), 0)
-            .map_err(|e| config(crate::exit::one_line(&e)))?;
+        let engine = fixed_engine(&factory, &s.model)?;
         return Ok((
             Core {
                 mailbox,
@@ -112,11 +118,6 @@ pub fn check(settings: &Settings) -> Result<String, ServiceError> {
     let config = |e: String| ServiceError::Config(e);
     let factory =
         EngineFactory::new(&settings.model).map_err(|e| config(crate::exit::one_line(&e)))?;
-    if let Some(p) = &settings.model.adapter {
-        let a = Adapter::load_any(p, factory.base()).map_err(|e| config(e.to_string()))?;
-        crate::adapter::merge::apply(factory.base(), &a, settings.model.adapter_scale)
-            .map_err(|e| config(e.to_string()))?;
-    }
     if let Some(a) = &settings.adapters {
         // Read-only: opening the store would clean up a running service's installs.
         if a.store.exists() && !a.store.is_dir() {
@@ -127,9 +128,7 @@ pub fn check(settings: &Settings) -> Result<String, ServiceError> {
         }
         swap::health_frames(a.health_images.as_deref()).map_err(config)?;
     }
-    let engine = factory
-        .build(None, 0)
-        .map_err(|e| config(crate::exit::one_line(&e)))?;
+    let engine = fixed_engine(&factory, &settings.model)?;
     let stop = Arc::new(AtomicBool::new(false));
     let source = match camera::open(&settings.source, stop) {
         Ok(s) => s.describe(),

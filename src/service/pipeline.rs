@@ -321,10 +321,7 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
             Err(e) => {
                 log::error!("frame {}: {e}", c.seq);
                 mailbox.frame_done(engine.generation, Some(&e.to_string()));
-                if let Some(old) = retired {
-                    drop(old);
-                    mailbox.freed();
-                }
+                mailbox.release(retired);
                 metrics.update(|s| {
                     s.inference_errors += 1;
                     s.last_error = Some(format!("frame {}: {e}", c.seq));
@@ -390,10 +387,7 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
         mailbox.frame_done(engine.generation, None);
         notifier.frame_processed();
         // After the frame, so the first frame on a new engine is not delayed by the old one.
-        if let Some(old) = retired {
-            drop(old);
-            mailbox.freed();
-        }
+        mailbox.release(retired);
     }
 }
 

@@ -32,7 +32,7 @@ use crate::config::{AdapterSettings, ModelSettings};
 use crate::detector::{Detector, DetectorOptions, read_labels};
 use crate::frame::RgbFrame;
 use crate::model::OnnxModel;
-use crate::report::ModelRef;
+use crate::report::{ModelRef, ms};
 
 /// Poll period of the swap thread (probation checks, freeing retired engines).
 const POLL: Duration = Duration::from_millis(20);
@@ -97,7 +97,7 @@ impl EngineFactory {
         log::info!(
             "model {} ready in {:.0} ms{}",
             self.settings.path.display(),
-            t.elapsed().as_secs_f64() * 1e3,
+            ms(t.elapsed()),
             adapter.map_or(String::new(), |(a, s)| format!(
                 " with adapter {} (scale {s})",
                 a.id()
@@ -139,8 +139,8 @@ impl Mailbox {
     }
 
     /// Called by the inference thread between frames: takes a published engine, if any, in
-    /// place of `engine` and returns the old one. The caller drops the old engine itself, after
-    /// its frame, then calls [`Mailbox::freed`]: memory freed on the thread that used it goes
+    /// place of `engine` and returns the old one. The caller hands it to [`Mailbox::release`]
+    /// after its frame: memory freed on the thread that used it goes
     /// back to the allocator cleanly (freeing it on another thread made glibc's RSS creep up
     /// over thousands of swaps).
     pub fn swap_in(&self, engine: &mut Engine) -> Option<Engine> {
@@ -156,9 +156,14 @@ impl Mailbox {
         Some(old)
     }
 
-    /// Reports that the inference thread dropped a swapped-out engine.
-    pub fn freed(&self) {
-        self.trim.store(true, Ordering::Release);
+    /// Called by the inference thread after the frame that followed a swap: drops the engine
+    /// [`Mailbox::swap_in`] returned (if any) on this thread and asks the swap thread to trim
+    /// the heap.
+    pub fn release(&self, old: Option<Engine>) {
+        if let Some(old) = old {
+            drop(old);
+            self.trim.store(true, Ordering::Release);
+        }
     }
 
     /// Called by the inference thread after each frame on engine `generation`.
@@ -498,7 +503,7 @@ impl SwapCtx {
             .factory
             .build(adapter.as_ref().zip(target.map(|(_, s)| s)), generation)
             .map_err(|e| crate::exit::one_line(&e))?;
-        let build_ms = t.elapsed().as_secs_f64() * 1e3;
+        let build_ms = ms(t.elapsed());
         let t = Instant::now();
         health_check(&mut engine, &self.health)?;
         engine
@@ -510,7 +515,7 @@ impl SwapCtx {
             adapter.map(|a| a.sha256().to_string()),
             SwapTimes {
                 build_ms,
-                health_ms: t.elapsed().as_secs_f64() * 1e3,
+                health_ms: ms(t.elapsed()),
                 command_to_first_frame_ms: None,
             },
         ))
@@ -622,7 +627,7 @@ impl SwapCtx {
             {
                 let first = *self.mailbox.first_frame.lock().expect("mailbox lock");
                 times.command_to_first_frame_ms =
-                    first.map(|t| t.saturating_duration_since(at).as_secs_f64() * 1e3);
+                    first.map(|t| ms(t.saturating_duration_since(at)));
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -733,8 +738,9 @@ impl SwapCtx {
             .store
             .install(name, bytes, &self.state, |_| {
                 let a = Adapter::from_bytes(bytes, name).map_err(|e| e.to_string())?;
-                // Checks every target against the base (names, shapes, fingerprint, values).
-                adapter::merge::apply(base, &a, 1.0).map_err(|e| e.to_string())?;
+                // Checks every target against the base (names, shapes, fingerprint, values)
+                // without building a merged model.
+                adapter::merge::merged_weights(base, &a, 1.0).map_err(|e| e.to_string())?;
                 Ok(a)
             })
             .map_err(|e| e.to_string())?;
@@ -905,7 +911,7 @@ mod tests {
         let frame = |mb: &Mailbox, e: &mut Engine, err: Option<&str>| {
             let old = mb.swap_in(e);
             mb.frame_done(e.generation, err);
-            drop(old);
+            mb.release(old);
         };
         ctx.activate(Some(("osbs".into(), 1.0)), Instant::now(), false)
             .unwrap();
