@@ -11,7 +11,7 @@ use perch::adapter::{self, Adapter, StoredDtype, peft::ImportOptions};
 use perch::detector::{DetectorOptions, read_labels};
 use perch::exit;
 use perch::image_io::{IMAGE_EXTENSIONS, list_images, load_rgb, save_rgb};
-use perch::model::OnnxModel;
+use perch::model::{Calibration, OnnxModel, Precision, PrepareOptions};
 use perch::overlay::{RgbCanvas, draw_detections};
 use perch::report::{AdapterRef, ImageRecord};
 use perch::{Detector, Layout, PostprocessParams, RgbFrame};
@@ -43,6 +43,23 @@ enum Command {
     /// Create, inspect and merge adapters.
     #[command(subcommand)]
     Adapter(AdapterCommand),
+    /// Measure activation ranges on sample images for `--precision int8`; writes a small JSON
+    /// calibration file for the model (with its adapter merged, if one is given).
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Args, Debug)]
+struct CalibrateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Images or directories of images like the ones the model will see.
+    #[arg(long, required = true, num_args = 1.., value_name = "IMAGE_OR_DIR")]
+    images: Vec<PathBuf>,
+    /// Use at most this many images.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    max_images: u32,
+    #[arg(short, long, value_name = "FILE.json")]
+    output: PathBuf,
 }
 
 #[derive(Subcommand, Debug)]
@@ -164,6 +181,16 @@ struct ModelArgs {
     /// Class-agnostic NMS.
     #[arg(long)]
     agnostic_nms: bool,
+    /// Numeric precision: f32, f16 (CPUs with native half arithmetic; f32 elsewhere) or int8
+    /// (needs --calibration).
+    #[arg(long, default_value = "f32", value_parser = |s: &str| s.parse::<Precision>())]
+    precision: Precision,
+    /// Activation ranges for int8, from `perch calibrate`.
+    #[arg(long, value_name = "FILE.json")]
+    calibration: Option<PathBuf>,
+    /// Threads that split each matrix product of one frame.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    threads: u32,
 }
 
 #[derive(Args, Debug)]
@@ -206,6 +233,10 @@ struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also time every node of the optimised graph over the timed runs and print the costliest
+    /// operator kinds and nodes.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Args, Debug)]
@@ -305,6 +336,7 @@ pub fn run(cli: Cli) -> u8 {
         Command::Run(a) => run_service(a),
         Command::Ctl(a) => ctl(a),
         Command::Adapter(c) => adapter_cmd(c).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
+        Command::Calibrate(a) => calibrate(a).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
     }
 }
 
@@ -374,11 +406,29 @@ fn build_detector_timed(
         classes: a.classes.clone(),
         agnostic: a.agnostic_nms,
     };
+    let calibration = match &a.calibration {
+        Some(p) => {
+            let cal = Calibration::load(p)?;
+            if cal.model_fingerprint != model.fingerprint() {
+                log::warn!(
+                    "{}: measured on another model (or without this adapter); int8 ranges may not fit",
+                    p.display()
+                );
+            }
+            Some(std::sync::Arc::new(cal))
+        }
+        None => None,
+    };
     let opts = DetectorOptions {
         imgsz: a.imgsz,
         layout: a.layout,
         labels,
         params,
+        prepare: PrepareOptions {
+            precision: a.precision,
+            threads: a.threads as usize,
+            calibration,
+        },
     };
     let t = Instant::now();
     let det = Detector::new(&model, opts)?;
@@ -514,6 +564,43 @@ fn detect(a: DetectArgs) -> u8 {
     code
 }
 
+fn calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
+    let mut f32_args = a.model;
+    f32_args.precision = Precision::F32;
+    f32_args.calibration = None;
+    let (model, _) = load_model(&f32_args, &mut LoadTimes::default())?;
+    let (mut det, _) = build_detector(&f32_args)?;
+    let (h, w) = det.input_hw();
+    let mut cal = model.calibrator(h, w)?;
+    let mut used = 0usize;
+    for input in expand_inputs(&a.images) {
+        if used >= a.max_images as usize {
+            break;
+        }
+        let frame = match input.and_then(|p| load_rgb(&p).map_err(anyhow::Error::from)) {
+            Ok(f) => f,
+            Err(e) => {
+                report_error(&e, exit::BAD_INPUT);
+                continue;
+            }
+        };
+        cal.observe(det.letterboxed(&frame))?;
+        used += 1;
+    }
+    if used == 0 {
+        anyhow::bail!("calibrate: no readable image among the inputs");
+    }
+    let cal = cal.finish();
+    cal.save(&a.output)?;
+    print_json(&serde_json::json!({
+        "output": a.output.display().to_string(),
+        "images": cal.images,
+        "tensors": cal.absmax.len(),
+        "model_fingerprint": cal.model_fingerprint,
+    }));
+    Ok(exit::OK)
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let idx = ((sorted.len() - 1) as f64 * p).round() as usize;
     sorted[idx]
@@ -548,6 +635,11 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         }
     }
     let wall = started.elapsed().as_secs_f64();
+    let profile = if a.profile {
+        Some(det.profile(&frame, a.iterations as usize)?)
+    } else {
+        None
+    };
     for s in &mut stages {
         s.sort_by(f64::total_cmp);
     }
@@ -558,7 +650,11 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         obj.insert("model".into(), a.model.model.display().to_string().into());
         obj.insert("input".into(), serde_json::json!([h, w]));
         obj.insert("iterations".into(), a.iterations.into());
-        obj.insert("threads".into(), 1.into());
+        obj.insert("threads".into(), det.prepared().threads().into());
+        obj.insert(
+            "precision".into(),
+            det.prepared().precision().to_string().into(),
+        );
         obj.insert("adapter".into(), adapter.as_ref().map(Adapter::id).into());
         obj.insert("read_ms".into(), load.read_ms.into());
         obj.insert("merge_ms".into(), load.merge_ms.into());
@@ -570,12 +666,23 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             );
         }
         obj.insert("fps".into(), (a.iterations as f64 / wall).into());
+        if let Some(p) = &profile {
+            let per_run = |s: f64| s * 1e3 / a.iterations as f64;
+            obj.insert(
+                "profile_ms".into(),
+                p.iter()
+                    .map(|n| serde_json::json!({"node": n.name, "op": n.op, "ms": per_run(n.seconds)}))
+                    .collect(),
+            );
+        }
         println!("{}", serde_json::Value::Object(obj));
     } else {
         println!(
-            "model {}  input {h}x{w}  iterations {}  threads 1",
+            "model {}  input {h}x{w}  iterations {}  threads {}  precision {}",
             a.model.model.display(),
-            a.iterations
+            a.iterations,
+            det.prepared().threads(),
+            det.prepared().precision()
         );
         println!(
             "load: read {:.1} ms, adapter merge {:.1} ms, prepare (type + optimise) {:.1} ms{}",
@@ -600,8 +707,61 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             );
         }
         println!("throughput {:.1} frames/s", a.iterations as f64 / wall);
+        if let Some(p) = &profile {
+            print_profile(p, a.iterations as usize);
+        }
     }
     Ok(exit::OK)
+}
+
+/// Prints the per-node profile as two tables: time per operator kind, then the costliest nodes;
+/// milliseconds per run.
+fn print_profile(nodes: &[perch::model::NodeTime], runs: usize) {
+    let total: f64 = nodes.iter().map(|n| n.seconds).sum();
+    let per_run = |s: f64| s * 1e3 / runs as f64;
+    let share = |s: f64| if total > 0.0 { 100.0 * s / total } else { 0.0 };
+    let mut kinds: Vec<(String, f64, usize)> = Vec::new();
+    for n in nodes {
+        match kinds.iter_mut().find(|k| k.0 == n.op) {
+            Some(k) => {
+                k.1 += n.seconds;
+                k.2 += 1;
+            }
+            None => kinds.push((n.op.clone(), n.seconds, 1)),
+        }
+    }
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    println!(
+        "profile: {:.3} ms per run in {} nodes",
+        per_run(total),
+        nodes.len()
+    );
+    println!(
+        "{:<28} {:>6} {:>10} {:>7}",
+        "operator", "nodes", "ms/run", "%"
+    );
+    for (op, s, count) in &kinds {
+        println!(
+            "{op:<28} {count:>6} {:>10.3} {:>6.1}%",
+            per_run(*s),
+            share(*s)
+        );
+    }
+    let mut top: Vec<&perch::model::NodeTime> = nodes.iter().collect();
+    top.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+    println!(
+        "{:<60} {:<20} {:>10} {:>7}",
+        "node", "operator", "ms/run", "%"
+    );
+    for n in top.iter().take(15) {
+        println!(
+            "{:<60} {:<20} {:>10.3} {:>6.1}%",
+            n.name,
+            n.op,
+            per_run(n.seconds),
+            share(n.seconds)
+        );
+    }
 }
 
 fn store_dtype(s: &StoreArgs) -> StoredDtype {

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::camera::{self, PixelFormat, SourceSpec};
+use crate::model::Precision;
 use crate::postprocess::{Layout, PostprocessParams};
 
 /// A configuration error: `file:line: key: reason`.
@@ -33,6 +34,12 @@ pub struct ModelSettings {
     pub adapter: Option<PathBuf>,
     pub adapter_scale: f32,
     pub params: PostprocessParams,
+    /// Numeric precision (`f32` default; `int8` needs `calibration`).
+    pub precision: Precision,
+    /// Threads splitting each frame's matrix products (default 1).
+    pub threads: usize,
+    /// int8 activation ranges from `perch calibrate`.
+    pub calibration: Option<PathBuf>,
 }
 
 /// Where JSON records go.
@@ -166,6 +173,9 @@ struct RawModel {
     classes: Option<Vec<usize>>,
     #[serde(default)]
     agnostic_nms: bool,
+    precision: Option<Spanned<String>>,
+    threads: Option<Spanned<i64>>,
+    calibration: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -441,6 +451,22 @@ fn model(ctx: &Ctx, m: RawModel) -> Result<ModelSettings, ConfigError> {
     if let (Some(scale), None) = (&m.adapter_scale, &m.adapter) {
         return Err(ctx.err(scale, "model.adapter_scale", "set without model.adapter"));
     }
+    let precision = match &m.precision {
+        None => Precision::F32,
+        Some(p) => p
+            .get_ref()
+            .parse::<Precision>()
+            .map_err(|e| ctx.err(p, "model.precision", e))?,
+    };
+    if let (Some(p), None) = (&m.precision, &m.calibration)
+        && precision == Precision::Int8
+    {
+        return Err(ctx.err(
+            p,
+            "model.precision",
+            "int8 needs model.calibration (perch calibrate)",
+        ));
+    }
     Ok(ModelSettings {
         path: ctx.path(m.path.get_ref()),
         imgsz,
@@ -450,6 +476,11 @@ fn model(ctx: &Ctx, m: RawModel) -> Result<ModelSettings, ConfigError> {
         adapter_scale: ctx.in_range(&m.adapter_scale, "model.adapter_scale", -10.0, 10.0, 1.0)?
             as f32,
         params,
+        precision,
+        threads: ctx
+            .count(&m.threads, "model.threads", 1, 256)?
+            .map_or(1, |n| n as usize),
+        calibration: m.calibration.as_deref().map(|p| ctx.path(p)),
     })
 }
 

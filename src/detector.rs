@@ -44,6 +44,8 @@ pub struct DetectorOptions {
     pub labels: Option<Vec<String>>,
     /// Thresholds, class filter, NMS mode.
     pub params: PostprocessParams,
+    /// Precision, threads and int8 calibration of the prepared model.
+    pub prepare: crate::model::PrepareOptions,
 }
 
 /// Wall-clock time spent in each stage of one frame.
@@ -123,7 +125,7 @@ impl Detector {
                 input_hw.1
             );
         }
-        let prepared = model.prepare(input_hw.0, input_hw.1)?;
+        let prepared = model.prepare_with(input_hw.0, input_hw.1, &opts.prepare)?;
         let outputs = prepared.output_shapes();
         if outputs.len() > 1 {
             log::warn!(
@@ -268,6 +270,27 @@ impl Detector {
             postprocess: t2.elapsed(),
         };
         Ok((dets, timings))
+    }
+
+    /// The model input for `frame`: letterboxed NCHW values as the model expects them.
+    pub fn letterboxed(&mut self, frame: &RgbFrame) -> &[f32] {
+        let (h, w) = self.input_hw;
+        let lb = Letterbox::new(frame.width(), frame.height(), w, h, self.format.placement);
+        letterbox_into(frame, &lb, &self.format, &mut self.input);
+        &self.input
+    }
+
+    /// Letterboxes `frame` and runs the model `runs` times, timing every node of the optimised
+    /// graph (seconds summed over the runs, in plan order). For `perch bench --profile`.
+    pub fn profile(
+        &mut self,
+        frame: &RgbFrame,
+        runs: usize,
+    ) -> Result<Vec<crate::model::NodeTime>, DetectorError> {
+        let (h, w) = self.input_hw;
+        let lb = Letterbox::new(frame.width(), frame.height(), w, h, self.format.placement);
+        letterbox_into(frame, &lb, &self.format, &mut self.input);
+        Ok(self.session.profile(&self.input, runs)?)
     }
 
     /// Detects objects in `frame`: boxes in frame pixels, clipped, best first.

@@ -5,10 +5,12 @@
 //! version in `Cargo.toml` because its internal APIs change between patch releases.
 
 mod metadata;
+mod quant;
 mod rewrite;
 mod weights;
 
 pub use metadata::{ModelMetadata, parse_imgsz, parse_names};
+pub use quant::Calibration;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -209,11 +211,140 @@ impl OnnxModel {
         &self.output_names
     }
 
+    /// Types, concretises and optimises the model for an input of `height` x `width` pixels, in
+    /// f32 on the calling thread. See [`OnnxModel::prepare_with`].
+    pub fn prepare(&self, height: usize, width: usize) -> Result<PreparedModel, ModelError> {
+        self.prepare_with(height, width, &PrepareOptions::default())
+    }
+
     /// Types, concretises and optimises the model for an input of `height` x `width` pixels.
     ///
     /// Symbolic batch/height/width dimensions of dynamic exports are substituted with 1, `height`
     /// and `width` across the whole graph. A static model must be asked for its own size.
-    pub fn prepare(&self, height: usize, width: usize) -> Result<PreparedModel, ModelError> {
+    /// `Precision::F16` falls back to f32 (with a warning) on CPUs without native half
+    /// arithmetic; `Precision::Int8` needs `opts.calibration` and fails with
+    /// [`ModelError::Unsupported`] without one. [`PreparedModel::precision`] tells what was
+    /// built.
+    pub fn prepare_with(
+        &self,
+        height: usize,
+        width: usize,
+        opts: &PrepareOptions,
+    ) -> Result<PreparedModel, ModelError> {
+        let prep = |reason: String| ModelError::Prepare {
+            path: self.path.clone(),
+            reason,
+        };
+        let t0 = std::time::Instant::now();
+        let mut proto = self.proto.clone();
+        let mut precision = opts.precision;
+        if precision == Precision::F16 && !f16_native() {
+            log::warn!(
+                "{}: this CPU has no native f16 arithmetic (needs ARMv8.2-A FP16, e.g. Cortex-A55/A76); running f32",
+                self.path.display()
+            );
+            precision = Precision::F32;
+        }
+        if precision == Precision::Int8 {
+            let cal = opts
+                .calibration
+                .as_deref()
+                .ok_or_else(|| ModelError::Unsupported {
+                    path: self.path.clone(),
+                    reason: "int8 needs a calibration (perch calibrate)".into(),
+                })?;
+            let n = quant::quantize(&mut proto, cal);
+            if n == 0 {
+                return Err(ModelError::Unsupported {
+                    path: self.path.clone(),
+                    reason: "int8: the calibration covers none of this model's Conv layers".into(),
+                });
+            }
+            log::info!("{}: {n} Conv layers quantized to int8", self.path.display());
+        }
+        let decluttered = self.decluttered(proto, height, width)?;
+        let decluttered = if precision == Precision::F16 {
+            let t = tract_onnx::tract_core::transform::get_transform("f32_to_f16")
+                .map_err(|e| prep(format!("{e:#}")))?
+                .ok_or_else(|| prep("tract has no f32_to_f16 transform".into()))?;
+            t.transform_into(decluttered)
+                .map_err(|e| prep(format!("f16: {e:#}")))?
+        } else {
+            decluttered
+        };
+        let t_declutter = t0.elapsed();
+        let optimized = decluttered
+            .into_optimized()
+            .map_err(|e| prep(format!("optimising: {e:#}")))?;
+        log::debug!(
+            "{}: prepared in {:.0} ms (optimise {:.0} ms)",
+            self.path.display(),
+            t0.elapsed().as_secs_f64() * 1e3,
+            (t0.elapsed() - t_declutter).as_secs_f64() * 1e3,
+        );
+        if log::log_enabled!(target: "perch::model::plan", log::Level::Trace) {
+            for node in optimized.nodes() {
+                log::trace!(target: "perch::model::plan", "{} {} {:?}", node.name, node.op().name(), node.op().info());
+            }
+        }
+        let mut output_shapes = Vec::new();
+        for (ix, outlet) in optimized
+            .output_outlets()
+            .map_err(|e| prep(format!("{e:#}")))?
+            .iter()
+            .enumerate()
+        {
+            let fact = optimized
+                .outlet_fact(*outlet)
+                .map_err(|e| prep(format!("{e:#}")))?;
+            let shape = fact.shape.as_concrete().ok_or_else(|| {
+                prep(format!(
+                    "output {ix} has a non-concrete shape {:?} after concretising the input",
+                    fact.shape
+                ))
+            })?;
+            let expected = if precision == Precision::F16 {
+                f16::datum_type()
+            } else {
+                f32::datum_type()
+            };
+            if fact.datum_type != expected {
+                return Err(ModelError::Unsupported {
+                    path: self.path.clone(),
+                    reason: format!("output {ix} is {:?}, expected f32", fact.datum_type),
+                });
+            }
+            output_shapes.push(shape.to_vec());
+        }
+        let threads = opts.threads.max(1);
+        let run_opts = RunOptions {
+            executor: executor(threads),
+            ..Default::default()
+        };
+        let runnable = optimized
+            .into_runnable_with_options(&run_opts)
+            .map_err(|e| prep(format!("{e:#}")))?;
+        Ok(PreparedModel {
+            path: self.path.clone(),
+            runnable,
+            input_dims: [1, 3, height, width],
+            output_shapes,
+            precision,
+            threads: if run_opts.executor.is_some() {
+                threads
+            } else {
+                1
+            },
+        })
+    }
+
+    /// Parses (after perch's graph rewrites), types, concretises and declutters `proto`.
+    fn decluttered(
+        &self,
+        mut proto: pb::ModelProto,
+        height: usize,
+        width: usize,
+    ) -> Result<TypedModel, ModelError> {
         let prep = |reason: String| ModelError::Prepare {
             path: self.path.clone(),
             reason,
@@ -229,12 +360,7 @@ impl OnnxModel {
             });
         }
         let model_dir = self.path.parent().and_then(|p| p.to_str());
-        // tract cannot unify the symbolic expressions of dynamic exports (e.g. a Concat of
-        // 2*((height+31)/32) with another form of the same size), so concrete sizes are written
-        // into the protobuf input before tract analyses the graph; declared output and
-        // intermediate shapes then carry stale symbols and are ignored.
         let t0 = std::time::Instant::now();
-        let mut proto = self.proto.clone();
         // PERCH_NO_REWRITES=1 runs the graph as exported (for A/B measurements and bug reports).
         let rewritten = if std::env::var_os("PERCH_NO_REWRITES").is_some_and(|v| v == "1") {
             0
@@ -245,6 +371,10 @@ impl OnnxModel {
             "{}: decomposed {rewritten} Softmax nodes",
             self.path.display()
         );
+        // tract cannot unify the symbolic expressions of dynamic exports (e.g. a Concat of
+        // 2*((height+31)/32) with another form of the same size), so concrete sizes are written
+        // into the protobuf input before tract analyses the graph; declared output and
+        // intermediate shapes then carry stale symbols and are ignored.
         let parsed = if self.input_shape.is_dynamic() || self.input_shape.batch.is_none() {
             set_input_dims(&mut proto, &self.input_name, [1, 3, height, width]);
             onnx()
@@ -252,7 +382,9 @@ impl OnnxModel {
                 .with_ignore_value_info(true)
                 .parse(&proto, model_dir)
         } else {
-            onnx().parse(&proto, model_dir)
+            onnx()
+                .with_ignore_output_shapes(true)
+                .parse(&proto, model_dir)
         }
         .map_err(|e| prep(format!("{e:#}")))?;
         if !parsed.unresolved_inputs.is_empty() {
@@ -272,52 +404,209 @@ impl OnnxModel {
         let decluttered = typed
             .into_decluttered()
             .map_err(|e| prep(format!("decluttering: {e:#}")))?;
-        let t_declutter = t0.elapsed();
-        let optimized = decluttered
-            .into_optimized()
-            .map_err(|e| prep(format!("optimising: {e:#}")))?;
         log::debug!(
-            "{}: prepare timings: parse {:.0} ms, typing {:.0} ms, declutter {:.0} ms, optimise {:.0} ms",
+            "{}: prepare timings: parse {:.0} ms, typing {:.0} ms, declutter {:.0} ms",
             self.path.display(),
             t_parse.as_secs_f64() * 1e3,
             (t_typed - t_parse).as_secs_f64() * 1e3,
-            (t_declutter - t_typed).as_secs_f64() * 1e3,
-            (t0.elapsed() - t_declutter).as_secs_f64() * 1e3,
+            (t0.elapsed() - t_typed).as_secs_f64() * 1e3,
         );
-        let mut output_shapes = Vec::new();
-        for (ix, outlet) in optimized
-            .output_outlets()
-            .map_err(|e| prep(format!("{e:#}")))?
-            .iter()
-            .enumerate()
-        {
-            let fact = optimized
-                .outlet_fact(*outlet)
-                .map_err(|e| prep(format!("{e:#}")))?;
-            let shape = fact.shape.as_concrete().ok_or_else(|| {
-                prep(format!(
-                    "output {ix} has a non-concrete shape {:?} after concretising the input",
-                    fact.shape
-                ))
-            })?;
-            if fact.datum_type != f32::datum_type() {
-                return Err(ModelError::Unsupported {
-                    path: self.path.clone(),
-                    reason: format!("output {ix} is {:?}, expected f32", fact.datum_type),
-                });
-            }
-            output_shapes.push(shape.to_vec());
+        Ok(decluttered)
+    }
+
+    /// A calibration run for int8: feed it letterboxed inputs of `height` x `width` with
+    /// [`Calibrator::observe`], then take the [`Calibration`] with [`Calibrator::finish`].
+    ///
+    /// Fails with [`ModelError::Unsupported`] when the model has no Conv layer int8 applies to.
+    pub fn calibrator(&self, height: usize, width: usize) -> Result<Calibrator, ModelError> {
+        let graph = self.proto.graph.as_ref();
+        let names = graph.map(quant::calibration_tensors).unwrap_or_default();
+        if names.is_empty() {
+            return Err(ModelError::Unsupported {
+                path: self.path.clone(),
+                reason: "no Conv layer that int8 applies to".into(),
+            });
         }
-        let runnable = optimized
+        let mut proto = self.proto.clone();
+        // The image input itself is read from the input buffer, not exposed as an output.
+        let exposed: Vec<String> = names
+            .iter()
+            .filter(|n| **n != self.input_name)
+            .cloned()
+            .collect();
+        quant::expose(&mut proto, &exposed);
+        let model = self
+            .decluttered(proto, height, width)?
+            .into_optimized()
+            .map_err(|e| ModelError::Prepare {
+                path: self.path.clone(),
+                reason: format!("optimising: {e:#}"),
+            })?
             .into_runnable()
-            .map_err(|e| prep(format!("{e:#}")))?;
-        Ok(PreparedModel {
-            path: self.path.clone(),
-            runnable,
-            input_dims: [1, 3, height, width],
-            output_shapes,
+            .map_err(|e| ModelError::Prepare {
+                path: self.path.clone(),
+                reason: format!("{e:#}"),
+            })?;
+        let first = self.output_names.len();
+        Ok(Calibrator {
+            session: PreparedModel {
+                path: self.path.clone(),
+                runnable: model,
+                input_dims: [1, 3, height, width],
+                output_shapes: Vec::new(),
+                precision: Precision::F32,
+                threads: 1,
+            }
+            .session()?,
+            names,
+            exposed,
+            input_name: self.input_name.clone(),
+            first,
+            absmax: Vec::new(),
+            images: 0,
+            fingerprint: self.fingerprint(),
         })
     }
+}
+
+/// Collects activation ranges for int8; see [`OnnxModel::calibrator`].
+pub struct Calibrator {
+    session: Session,
+    names: Vec<String>,
+    exposed: Vec<String>,
+    input_name: String,
+    first: usize,
+    absmax: Vec<f32>,
+    images: usize,
+    fingerprint: String,
+}
+
+impl Calibrator {
+    /// Runs the float model on one letterboxed NCHW input and widens the recorded ranges.
+    ///
+    /// Fails like [`Session::run`], and when an observed activation is NaN or infinite.
+    pub fn observe(&mut self, input: &[f32]) -> Result<(), ModelError> {
+        let outs = self.session.run(input)?;
+        if self.absmax.is_empty() {
+            self.absmax = vec![0.0; self.names.len()];
+        }
+        let absmax = |v: &[f32]| v.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let mut seen: HashMap<&str, f32> = self
+            .exposed
+            .iter()
+            .map(String::as_str)
+            .zip(outs.iter().skip(self.first).map(|o| absmax(&o.data)))
+            .collect();
+        seen.insert(self.input_name.as_str(), absmax(input));
+        for (name, range) in self.names.iter().zip(self.absmax.iter_mut()) {
+            let m = seen.get(name.as_str()).copied().unwrap_or(0.0);
+            if !m.is_finite() {
+                return Err(ModelError::Run {
+                    path: self.session.path.clone(),
+                    reason: format!("calibration: tensor '{name}' is not finite"),
+                });
+            }
+            *range = range.max(m);
+        }
+        self.images += 1;
+        Ok(())
+    }
+
+    /// The ranges seen so far.
+    pub fn finish(self) -> Calibration {
+        Calibration {
+            version: 1,
+            model_fingerprint: self.fingerprint,
+            images: self.images,
+            absmax: self.names.into_iter().zip(self.absmax).collect(),
+        }
+    }
+}
+
+/// Numeric precision of a prepared model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// 32-bit float everywhere (the reference).
+    #[default]
+    F32,
+    /// Half precision weights and activations, where the CPU computes in f16 natively.
+    F16,
+    /// int8 convolutions with calibrated activation scales; head outputs stay float.
+    Int8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Precision::F32),
+            "f16" => Ok(Precision::F16),
+            "int8" => Ok(Precision::Int8),
+            _ => Err(format!("'{s}' is not a precision (f32, f16, int8)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Int8 => "int8",
+        })
+    }
+}
+
+/// How to prepare a model: precision, threads per run, int8 calibration.
+#[derive(Debug, Clone, Default)]
+pub struct PrepareOptions {
+    pub precision: Precision,
+    /// Threads that split each matrix product of one run (0 or 1: the calling thread only).
+    pub threads: usize,
+    /// Activation ranges; required by [`Precision::Int8`].
+    pub calibration: Option<Arc<Calibration>>,
+}
+
+/// True when this CPU computes f16 natively (tract's check; ARMv8.2-A FP16), or when
+/// `PERCH_FORCE_F16=1` asks for tract's f16 graph anyway (for accuracy checks on other CPUs).
+pub fn f16_native() -> bool {
+    tract_onnx::tract_core::tract_linalg::has_fp16()
+        || std::env::var_os("PERCH_FORCE_F16").is_some_and(|v| v == "1")
+}
+
+/// The most threads a run can use in this build (1 without the `multithread` feature).
+pub fn max_threads() -> usize {
+    if cfg!(feature = "multithread") {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        1
+    }
+}
+
+/// A shared pool per thread count, so that rebuilding a model (adapter swaps) reuses threads.
+#[cfg(feature = "multithread")]
+fn executor(threads: usize) -> Option<tract_onnx::tract_core::tract_linalg::multithread::Executor> {
+    use tract_onnx::tract_core::tract_linalg::multithread::Executor;
+    static POOLS: std::sync::Mutex<Vec<(usize, Executor)>> = std::sync::Mutex::new(Vec::new());
+    if threads <= 1 {
+        return None;
+    }
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, e)) = pools.iter().find(|(n, _)| *n == threads) {
+        return Some(e.clone());
+    }
+    let e = Executor::multithread_with_name(threads, "perch-mm");
+    pools.push((threads, e.clone()));
+    Some(e)
+}
+
+#[cfg(not(feature = "multithread"))]
+fn executor(threads: usize) -> Option<tract_onnx::tract_core::tract_linalg::multithread::Executor> {
+    if threads > 1 {
+        log::warn!("built without the multithread feature; running on one thread");
+    }
+    None
 }
 
 fn input_dims(input: &pb::ValueInfoProto) -> Option<Vec<Option<usize>>> {
@@ -400,9 +689,21 @@ pub struct PreparedModel {
     runnable: Arc<TypedRunnableModel>,
     input_dims: [usize; 4],
     output_shapes: Vec<Vec<usize>>,
+    precision: Precision,
+    threads: usize,
 }
 
 impl PreparedModel {
+    /// The precision actually built (f16 requests fall back to f32 without native f16).
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
+    /// Threads each run splits its matrix products over.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
     /// Input tensor dimensions `[1, 3, height, width]`.
     pub fn input_dims(&self) -> [usize; 4] {
         self.input_dims
@@ -422,6 +723,7 @@ impl PreparedModel {
         Ok(Session {
             path: self.path.clone(),
             input_dims: self.input_dims,
+            f16: self.precision == Precision::F16,
             state,
         })
     }
@@ -438,10 +740,21 @@ pub struct Output {
 pub struct Session {
     path: PathBuf,
     input_dims: [usize; 4],
+    /// The graph takes and returns f16 tensors (`f32_to_f16` changes its interface too).
+    f16: bool,
     state: TypedSimpleState,
 }
 
 impl Session {
+    fn input_tensor(&self, input: &[f32]) -> TractResult<Tensor> {
+        let t = Tensor::from_shape(&self.input_dims, input)?;
+        if self.f16 {
+            t.cast_to::<f16>().map(|t| t.into_owned())
+        } else {
+            Ok(t)
+        }
+    }
+
     /// Runs the model on an NCHW `f32` input of exactly `input_dims()` elements and returns
     /// all outputs.
     pub fn run(&mut self, input: &[f32]) -> Result<Vec<Output>, ModelError> {
@@ -457,8 +770,9 @@ impl Session {
                 self.input_dims
             )));
         }
-        let tensor =
-            Tensor::from_shape(&self.input_dims, input).map_err(|e| err(format!("{e:#}")))?;
+        let tensor = self
+            .input_tensor(input)
+            .map_err(|e| err(format!("{e:#}")))?;
         let outputs = self
             .state
             .run(tvec!(tensor.into_tvalue()))
@@ -466,6 +780,7 @@ impl Session {
         outputs
             .iter()
             .map(|t| {
+                let t = t.cast_to::<f32>().map_err(|e| err(format!("{e:#}")))?;
                 let view = t
                     .to_plain_array_view::<f32>()
                     .map_err(|e| err(format!("{e:#}")))?;
@@ -475,5 +790,58 @@ impl Session {
                 })
             })
             .collect()
+    }
+}
+
+/// Time spent in one node of the optimised graph, summed over the profiled runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeTime {
+    /// Node name in tract's optimised graph (ONNX names with tract's suffixes).
+    pub name: String,
+    /// Operator kind after optimisation (e.g. `OptMatMul`, `ReduceMax`).
+    pub op: String,
+    /// Total wall time of this node over all runs, in seconds.
+    pub seconds: f64,
+}
+
+impl Session {
+    /// Runs the model `runs` times on `input` and returns the wall time of every node, in plan
+    /// order (timing each node adds a little overhead compared to [`Session::run`]).
+    ///
+    /// Fails like [`Session::run`].
+    pub fn profile(&mut self, input: &[f32], runs: usize) -> Result<Vec<NodeTime>, ModelError> {
+        let err = |reason: String| ModelError::Run {
+            path: self.path.clone(),
+            reason,
+        };
+        let tensor = self
+            .input_tensor(input)
+            .map_err(|e| err(format!("{e:#}")))?;
+        // Nodes are evaluated in plan order, so first sight gives the order of the result.
+        let mut slot: HashMap<usize, usize> = HashMap::new();
+        let mut times: Vec<NodeTime> = Vec::new();
+        for _ in 0..runs {
+            self.state
+                .run_plan_with_eval(
+                    tvec!(tensor.clone().into_tvalue()),
+                    |ctx, state, node, inputs| {
+                        let t = std::time::Instant::now();
+                        let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+                        let elapsed = t.elapsed().as_secs_f64();
+                        let ix = *slot.entry(node.id).or_insert_with(|| {
+                            times.push(NodeTime {
+                                name: node.name.clone(),
+                                op: node.op().name().to_string(),
+                                seconds: 0.0,
+                            });
+                            times.len() - 1
+                        });
+                        times[ix].seconds += elapsed;
+                        out
+                    },
+                )
+                .map_err(|e| err(format!("{e:#}")))?;
+        }
+        Ok(times)
     }
 }

@@ -17,7 +17,7 @@ fn dims(t: &pb::TensorProto) -> Vec<usize> {
     t.dims.iter().map(|d| (*d).max(0) as usize).collect()
 }
 
-fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
+pub(super) fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
     if t.data_type != FLOAT || t.data_location == Some(1) {
         return None;
     }

@@ -31,7 +31,7 @@ use crate::adapter::{self, Adapter};
 use crate::config::{AdapterSettings, ModelSettings};
 use crate::detector::{Detector, DetectorOptions, read_labels};
 use crate::frame::RgbFrame;
-use crate::model::OnnxModel;
+use crate::model::{Calibration, OnnxModel, PrepareOptions};
 use crate::report::{ModelRef, ms};
 
 /// Poll period of the swap thread (probation checks, freeing retired engines).
@@ -47,6 +47,7 @@ pub struct EngineFactory {
     settings: ModelSettings,
     labels: Option<Vec<String>>,
     model: ModelRef,
+    calibration: Option<Arc<Calibration>>,
 }
 
 impl EngineFactory {
@@ -54,6 +55,12 @@ impl EngineFactory {
     pub fn new(m: &ModelSettings) -> anyhow::Result<Self> {
         let base = OnnxModel::load(&m.path)?;
         let labels = m.labels.as_deref().map(read_labels).transpose()?;
+        let calibration = m
+            .calibration
+            .as_deref()
+            .map(Calibration::load)
+            .transpose()?
+            .map(Arc::new);
         let model = ModelRef {
             path: m.path.display().to_string(),
             fingerprint: base.fingerprint(),
@@ -63,6 +70,7 @@ impl EngineFactory {
             settings: m.clone(),
             labels,
             model,
+            calibration,
         })
     }
 
@@ -92,6 +100,11 @@ impl EngineFactory {
             layout: self.settings.layout,
             labels: self.labels.clone(),
             params: self.settings.params.clone(),
+            prepare: PrepareOptions {
+                precision: self.settings.precision,
+                threads: self.settings.threads,
+                calibration: self.calibration.clone(),
+            },
         };
         let detector = Detector::new(model, opts)?;
         log::info!(
@@ -860,6 +873,9 @@ mod tests {
             adapter: None,
             adapter_scale: 1.0,
             params: PostprocessParams::default(),
+            precision: Default::default(),
+            threads: 1,
+            calibration: None,
         }
     }
 
