@@ -895,6 +895,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<u8> {
     v["adapter"] = adapter.as_ref().map(Adapter::id).into();
     let (h, w) = det.input_hw();
     v["imgsz"] = serde_json::json!([h, w]);
+    v["precision"] = det.prepared().precision().to_string().into();
     if let Some(classes) = v["per_class"].as_array_mut() {
         for c in classes {
             let id = c["class_id"].as_u64().unwrap_or(0) as usize;

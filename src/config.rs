@@ -676,6 +676,21 @@ socket = "/run/perch/control.sock"
         let s = parse_str(GOOD).unwrap();
         assert_eq!(s.model.path, Path::new("/etc/perch/models/m.onnx"));
         assert_eq!(s.model.imgsz, Some((320, 480)));
+        assert_eq!(
+            (s.model.precision, s.model.threads, &s.model.calibration),
+            (Precision::F32, 1, &None)
+        );
+        let q = parse_str(&GOOD.replace(
+            "imgsz = [320, 480]",
+            "precision = \"int8\"\ncalibration = \"m.cal.json\"\nthreads = 2",
+        ))
+        .unwrap();
+        assert_eq!(q.model.precision, Precision::Int8);
+        assert_eq!(q.model.threads, 2);
+        assert_eq!(
+            q.model.calibration.as_deref(),
+            Some(Path::new("/etc/perch/m.cal.json"))
+        );
         assert_eq!(s.model.params.conf, 0.4);
         assert_eq!(
             s.source.kind,
@@ -732,6 +747,18 @@ socket = "/run/perch/control.sock"
             (
                 GOOD.replace("imgsz = [320, 480]", "imgsz = 0"),
                 "perch.toml:5: model.imgsz",
+            ),
+            (
+                GOOD.replace("imgsz = [320, 480]", "precision = \"f64\""),
+                "perch.toml:5: model.precision: 'f64' is not a precision",
+            ),
+            (
+                GOOD.replace("imgsz = [320, 480]", "precision = \"int8\""),
+                "model.precision: int8 needs model.calibration",
+            ),
+            (
+                GOOD.replace("imgsz = [320, 480]", "threads = 0"),
+                "perch.toml:5: model.threads",
             ),
             ("[model\n".to_string(), "perch.toml:1:"),
         ];

@@ -329,6 +329,53 @@ mod tests {
     use super::*;
 
     #[test]
+    fn head_outputs_stay_float_and_every_calibrated_conv_becomes_integer() {
+        use tract_onnx::prelude::*;
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut proto = onnx()
+            .proto_model_for_path(root.join("models/tree-yolo11n-320.onnx"))
+            .unwrap();
+        let graph = proto.graph.as_ref().unwrap();
+        let convs = graph.node.iter().filter(|n| n.op_type == "Conv").count();
+        let picked: Vec<String> = quantizable_convs(graph)
+            .into_iter()
+            .map(|ix| graph.node[ix].name.clone())
+            .collect();
+        // YOLO11n: 88 Convs. Left float: the grouped (depthwise) ones and those without an
+        // activation (attention projections, the 6 final box/class convs, the DFL projection).
+        assert_eq!((convs, picked.len()), (88, 71), "{picked:?}");
+        for p in &picked {
+            assert!(
+                !p.contains("dfl") && !p.contains("cv2.0.2") && !p.contains("cv3.2.2"),
+                "{p}"
+            );
+        }
+        let inputs = calibration_tensors(graph);
+        let cal = Calibration {
+            version: 1,
+            model_fingerprint: String::new(),
+            images: 1,
+            absmax: inputs.iter().map(|n| (n.clone(), 4.0)).collect(),
+        };
+        assert_eq!(quantize(&mut proto, &cal), 71);
+        let graph = proto.graph.as_ref().unwrap();
+        let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(count("ConvInteger"), 71);
+        assert_eq!(count("Conv"), 17);
+        // One QuantizeLinear per distinct input, shared by the Convs reading it.
+        assert_eq!(count("QuantizeLinear"), inputs.len());
+        // Without a range a Conv stays float.
+        let mut proto = onnx()
+            .proto_model_for_path(root.join("models/tree-yolo11n-320.onnx"))
+            .unwrap();
+        let empty = Calibration {
+            absmax: Default::default(),
+            ..cal
+        };
+        assert_eq!(quantize(&mut proto, &empty), 0);
+    }
+
+    #[test]
     fn per_channel_weights_round_trip_within_half_a_step() {
         let w: Vec<f32> = (0..2 * 9)
             .map(|i| {

@@ -1,0 +1,273 @@
+//! `--precision`, `perch calibrate` and `bench --profile` through the real binary.
+//!
+//! int8 is checked against the float model and against Ultralytics `val` (the committed eval
+//! golden); f16 falls back to f32 on CPUs without native half arithmetic (x86, Cortex-A53/A7).
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+const CALIBRATION: &str = "models/tree-yolo11n-320.calibration.json";
+
+fn ok_json_lines(out: &std::process::Output) -> Vec<Value> {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    records(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn iou(a: &[f32], b: &[f32]) -> f32 {
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let i = iw * ih;
+    i / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - i)
+}
+
+/// The issue's bar: int8 loses at most 1 mAP50 point. Compared with Ultralytics `val` on the
+/// f32 export (the eval golden), calibration from the training tiles (committed).
+#[test]
+fn int8_eval_is_within_one_map50_point_of_f32() {
+    let g = json("tests/goldens/eval/tree-yolo11n-320.json");
+    let out = perch(&[
+        "eval",
+        "--model",
+        g["model"].as_str().unwrap(),
+        "--data",
+        g["data"].as_str().unwrap(),
+        "--precision",
+        "int8",
+        "--calibration",
+        CALIBRATION,
+    ]);
+    let r = &ok_json_lines(&out)[0];
+    assert_eq!(r["precision"], "int8");
+    assert_eq!(r["images"], 6);
+    for key in ["map50", "map50_95"] {
+        let (got, want) = (r[key].as_f64().unwrap(), g[key].as_f64().unwrap());
+        eprintln!("{key}: int8 {got:.4} ultralytics f32 {want:.4}");
+        assert!(
+            (got - want).abs() <= 0.01,
+            "{key}: int8 {got} vs f32 {want}"
+        );
+    }
+}
+
+/// Every f32 detection scoring >= 0.3 has an int8 twin (IoU >= 0.85, score within 0.06).
+#[test]
+fn int8_detections_track_f32() {
+    let images = [
+        "tests/data/osbs_029.png",
+        "tests/data/eval/images/val/2019_YELL_2_528000_4978000_image_crop2_512_1854.png",
+    ];
+    let mut f32_args = vec!["detect", "--model", "models/tree-yolo11n-320.onnx"];
+    f32_args.extend(images);
+    let mut int8_args = f32_args.clone();
+    int8_args.extend(["--precision", "int8", "--calibration", CALIBRATION]);
+    let f = ok_json_lines(&perch(&f32_args));
+    let q = ok_json_lines(&perch(&int8_args));
+    assert_eq!(f.len(), 2);
+    let mut checked = 0;
+    for (f, q) in f.iter().zip(&q) {
+        let qd = q["detections"].as_array().unwrap();
+        for d in f["detections"].as_array().unwrap() {
+            let score = d["score"].as_f64().unwrap();
+            if score < 0.3 {
+                continue;
+            }
+            let b = f32s(&d["box"]);
+            let best = qd
+                .iter()
+                .max_by(|x, y| iou(&b, &f32s(&x["box"])).total_cmp(&iou(&b, &f32s(&y["box"]))))
+                .expect("int8 found nothing");
+            let overlap = iou(&b, &f32s(&best["box"]));
+            let ds = (best["score"].as_f64().unwrap() - score).abs();
+            assert!(
+                overlap >= 0.85 && ds <= 0.06,
+                "{}: f32 {d} vs int8 {best} (IoU {overlap}, score diff {ds})",
+                f["source"]
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 15, "only {checked} detections compared");
+}
+
+#[test]
+fn calibrate_measures_every_quantized_input() {
+    let dir = scratch("calibrate");
+    let out_file = dir.join("cal.json");
+    let out = perch(&[
+        "calibrate",
+        "--model",
+        "models/tree-yolo11n-320.onnx",
+        "--images",
+        "tests/data/eval/images/val",
+        "--max-images",
+        "2",
+        "-o",
+        out_file.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["images"], 2);
+    let cal: Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    let committed = json(CALIBRATION);
+    assert_eq!(cal["model_fingerprint"], committed["model_fingerprint"]);
+    let (got, want) = (
+        cal["absmax"].as_object().unwrap(),
+        committed["absmax"].as_object().unwrap(),
+    );
+    let mut names: Vec<_> = got.keys().collect();
+    names.sort();
+    let mut expected: Vec<_> = want.keys().collect();
+    expected.sort();
+    assert_eq!(names, expected, "same tensors as the committed calibration");
+    assert!(got.values().all(|v| v.as_f64().unwrap() > 0.0), "{cal}");
+    // The image input is one of them and its range is that of RGB / 255.
+    let input = got["images"].as_f64().unwrap();
+    assert!(input > 0.5 && input <= 1.0, "{input}");
+}
+
+fn fails_with(args: &[&str], code: i32, needles: &[&str]) {
+    let out = perch(args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr lacks '{n}': {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn bad_precision_inputs_fail_with_one_line() {
+    let dir = scratch("bad-precision");
+    let garbage = dir.join("garbage.json");
+    std::fs::write(&garbage, b"{\"version\": 1, \"absmax\": 3}").unwrap();
+    let other = dir.join("other.json");
+    std::fs::write(
+        &other,
+        br#"{"version":1,"model_fingerprint":"x","images":1,"absmax":{"nope":1.0}}"#,
+    )
+    .unwrap();
+    let m = ["detect", "--model", "models/tree-yolo11n-320.onnx"];
+    let img = "tests/data/osbs_029.png";
+    let with = |extra: &[&'static str]| {
+        let mut v: Vec<&str> = m.to_vec();
+        v.extend_from_slice(extra);
+        v.push(img);
+        v
+    };
+    fails_with(
+        &with(&["--precision", "int8"]),
+        2,
+        &["int8 needs a calibration"],
+    );
+    fails_with(&with(&["--precision", "int4"]), 2, &["not a precision"]);
+    let missing = dir.join("missing.json");
+    let missing = missing.to_str().unwrap().to_string();
+    let garbage = garbage.to_str().unwrap().to_string();
+    let other = other.to_str().unwrap().to_string();
+    for (file, needle) in [
+        (missing.as_str(), "cannot read"),
+        (garbage.as_str(), "not a perch calibration"),
+        (other.as_str(), "covers none"),
+    ] {
+        let mut args: Vec<&str> = m.to_vec();
+        args.extend(["--precision", "int8", "--calibration", file, img]);
+        fails_with(&args, 2, &[file, needle]);
+    }
+    // Calibration images that are all unreadable.
+    let bad_img = dir.join("bad.png");
+    std::fs::write(&bad_img, b"not a png").unwrap();
+    let out_file = dir.join("cal.json");
+    fails_with(
+        &[
+            "calibrate",
+            "--model",
+            "models/tree-yolo11n-320.onnx",
+            "--images",
+            bad_img.to_str().unwrap(),
+            "-o",
+            out_file.to_str().unwrap(),
+        ],
+        2,
+        &["no readable image"],
+    );
+    assert!(!out_file.exists());
+}
+
+/// Without native f16 (x86, Cortex-A53/A7) `--precision f16` warns and runs f32: the output is
+/// the f32 output exactly.
+#[test]
+fn f16_without_native_half_falls_back_to_f32() {
+    let args = [
+        "detect",
+        "--model",
+        "models/tree-yolo11n-320.onnx",
+        "tests/data/osbs_029.png",
+    ];
+    let f = perch(&args);
+    let mut h_args = args.to_vec();
+    h_args.extend(["--precision", "f16"]);
+    let h = perch(&h_args);
+    let err = String::from_utf8_lossy(&h.stderr);
+    if err.contains("no native f16") {
+        let strip = |o: &std::process::Output| {
+            let mut v = ok_json_lines(o);
+            v[0]["timings_ms"] = Value::Null;
+            v
+        };
+        assert_eq!(strip(&f), strip(&h));
+    } else {
+        // A CPU with FP16 ran the half graph: same detections within half-precision noise.
+        let (f, h) = (&ok_json_lines(&f)[0], &ok_json_lines(&h)[0]);
+        let (fd, hd) = (
+            f["detections"].as_array().unwrap(),
+            h["detections"].as_array().unwrap(),
+        );
+        assert!((fd.len() as i64 - hd.len() as i64).abs() <= 2, "{f} vs {h}");
+    }
+}
+
+#[test]
+fn bench_reports_precision_threads_and_a_node_profile() {
+    let out = perch(&[
+        "bench",
+        "--model",
+        "models/tree-yolo11n-320.onnx",
+        "--iterations",
+        "2",
+        "--warmup",
+        "0",
+        "--threads",
+        "2",
+        "--profile",
+        "--json",
+    ]);
+    let r = &ok_json_lines(&out)[0];
+    assert_eq!(r["precision"], "f32");
+    assert_eq!(r["threads"], 2);
+    let nodes = r["profile_ms"].as_array().unwrap();
+    assert!(nodes.len() > 100, "{} nodes", nodes.len());
+    let total: f64 = nodes.iter().map(|n| n["ms"].as_f64().unwrap()).sum();
+    assert!(total > 0.0);
+    assert!(nodes.iter().all(|n| n["ms"].as_f64().unwrap() >= 0.0
+        && !n["node"].as_str().unwrap().is_empty()
+        && !n["op"].as_str().unwrap().is_empty()));
+    // The convolutions' matrix products are where a YOLO spends its time.
+    let matmul: f64 = nodes
+        .iter()
+        .filter(|n| n["op"].as_str().unwrap().contains("MatMul"))
+        .map(|n| n["ms"].as_f64().unwrap())
+        .sum();
+    assert!(matmul > 0.3 * total, "matmul {matmul} of {total} ms");
+}
