@@ -6,7 +6,7 @@
 # TARGETs default to aarch64-unknown-linux-gnu and armv7-unknown-linux-gnueabihf, built in one
 # cargo invocation (the build is dominated by one long rustc for tract-core, so two targets in
 # parallel cost little more than one). --setup installs the cross toolchains, qemu-user and the
-# rustup targets. --test then runs the model-level tests (library, goldens, CLI, adapters, eval)
+# rustup targets. --test then runs the model-level tests (library, goldens, CLI, adapters, eval, precision)
 # under qemu with a small board CPU: cortex-a53 for aarch64, cortex-a7 for armv7.
 # Binaries land in $CARGO_TARGET_DIR/<target>/<profile>/perch (target dir default:
 # ~/.cache/perch/target-arm, outside the clone).
@@ -73,7 +73,7 @@ if [ "$test" -eq 1 ]; then
   # The model-level suites compare against the committed goldens with the same tolerances as
   # on x86_64. The service suites are run by hand (cross/README.md): their timing windows are
   # sized for native speed.
-  suites=(--lib --test goldens --test cli --test adapters --test eval)
+  suites=(--lib --test goldens --test cli --test adapters --test eval --test precision)
   for t in "${targets[@]}"; do
     runner=$(runner_of "$t")
     cpu=$(echo "$runner" | awk '{print $3}')

@@ -1,13 +1,17 @@
-"""Compare perch with onnxruntime on the same model, image and thread count.
+"""Compare perch with onnxruntime on the same model, image and thread count, per precision.
 
-Runs `perch bench --json` (the release binary) and onnxruntime (CPUExecutionProvider, same
-number of intra-op threads, graph optimisations on) on the same letterboxed input, and prints
-per-stage latency percentiles and the perch/onnxruntime ratio of median inference latency.
+For each thread count it runs `perch bench --json` (the release binary) at f32, int8 (with the
+model's perch calibration) and f16 (only where perch builds f16, i.e. the CPU has native half
+arithmetic), and onnxruntime (CPUExecutionProvider, graph optimisations on) at f32 and on its own
+int8 QDQ model (onnxruntime.quantization.quantize_static: per-channel int8 weights, uint8
+activations, MinMax calibration on --calib-images). It prints latency percentiles and the
+perch/onnxruntime ratio of median inference latency at equal precision and threads.
 
 Usage:
   PY=$(models/recipe/venv.sh)/bin/python
   cargo build --release
-  $PY scripts/bench_ort.py --model models/tree-yolo11n-320.onnx --image tests/data/osbs_029.png
+  $PY scripts/bench_ort.py --model models/tree-yolo11n-320.onnx --image tests/data/osbs_029.png \
+      --threads 1,2 --iterations 100
 """
 import argparse
 import json
@@ -36,35 +40,46 @@ def pct(xs, p):
     return xs[round((len(xs) - 1) * p)]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--image", required=True)
-    ap.add_argument("--iterations", type=int, default=100)
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--perch", default=os.environ.get("PERCH_BIN", str(Path.home() / ".cache/perch/target/release/perch")))
-    a = ap.parse_args()
+def perch_bench(a, threads, precision):
+    cmd = [a.perch, "bench", "--model", a.model, "--image", a.image, "--json",
+           "--iterations", str(a.iterations), "--warmup", str(a.warmup),
+           "--threads", str(threads), "--precision", precision]
+    if precision == "int8":
+        cmd += ["--calibration", a.calibration]
+    r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    return r if r["precision"] == precision else None
 
-    perch = json.loads(subprocess.run(
-        [a.perch, "bench", "--model", a.model, "--image", a.image, "--json",
-         "--iterations", str(a.iterations), "--warmup", str(a.warmup)],
-        check=True, capture_output=True, text=True).stdout)
-    h, w = perch["input"]
 
+def ort_quantized(a, h, w, out_dir):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    images = sorted(p for p in Path(a.calib_images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    name = ort.InferenceSession(a.model, providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(images)
+
+        def get_next(self):
+            p = next(self.it, None)
+            return None if p is None else {name: letterbox(cv2.imread(str(p)), (h, w))}
+
+    pre = out_dir / "pre.onnx"
+    quant_pre_process(a.model, str(pre))
+    q = out_dir / "qdq.onnx"
+    quantize_static(str(pre), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return str(q)
+
+
+def ort_bench(path, threads, x, a):
     so = ort.SessionOptions()
-    so.intra_op_num_threads = a.threads
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    sess = ort.InferenceSession(a.model, so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
-    img = cv2.imread(a.image)
-    letterbox(img, (h, w))  # the first call imports Ultralytics
-    pre = []
-    for _ in range(a.iterations):
-        t = time.perf_counter()
-        x = letterbox(img, (h, w))
-        pre.append((time.perf_counter() - t) * 1e3)
     for _ in range(a.warmup):
         sess.run(None, {name: x})
     inf = []
@@ -72,17 +87,62 @@ def main():
         t = time.perf_counter()
         sess.run(None, {name: x})
         inf.append((time.perf_counter() - t) * 1e3)
+    return {"p50": pct(inf, .5), "p90": pct(inf, .9), "p99": pct(inf, .99)}
+
+
+def main():
+    import tempfile
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--image", required=True)
+    ap.add_argument("--iterations", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--threads", default="1", help="comma-separated thread counts")
+    ap.add_argument("--calibration", help="perch calibration (default: <model stem>.calibration.json)")
+    ap.add_argument("--calib-images", default=str(ROOT / "tests/data/eval/images/val"))
+    ap.add_argument("--perch", default=os.environ.get("PERCH_BIN", str(Path.home() / ".cache/perch/target/release/perch")))
+    a = ap.parse_args()
+    if a.calibration is None:
+        a.calibration = str(Path(a.model).with_suffix(".calibration.json"))
+
+    probe = perch_bench(a, 1, "f32")
+    h, w = probe["input"]
+    img = cv2.imread(a.image)
+    x = letterbox(img, (h, w))
+    pre = []
+    for _ in range(a.iterations):
+        t = time.perf_counter()
+        letterbox(img, (h, w))
+        pre.append((time.perf_counter() - t) * 1e3)
+    tmp = Path(tempfile.mkdtemp(prefix="perch-ort-"))
+    ort_int8 = ort_quantized(a, h, w, tmp)
 
     print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus; "
-          f"threads {a.threads}; onnxruntime {ort.__version__}; input {h}x{w}; {a.iterations} iterations")
-    print(f"{'stage (ms)':<26}{'p50':>9}{'p90':>9}{'p99':>9}")
-    for label, d in (("perch preprocess", perch["preprocess_ms"]), ("perch inference (tract)", perch["inference_ms"]),
-                     ("perch postprocess", perch["postprocess_ms"]), ("perch total", perch["total_ms"])):
-        print(f"{label:<26}{d['p50']:>9.3f}{d['p90']:>9.3f}{d['p99']:>9.3f}")
-    for label, xs in (("ultralytics letterbox (py)", pre), ("onnxruntime inference", inf)):
-        print(f"{label:<26}{pct(xs, .5):>9.3f}{pct(xs, .9):>9.3f}{pct(xs, .99):>9.3f}")
-    ratio = perch["inference_ms"]["p50"] / pct(inf, .5)
-    print(f"inference p50 ratio perch/onnxruntime: {ratio:.2f}x ({'slower' if ratio > 1 else 'faster'})")
+          f"onnxruntime {ort.__version__}; model {a.model}; input {h}x{w}; {a.iterations} iterations")
+    print(f"perch preprocess p50 {probe['preprocess_ms']['p50']:.3f} ms, postprocess p50 "
+          f"{probe['postprocess_ms']['p50']:.3f} ms; Ultralytics LetterBox (Python/OpenCV) p50 {pct(pre, .5):.3f} ms")
+    print(f"{'inference (ms)':<32}{'threads':>8}{'p50':>9}{'p90':>9}{'p99':>9}   ratio")
+    for threads in [int(t) for t in a.threads.split(",")]:
+        rows = {}
+        for precision in ("f32", "int8", "f16"):
+            if precision == "int8" and not Path(a.calibration).exists():
+                continue
+            r = perch_bench(a, threads, precision)
+            if r is not None:
+                rows[f"perch {precision}"] = r["inference_ms"]
+        rows["onnxruntime f32"] = ort_bench(a.model, threads, x, a)
+        rows["onnxruntime int8 (QDQ)"] = ort_bench(ort_int8, threads, x, a)
+        for label, d in rows.items():
+            peer = {"perch f32": "onnxruntime f32", "perch int8": "onnxruntime int8 (QDQ)"}.get(label)
+            note = ""
+            if peer:
+                note = f"{d['p50'] / rows[peer]['p50']:.2f}x {peer}"
+            elif label == "perch f16":
+                note = f"{d['p50'] / rows['perch f32']['p50']:.2f}x perch f32"
+            if label == "perch int8":
+                note += f"; {rows['perch f32']['p50'] / d['p50']:.2f}x speed-up over perch f32"
+            print(f"{label:<32}{threads:>8}{d['p50']:>9.3f}{d['p90']:>9.3f}{d['p99']:>9.3f}   {note}")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,10 @@ struct BenchArgs {
     /// operator kinds and nodes.
     #[arg(long)]
     profile: bool,
+    /// Dynamic models: run at the smallest stride-aligned input that holds --image (Ultralytics
+    /// rectangular inference) instead of a square.
+    #[arg(long, requires = "image")]
+    rect: bool,
 }
 
 #[derive(Args, Debug)]
@@ -397,6 +401,15 @@ fn build_detector_timed(
     default_conf: f32,
     times: &mut LoadTimes,
 ) -> anyhow::Result<(Detector, Option<Adapter>)> {
+    build_detector_for(a, default_conf, times, None)
+}
+
+fn build_detector_for(
+    a: &ModelArgs,
+    default_conf: f32,
+    times: &mut LoadTimes,
+    rect_for: Option<(usize, usize)>,
+) -> anyhow::Result<(Detector, Option<Adapter>)> {
     let (model, adapter) = load_model(a, times)?;
     let labels = a.labels.as_deref().map(read_labels).transpose()?;
     let params = PostprocessParams {
@@ -429,6 +442,7 @@ fn build_detector_timed(
             threads: a.threads as usize,
             calibration,
         },
+        rect_for,
     };
     let t = Instant::now();
     let det = Detector::new(&model, opts)?;
@@ -608,9 +622,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     let mut load = LoadTimes::default();
-    let (mut det, adapter) = build_detector_timed(&a.model, PREDICT_CONF, &mut load)?;
-    let frame = match &a.image {
-        Some(p) => load_rgb(p)?,
+    let image = a.image.as_deref().map(load_rgb).transpose()?;
+    let rect_for = image
+        .as_ref()
+        .filter(|_| a.rect)
+        .map(|f| (f.width(), f.height()));
+    let (mut det, adapter) = build_detector_for(&a.model, PREDICT_CONF, &mut load, rect_for)?;
+    let frame = match image {
+        Some(f) => f,
         None => {
             let (h, w) = det.input_hw();
             RgbFrame::filled(w, h, [114, 114, 114])

@@ -40,6 +40,9 @@ pub struct ModelSettings {
     pub threads: usize,
     /// int8 activation ranges from `perch calibrate`.
     pub calibration: Option<PathBuf>,
+    /// Dynamic models: run at the smallest stride-aligned input holding the camera frame
+    /// (`source.width` x `source.height`) instead of a square.
+    pub rect: bool,
 }
 
 /// Where JSON records go.
@@ -176,6 +179,7 @@ struct RawModel {
     precision: Option<Spanned<String>>,
     threads: Option<Spanned<i64>>,
     calibration: Option<String>,
+    rect: Option<Spanned<bool>>,
 }
 
 #[derive(Deserialize)]
@@ -345,9 +349,20 @@ pub fn parse(text: &str, file: &Path) -> Result<Settings, ConfigError> {
         reason: e.message().trim().to_string(),
     })?;
     let model_adapter = raw.model.adapter.clone();
+    let rect = raw.model.rect.clone();
+    let source = source(&ctx, raw.source)?;
+    if let Some(r) = rect.filter(|r| *r.get_ref())
+        && source.size.is_none()
+    {
+        return Err(ctx.err(
+            &r,
+            "model.rect",
+            "needs source.width and source.height (the frame size to fit)",
+        ));
+    }
     Ok(Settings {
         model: model(&ctx, raw.model)?,
-        source: source(&ctx, raw.source)?,
+        source,
         output: output(&ctx, raw.output)?,
         snapshots: raw.snapshots.map(|s| snapshots(&ctx, s)).transpose()?,
         http: raw.http.map(|h| http(&ctx, h)).transpose()?,
@@ -481,6 +496,7 @@ fn model(ctx: &Ctx, m: RawModel) -> Result<ModelSettings, ConfigError> {
             .count(&m.threads, "model.threads", 1, 256)?
             .map_or(1, |n| n as usize),
         calibration: m.calibration.as_deref().map(|p| ctx.path(p)),
+        rect: m.rect.as_ref().is_some_and(|r| *r.get_ref()),
     })
 }
 
@@ -759,6 +775,10 @@ socket = "/run/perch/control.sock"
             (
                 GOOD.replace("imgsz = [320, 480]", "threads = 0"),
                 "perch.toml:5: model.threads",
+            ),
+            (
+                GOOD.replace("imgsz = [320, 480]", "rect = true"),
+                "perch.toml:5: model.rect: needs source.width",
             ),
             ("[model\n".to_string(), "perch.toml:1:"),
         ];

@@ -46,6 +46,10 @@ pub struct DetectorOptions {
     pub params: PostprocessParams,
     /// Precision, threads and int8 calibration of the prepared model.
     pub prepare: crate::model::PrepareOptions,
+    /// Frame size (width, height) to fit: a dynamic model then runs at the smallest
+    /// stride-aligned input holding the frame letterboxed at `imgsz` (see
+    /// [`crate::preprocess::rect_input`]) instead of a square. Ignored by static models.
+    pub rect_for: Option<(usize, usize)>,
 }
 
 /// Wall-clock time spent in each stage of one frame.
@@ -113,6 +117,22 @@ impl Detector {
             (Some(hw), _, _) => hw,
             (None, Some(h), Some(w)) => (h, w),
             (None, _, _) => meta.imgsz.unwrap_or((DEFAULT_IMGSZ, DEFAULT_IMGSZ)),
+        };
+        let input_hw = match opts.rect_for {
+            Some((fw, fh)) if fw > 0 && fh > 0 && shape.is_dynamic() => {
+                let stride = meta.stride.filter(|s| *s > 0).unwrap_or(32);
+                crate::preprocess::rect_input(fw, fh, input_hw.1, input_hw.0, stride)
+            }
+            Some(_) if !shape.is_dynamic() => {
+                log::warn!(
+                    "{}: rectangular input needs a dynamic export; running at {}x{}",
+                    path.display(),
+                    input_hw.0,
+                    input_hw.1
+                );
+                input_hw
+            }
+            _ => input_hw,
         };
         if let Some(stride) = meta.stride
             && stride > 0

@@ -45,6 +45,29 @@ impl InputFormat {
     };
 }
 
+/// The smallest input of a dynamic model that holds a `src_w` x `src_h` frame letterboxed into
+/// `dst_w` x `dst_h`, each side padded only up to a multiple of `stride`: Ultralytics
+/// `LetterBox(auto=True)` ("rectangular" inference). Returns `(height, width)` in pixels; a
+/// 640x480 frame at 320x320 and stride 32 gives 256x320 instead of 320x320.
+///
+/// Sizes and `stride` must be non-zero.
+pub fn rect_input(
+    src_w: usize,
+    src_h: usize,
+    dst_w: usize,
+    dst_h: usize,
+    stride: usize,
+) -> (usize, usize) {
+    let gain = (dst_w as f64 / src_w as f64).min(dst_h as f64 / src_h as f64);
+    let new_w = ((src_w as f64 * gain).round_ties_even() as usize).clamp(1, dst_w);
+    let new_h = ((src_h as f64 * gain).round_ties_even() as usize).clamp(1, dst_h);
+    let stride = stride.max(1);
+    (
+        new_h + (dst_h - new_h) % stride,
+        new_w + (dst_w - new_w) % stride,
+    )
+}
+
 /// The geometry of one letterbox: source frame size, model input size, the resized region
 /// inside it, and the gain used to map boxes back. All sizes in pixels.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -247,6 +270,20 @@ pub fn letterbox_into(frame: &RgbFrame, lb: &Letterbox, fmt: &InputFormat, out: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rect_input_pads_only_to_the_stride() {
+        // Ultralytics LetterBox(new_shape, auto=True, stride=32) output shapes.
+        assert_eq!(rect_input(640, 480, 320, 320, 32), (256, 320));
+        assert_eq!(rect_input(1920, 1080, 640, 640, 32), (384, 640));
+        assert_eq!(rect_input(1080, 1920, 640, 640, 32), (640, 384));
+        assert_eq!(rect_input(400, 400, 320, 320, 32), (320, 320));
+        assert_eq!(rect_input(500, 375, 640, 640, 32), (480, 640));
+        // The frame letterboxed into the rect input loses nothing: same gain as the square.
+        let (h, w) = rect_input(640, 480, 320, 320, 32);
+        let lb = Letterbox::new(640, 480, w, h, Placement::Center);
+        assert_eq!((lb.new_w, lb.new_h, lb.left, lb.top), (320, 240, 0, 8));
+    }
 
     #[test]
     fn ultralytics_geometry() {

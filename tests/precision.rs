@@ -271,3 +271,41 @@ fn bench_reports_precision_threads_and_a_node_profile() {
         .sum();
     assert!(matmul > 0.3 * total, "matmul {matmul} of {total} ms");
 }
+
+/// `bench --rect` runs a dynamic export at the smallest stride-aligned input holding the image
+/// (a 480x320 image at imgsz 320: 224x320, as Ultralytics `LetterBox(auto=True)`); a static
+/// model warns and keeps its size.
+#[test]
+fn bench_rect_fits_dynamic_models_to_the_image() {
+    let run = |model: &str| {
+        let out = perch(&[
+            "bench",
+            "--model",
+            model,
+            "--imgsz",
+            "320",
+            "--image",
+            "tests/data/yell_val_480x320.png",
+            "--rect",
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ]);
+        (
+            ok_json_lines(&out)[0]["input"].clone(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(
+        run("tests/fixtures/v8-dyn-op17.onnx").0,
+        serde_json::json!([224, 320])
+    );
+    let (input, err) = run("models/tree-yolo11n-320.onnx");
+    assert_eq!(input, serde_json::json!([320, 320]));
+    assert!(
+        err.contains("rectangular input needs a dynamic export"),
+        "{err}"
+    );
+}

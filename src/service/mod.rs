@@ -86,8 +86,11 @@ fn fixed_engine(factory: &EngineFactory, m: &ModelSettings) -> Result<Engine, Se
 /// or, with an adapter store, its persisted (or configured) active adapter.
 fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), ServiceError> {
     let config = |e: String| ServiceError::Config(e);
-    let factory =
-        Arc::new(EngineFactory::new(&s.model).map_err(|e| config(crate::exit::one_line(&e)))?);
+    let factory = Arc::new(
+        EngineFactory::new(&s.model)
+            .map_err(|e| config(crate::exit::one_line(&e)))?
+            .with_frame_size(s.source.size),
+    );
     let mailbox = Arc::new(Mailbox::default());
     let Some(a) = &s.adapters else {
         let engine = fixed_engine(&factory, &s.model)?;
@@ -116,8 +119,9 @@ fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), Se
 /// source once. Returns a one-line summary.
 pub fn check(settings: &Settings) -> Result<String, ServiceError> {
     let config = |e: String| ServiceError::Config(e);
-    let factory =
-        EngineFactory::new(&settings.model).map_err(|e| config(crate::exit::one_line(&e)))?;
+    let factory = EngineFactory::new(&settings.model)
+        .map_err(|e| config(crate::exit::one_line(&e)))?
+        .with_frame_size(settings.source.size);
     if let Some(a) = &settings.adapters {
         // Read-only: opening the store would clean up a running service's installs.
         if a.store.exists() && !a.store.is_dir() {

@@ -48,6 +48,7 @@ pub struct EngineFactory {
     labels: Option<Vec<String>>,
     model: ModelRef,
     calibration: Option<Arc<Calibration>>,
+    frame_size: Option<(usize, usize)>,
 }
 
 impl EngineFactory {
@@ -71,7 +72,15 @@ impl EngineFactory {
             labels,
             model,
             calibration,
+            frame_size: None,
         })
+    }
+
+    /// The camera frame size (width, height), used when the model settings ask for a
+    /// rectangular input (`rect`).
+    pub fn with_frame_size(mut self, size: Option<(usize, usize)>) -> Self {
+        self.frame_size = size;
+        self
     }
 
     /// The pristine base model.
@@ -105,6 +114,7 @@ impl EngineFactory {
                 threads: self.settings.threads,
                 calibration: self.calibration.clone(),
             },
+            rect_for: self.frame_size.filter(|_| self.settings.rect),
         };
         let detector = Detector::new(model, opts)?;
         log::info!(
@@ -876,6 +886,7 @@ mod tests {
             precision: Default::default(),
             threads: 1,
             calibration: None,
+            rect: false,
         }
     }
 
