@@ -60,6 +60,10 @@ struct CalibrateArgs {
     max_images: u32,
     #[arg(short, long, value_name = "FILE.json")]
     output: PathBuf,
+    /// Also write a copy of --adapter that carries this calibration, so that int8 uses it
+    /// whenever that adapter is active.
+    #[arg(long, value_name = "X.safetensors", requires = "adapter")]
+    into_adapter: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -419,7 +423,12 @@ fn build_detector_for(
         classes: a.classes.clone(),
         agnostic: a.agnostic_nms,
     };
+    let carried = adapter
+        .as_ref()
+        .and_then(|x| x.header.calibration.clone())
+        .filter(|_| a.calibration.is_none());
     let calibration = match &a.calibration {
+        None => carried.map(std::sync::Arc::new),
         Some(p) => {
             let cal = Calibration::load(p)?;
             if cal.model_fingerprint != model.fingerprint() {
@@ -430,7 +439,6 @@ fn build_detector_for(
             }
             Some(std::sync::Arc::new(cal))
         }
-        None => None,
     };
     let opts = DetectorOptions {
         imgsz: a.imgsz,
@@ -582,7 +590,7 @@ fn calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
     let mut f32_args = a.model;
     f32_args.precision = Precision::F32;
     f32_args.calibration = None;
-    let (model, _) = load_model(&f32_args, &mut LoadTimes::default())?;
+    let (model, adapter) = load_model(&f32_args, &mut LoadTimes::default())?;
     let (mut det, _) = build_detector(&f32_args)?;
     let (h, w) = det.input_hw();
     let mut cal = model.calibrator(h, w)?;
@@ -606,6 +614,12 @@ fn calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
     }
     let cal = cal.finish();
     cal.save(&a.output)?;
+    if let (Some(dst), Some(x)) = (&a.into_adapter, &adapter) {
+        let mut x = x.clone();
+        x.header.calibration = Some(cal.clone());
+        let dtype = x.header.dtype;
+        x.save(dst, dtype)?;
+    }
     print_json(&serde_json::json!({
         "output": a.output.display().to_string(),
         "images": cal.images,
@@ -914,7 +928,8 @@ fn eval(a: EvalArgs) -> anyhow::Result<u8> {
     v["adapter"] = adapter.as_ref().map(Adapter::id).into();
     let (h, w) = det.input_hw();
     v["imgsz"] = serde_json::json!([h, w]);
-    v["precision"] = det.prepared().precision().to_string().into();
+    // "precision" is the detection metric; this is the arithmetic the model ran in.
+    v["inference_precision"] = det.prepared().precision().to_string().into();
     if let Some(classes) = v["per_class"].as_array_mut() {
         for c in classes {
             let id = c["class_id"].as_u64().unwrap_or(0) as usize;

@@ -44,7 +44,7 @@ fn int8_eval_is_within_one_map50_point_of_f32() {
         CALIBRATION,
     ]);
     let r = &ok_json_lines(&out)[0];
-    assert_eq!(r["precision"], "int8");
+    assert_eq!(r["inference_precision"], "int8");
     assert_eq!(r["images"], 6);
     for key in ["map50", "map50_95"] {
         let (got, want) = (r[key].as_f64().unwrap(), g[key].as_f64().unwrap());
@@ -56,20 +56,23 @@ fn int8_eval_is_within_one_map50_point_of_f32() {
     }
 }
 
-/// Every f32 detection scoring >= 0.3 has an int8 twin (IoU >= 0.85, score within 0.06).
-#[test]
-fn int8_detections_track_f32() {
-    let images = [
-        "tests/data/osbs_029.png",
-        "tests/data/eval/images/val/2019_YELL_2_528000_4978000_image_crop2_512_1854.png",
-    ];
-    let mut f32_args = vec!["detect", "--model", "models/tree-yolo11n-320.onnx"];
-    f32_args.extend(images);
+/// Runs `detect` on `images` with `base` arguments, once as is and once with `int8` added, and
+/// checks that every f32 detection scoring >= 0.3 has an int8 twin (IoU >= 0.85, score within
+/// 0.06). Returns how many detections were compared.
+fn assert_int8_tracks_f32(base: &[&str], int8: &[&str], images: &[&str]) -> usize {
+    let mut f32_args = vec!["detect"];
+    f32_args.extend_from_slice(base);
+    f32_args.extend_from_slice(images);
     let mut int8_args = f32_args.clone();
-    int8_args.extend(["--precision", "int8", "--calibration", CALIBRATION]);
+    int8_args.extend_from_slice(int8);
     let f = ok_json_lines(&perch(&f32_args));
     let q = ok_json_lines(&perch(&int8_args));
-    assert_eq!(f.len(), 2);
+    assert!(
+        !f.is_empty() && f.len() == q.len(),
+        "{} vs {} records",
+        f.len(),
+        q.len()
+    );
     let mut checked = 0;
     for (f, q) in f.iter().zip(&q) {
         let qd = q["detections"].as_array().unwrap();
@@ -93,7 +96,96 @@ fn int8_detections_track_f32() {
             checked += 1;
         }
     }
+    checked
+}
+
+const TRACK_IMAGES: [&str; 2] = [
+    "tests/data/osbs_029.png",
+    "tests/data/eval/images/val/2019_YELL_2_528000_4978000_image_crop2_512_1854.png",
+];
+
+#[test]
+fn int8_detections_track_f32() {
+    let checked = assert_int8_tracks_f32(
+        &["--model", "models/tree-yolo11n-320.onnx"],
+        &["--precision", "int8", "--calibration", CALIBRATION],
+        &TRACK_IMAGES,
+    );
     assert!(checked >= 15, "only {checked} detections compared");
+}
+
+/// `calibrate --into-adapter` writes a copy of the adapter that carries the ranges measured with
+/// it merged; int8 then needs no --calibration. A tampered calibration is refused at load.
+#[test]
+fn adapters_carry_their_own_calibration() {
+    let dir = scratch("adapter-calibration");
+    let (cal, carrying) = (dir.join("cal.json"), dir.join("osbs-cal.safetensors"));
+    let adapter = "models/adapters/osbs-lora.safetensors";
+    let out = perch(&[
+        "calibrate",
+        "--model",
+        "models/tree-yolo11n-320.onnx",
+        "--adapter",
+        adapter,
+        "--images",
+        "tests/data/eval/images/val",
+        "--max-images",
+        "3",
+        "-o",
+        cal.to_str().unwrap(),
+        "--into-adapter",
+        carrying.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = perch(&["adapter", "inspect", carrying.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["calibration"]["images"], 3);
+    assert_eq!(summary["calibration"]["tensors"], 66);
+    let original: Value =
+        serde_json::from_slice(&perch(&["adapter", "inspect", adapter]).stdout).unwrap();
+    assert_eq!(summary["targets"], original["targets"]);
+    assert_eq!(summary["dtype"], original["dtype"]);
+    let checked = assert_int8_tracks_f32(
+        &[
+            "--model",
+            "models/tree-yolo11n-320.onnx",
+            "--adapter",
+            carrying.to_str().unwrap(),
+        ],
+        &["--precision", "int8"],
+        &["tests/data/eval/images/val"],
+    );
+    assert!(checked >= 8, "only {checked} detections compared");
+    // Same length, calibration version 7: refused with the reason.
+    let bytes = std::fs::read(&carrying).unwrap();
+    let (from, to) = (
+        br#"\"version\":1,\"model_fingerprint\""#.as_slice(),
+        br#"\"version\":7,\"model_fingerprint\""#.as_slice(),
+    );
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("calibration in the header");
+    let mut bad = bytes.clone();
+    bad[at..at + to.len()].copy_from_slice(to);
+    let tampered = dir.join("tampered.safetensors");
+    std::fs::write(&tampered, bad).unwrap();
+    fails_with(
+        &["adapter", "inspect", tampered.to_str().unwrap()],
+        2,
+        &["tampered.safetensors", "bad calibration: version 7"],
+    );
 }
 
 #[test]

@@ -302,6 +302,7 @@ pub fn diff(
         ),
         created: super::now_rfc3339(),
         dtype: StoredDtype::F32,
+        calibration: None,
     };
     let adapter = Adapter::new(header, tensors, tuned.path())?;
     Ok((adapter, report))

@@ -115,6 +115,10 @@ pub struct AdapterHeader {
     /// RFC 3339 UTC time of creation.
     pub created: String,
     pub dtype: StoredDtype,
+    /// int8 activation ranges measured with this adapter merged (`perch calibrate
+    /// --into-adapter`); used instead of the base model's calibration when it is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibration: Option<crate::model::Calibration>,
 }
 
 /// A validated adapter: header and tensors (as f32), plus the file's identity.
@@ -285,6 +289,10 @@ impl Adapter {
                 "format version {} is not supported (this perch reads {VERSION})",
                 header.version
             )));
+        }
+        if let Some(cal) = &header.calibration {
+            cal.validate()
+                .map_err(|e| invalid(format!("bad calibration: {e}")))?;
         }
         let mut tensors = HashMap::new();
         for (name, view) in st.iter() {
@@ -554,6 +562,7 @@ impl Adapter {
             "dtype": self.header.dtype, "class_names": self.header.class_names,
             "producer": self.header.producer, "created": self.header.created,
             "params": self.num_params(), "targets": targets,
+            "calibration": self.header.calibration.as_ref().map(|c| serde_json::json!({"images": c.images, "tensors": c.absmax.len()})),
         })
     }
 }

@@ -254,6 +254,7 @@ pub fn import(dir: &Path, base: &OnnxModel, opts: &ImportOptions) -> Result<Adap
         ),
         created: super::now_rfc3339(),
         dtype: StoredDtype::F32,
+        calibration: None,
     };
     let adapter = Adapter::new(header, tensors, dir)?;
     merge::merged_weights(base, &adapter, 1.0)?;

@@ -50,17 +50,24 @@ impl Calibration {
             reason: format!("not a perch calibration: {reason}"),
         };
         let cal: Calibration = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
-        if cal.version != 1 {
-            return Err(bad(format!("version {} (this perch reads 1)", cal.version)));
+        cal.validate().map_err(bad)?;
+        Ok(cal)
+    }
+
+    /// Checks the version and that every range is finite and non-negative; the error says
+    /// which tensor is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.version != 1 {
+            return Err(format!("version {} (this perch reads 1)", self.version));
         }
-        if let Some((name, v)) = cal
+        if let Some((name, v)) = self
             .absmax
             .iter()
             .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
         {
-            return Err(bad(format!("range of '{name}' is {v}")));
+            return Err(format!("range of '{name}' is {v}"));
         }
-        Ok(cal)
+        Ok(())
     }
 
     /// Writes the calibration as JSON (atomically: temporary file, then rename).

@@ -112,7 +112,10 @@ impl EngineFactory {
             prepare: PrepareOptions {
                 precision: self.settings.precision,
                 threads: self.settings.threads,
-                calibration: self.calibration.clone(),
+                calibration: adapter
+                    .and_then(|(a, _)| a.header.calibration.clone())
+                    .map(Arc::new)
+                    .or_else(|| self.calibration.clone()),
             },
             rect_for: self.frame_size.filter(|_| self.settings.rect),
         };
