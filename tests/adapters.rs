@@ -236,6 +236,7 @@ fn lora_header(base: &OnnxModel, target: &str, rank: usize) -> AdapterHeader {
         producer: "test".into(),
         created: "2026-11-23T00:00:00Z".into(),
         dtype: StoredDtype::F32,
+        calibration: None,
     }
 }
 
