@@ -79,6 +79,8 @@ dpkg-deb --root-owner-group --build "$p" "$out/perch_${version}_${arch}.deb" >/d
 # perch-models
 m="$work/perch-models"
 copy 644 models/tree-yolo11n-320.onnx "$m/usr/share/perch/models/tree-yolo11n-320.onnx"
+copy 644 models/tree-yolo11n-320.calibration.json \
+  "$m/usr/share/perch/models/tree-yolo11n-320.calibration.json"
 for a in models/adapters/*.safetensors; do
   copy 644 "$a" "$m/usr/share/perch/adapters/$(basename "$a")"
 done

@@ -76,6 +76,7 @@ fn debian_packages_build_install_and_purge() {
     }
     let mlist = run(Command::new("dpkg-deb").arg("-c").arg(&models));
     assert!(mlist.contains("./usr/share/perch/models/tree-yolo11n-320.onnx"));
+    assert!(mlist.contains("./usr/share/perch/models/tree-yolo11n-320.calibration.json"));
     assert_eq!(
         mlist.matches(".safetensors").count(),
         std::fs::read_dir(path("models/adapters"))
