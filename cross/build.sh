@@ -59,11 +59,14 @@ if [ "$setup" -eq 1 ]; then
 fi
 
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/perch/target-arm}
+# Extra cargo configuration (e.g. .ci/run's fixed path for the patched tract-linalg).
+cfg=()
+[ -n "${PERCH_CARGO_CONFIG:-}" ] && cfg=(--config "$PERCH_CARGO_CONFIG")
 target_flags=()
 for t in "${targets[@]}"; do target_flags+=(--target "$t"); done
 
 echo "cross: cargo build --profile $profile ${target_flags[*]}"
-cargo build --locked --profile "$profile" "${target_flags[@]}"
+cargo build "${cfg[@]}" --locked --profile "$profile" "${target_flags[@]}"
 for t in "${targets[@]}"; do
   bin="$CARGO_TARGET_DIR/$t/$profile/perch"
   printf 'cross: %s %s bytes\n' "$bin" "$(stat -c %s "$bin")"
@@ -79,6 +82,6 @@ if [ "$test" -eq 1 ]; then
     cpu=$(echo "$runner" | awk '{print $3}')
     echo "cross: tests on $t under $runner"
     QEMU_CPU=$cpu PERCH_TEST_RUNNER="$runner" \
-      cargo test --locked --profile "$profile" --target "$t" "${suites[@]}" -- --test-threads 2
+      cargo test "${cfg[@]}" --locked --profile "$profile" --target "$t" "${suites[@]}" -- --test-threads 2
   done
 fi
