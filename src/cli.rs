@@ -415,6 +415,20 @@ fn build_detector_for(
     rect_for: Option<(usize, usize)>,
 ) -> anyhow::Result<(Detector, Option<Adapter>)> {
     let (model, adapter) = load_model(a, times)?;
+    let det = detector_for(a, &model, adapter.as_ref(), default_conf, times, rect_for)?;
+    Ok((det, adapter))
+}
+
+/// A detector over `model` (the base with `adapter` merged, from [`load_model`]) as `a` asks;
+/// int8 takes `--calibration`, else the one the adapter carries.
+fn detector_for(
+    a: &ModelArgs,
+    model: &OnnxModel,
+    adapter: Option<&Adapter>,
+    default_conf: f32,
+    times: &mut LoadTimes,
+    rect_for: Option<(usize, usize)>,
+) -> anyhow::Result<Detector> {
     let labels = a.labels.as_deref().map(read_labels).transpose()?;
     let params = PostprocessParams {
         conf: a.conf.unwrap_or(default_conf),
@@ -423,12 +437,10 @@ fn build_detector_for(
         classes: a.classes.clone(),
         agnostic: a.agnostic_nms,
     };
-    let carried = adapter
-        .as_ref()
-        .and_then(|x| x.header.calibration.clone())
-        .filter(|_| a.calibration.is_none());
     let calibration = match &a.calibration {
-        None => carried.map(std::sync::Arc::new),
+        None => adapter
+            .and_then(|x| x.header.calibration.clone())
+            .map(std::sync::Arc::new),
         Some(p) => {
             let cal = Calibration::load(p)?;
             if cal.model_fingerprint != model.fingerprint() {
@@ -453,9 +465,9 @@ fn build_detector_for(
         rect_for,
     };
     let t = Instant::now();
-    let det = Detector::new(&model, opts)?;
+    let det = Detector::new(model, opts)?;
     times.prepare_ms = ms_since(t);
-    Ok((det, adapter))
+    Ok(det)
 }
 
 /// Expands directories into their image files (sorted, non-recursive).
@@ -590,8 +602,16 @@ fn calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
     let mut f32_args = a.model;
     f32_args.precision = Precision::F32;
     f32_args.calibration = None;
-    let (model, adapter) = load_model(&f32_args, &mut LoadTimes::default())?;
-    let (mut det, _) = build_detector(&f32_args)?;
+    let mut times = LoadTimes::default();
+    let (model, adapter) = load_model(&f32_args, &mut times)?;
+    let mut det = detector_for(
+        &f32_args,
+        &model,
+        adapter.as_ref(),
+        PREDICT_CONF,
+        &mut times,
+        None,
+    )?;
     let (h, w) = det.input_hw();
     let mut cal = model.calibrator(h, w)?;
     let mut used = 0usize;

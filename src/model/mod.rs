@@ -272,7 +272,7 @@ impl OnnxModel {
         } else {
             decluttered
         };
-        let t_declutter = t0.elapsed();
+        let t_optimise = t0.elapsed();
         let optimized = decluttered
             .into_optimized()
             .map_err(|e| prep(format!("optimising: {e:#}")))?;
@@ -280,7 +280,7 @@ impl OnnxModel {
             "{}: prepared in {:.0} ms (optimise {:.0} ms)",
             self.path.display(),
             t0.elapsed().as_secs_f64() * 1e3,
-            (t0.elapsed() - t_declutter).as_secs_f64() * 1e3,
+            (t0.elapsed() - t_optimise).as_secs_f64() * 1e3,
         );
         if log::log_enabled!(target: "perch::model::plan", log::Level::Trace) {
             for node in optimized.nodes() {
