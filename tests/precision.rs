@@ -10,14 +10,25 @@ use serde_json::Value;
 
 const CALIBRATION: &str = "models/tree-yolo11n-320.calibration.json";
 
-fn ok_json_lines(out: &std::process::Output) -> Vec<Value> {
+fn assert_ok(out: &std::process::Output) {
     assert_eq!(
         out.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Asserts exit code 0 and parses stdout as JSON lines.
+fn ok_json_lines(out: &std::process::Output) -> Vec<Value> {
+    assert_ok(out);
     records(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Asserts exit code 0 and parses stdout as one (pretty-printed) JSON value.
+fn ok_json(out: &std::process::Output) -> Value {
+    assert_ok(out);
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 fn iou(a: &[f32], b: &[f32]) -> f32 {
@@ -135,20 +146,8 @@ fn adapters_carry_their_own_calibration() {
         "--into-adapter",
         carrying.to_str().unwrap(),
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = perch(&["adapter", "inspect", carrying.to_str().unwrap()]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_ok(&out);
+    let summary = ok_json(&perch(&["adapter", "inspect", carrying.to_str().unwrap()]));
     assert_eq!(summary["calibration"]["images"], 6);
     assert_eq!(summary["calibration"]["tensors"], 66);
     let original: Value =
@@ -205,13 +204,7 @@ fn calibrate_measures_every_quantized_input() {
         "-o",
         out_file.to_str().unwrap(),
     ]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = ok_json(&out);
     assert_eq!(summary["images"], 2);
     let cal: Value = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
     let committed = json(CALIBRATION);
