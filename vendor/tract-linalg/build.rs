@@ -218,6 +218,13 @@ fn compiler_sve_fp16_flag() -> Option<String> {
 
 fn jump_table() -> Vec<String> {
     println!("cargo:rerun-if-changed=src/frame/mmm/fuse.rs");
+    // The per-template lines below only name the files that existed at the last run; watching
+    // the kernel directories as well makes a newly added template rebuild the kernels.
+    for dir in ["x86_64", "arm64", "arm32", "riscv64"] {
+        if std::path::Path::new(dir).is_dir() {
+            println!("cargo:rerun-if-changed={dir}");
+        }
+    }
     std::fs::read_to_string("src/frame/mmm/fuse.rs")
         .unwrap()
         .lines()

@@ -101,3 +101,10 @@ tract_data::declare_knob!(
     None,
     "riscv64: matmul size, in multiply-adds, from which a TLB flush precedes the run. Unset applies the SpacemiT X60 default and does nothing elsewhere; 0 turns it off; any other value forces it on with that threshold."
 );
+
+tract_data::declare_knob!(
+    TRACT_X86_INT8_KERNEL,
+    Option<String>,
+    None,
+    "x86_64: run int8 (i32-accumulator) matrix products on this kernel, e.g. avx2_mmm_i32_8x8 (widening), avx2madd_mmm_i32_8x8 (VPMADDWD) or avx512vnni_mmm_i32_8x8, where the CPU supports it."
+);

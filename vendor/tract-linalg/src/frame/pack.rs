@@ -1106,14 +1106,19 @@ unsafe fn transpose_4x4_neon_armv7_16(
 
 // K=4-inner packing writer (PackedI8K4 layout), fed in K-OUTER order (same feed
 // as KOutWriter, used by the im2col patchers): for each k, all mn. Within a panel,
-// element (k, local_mn) lands at (k/4)*r*4 + local_mn*4 + (k%4), so consecutive mn
-// for a fixed k are stride-4 stores.
+// element (k, local_mn) lands at (k/4)*r*4 + local_mn*4 + (k%4).
+//
+// For one-byte items (the i8/u8 operands this layout exists for) the writer stages four
+// k-rows of mn items, then interleaves them into the panels with one 4-byte store per
+// (mn, K=4 block): the feed stays contiguous copies and the destination is written once, in
+// order, instead of with one scattered byte store per item. Wider items are stored directly.
 #[derive(Debug)]
 pub struct KOut4Writer<'p, T>
 where
     T: Copy + std::fmt::Debug,
 {
     base: *mut T,
+    r: usize,
     r4: usize,        // r * 4
     panel_len: usize, // k_aligned * r
     panels: usize,
@@ -1123,6 +1128,12 @@ where
     kr: usize, // k % 4
     panel: usize,
     local_mn: usize,
+    // One-byte items: four k-rows of `mn` items (row kr at kr*mn), filled to `staged`; flushed
+    // as K=4 block `kb` when full or when the k-th row is complete.
+    staging: Vec<u8>,
+    staged: usize,
+    mn: usize,
+    k: usize,
     _phantom: PhantomData<&'p T>,
 }
 
@@ -1131,10 +1142,24 @@ where
     T: Copy + std::fmt::Debug,
 {
     pub fn new(base: *mut T, r: usize, panel_len: usize, mn: usize) -> KOut4Writer<'p, T> {
+        Self::with_k(base, r, panel_len, mn, panel_len / r.max(1))
+    }
+
+    /// A writer for `k` rows of `mn` items (`k` may be less than the panel's aligned K: the
+    /// missing rows of the last K=4 block are left as they are, zero in a zeroed buffer).
+    pub fn with_k(
+        base: *mut T,
+        r: usize,
+        panel_len: usize,
+        mn: usize,
+        k: usize,
+    ) -> KOut4Writer<'p, T> {
         let panels = mn.divceil(r).max(1);
         let last_panel_width = mn - (panels - 1) * r;
+        let staged_bytes = std::mem::size_of::<T>() == 1 && mn > 0;
         KOut4Writer {
             base,
+            r,
             r4: r * 4,
             panel_len,
             panels,
@@ -1144,6 +1169,10 @@ where
             kr: 0,
             panel: 0,
             local_mn: 0,
+            staging: if staged_bytes { vec![0u8; 4 * mn] } else { vec![] },
+            staged: 0,
+            mn,
+            k,
             _phantom: PhantomData,
         }
     }
@@ -1167,6 +1196,61 @@ where
             }
         }
     }
+
+    // Interleaves the staged rows into K=4 block `kb` of every panel.
+    fn flush_staged(&mut self) {
+        let mn = self.mn;
+        let rows = self.staged.div_ceil(mn);
+        self.staging[self.staged..].fill(0);
+        let (r0, rest) = self.staging.split_at(mn);
+        let (r1, rest) = rest.split_at(mn);
+        let (r2, r3) = rest.split_at(mn);
+        let block = self.kb * self.r4;
+        for p in 0..self.panels {
+            let pw = if p == self.panels - 1 { self.last_panel_width } else { self.r };
+            let j0 = p * self.r;
+            unsafe {
+                let dst = (self.base as *mut u8).add(p * self.panel_len + block) as *mut u32;
+                for lm in 0..pw {
+                    let j = j0 + lm;
+                    let v = u32::from_le_bytes([r0[j], r1[j], r2[j], r3[j]]);
+                    if rows == 4 {
+                        dst.add(lm).write_unaligned(v);
+                    } else {
+                        // A partial last block: leave the bytes of the absent rows untouched.
+                        let d = dst.add(lm) as *mut u8;
+                        for (i, b) in v.to_le_bytes()[..rows].iter().enumerate() {
+                            *d.add(i) = *b;
+                        }
+                    }
+                }
+            }
+        }
+        self.kb += 1;
+        self.staged = 0;
+    }
+
+    #[inline(always)]
+    fn stage(&mut self, ts: &[T]) {
+        let mut ts = ts;
+        while !ts.is_empty() {
+            let room = 4 * self.mn - self.staged;
+            let take = room.min(ts.len());
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    ts.as_ptr() as *const u8,
+                    self.staging.as_mut_ptr().add(self.staged),
+                    take,
+                );
+            }
+            self.staged += take;
+            ts = &ts[take..];
+            if self.staged == 4 * self.mn || self.kb * 4 * self.mn + self.staged >= self.k * self.mn
+            {
+                self.flush_staged();
+            }
+        }
+    }
 }
 
 impl<T> PackingWriter<T> for KOut4Writer<'_, T>
@@ -1175,6 +1259,10 @@ where
 {
     #[inline(always)]
     fn write(&mut self, t: T) {
+        if !self.staging.is_empty() {
+            self.stage(std::slice::from_ref(&t));
+            return;
+        }
         unsafe {
             let off = self.panel * self.panel_len + self.kb * self.r4 + self.local_mn * 4 + self.kr;
             *self.base.add(off) = t;
@@ -1186,6 +1274,10 @@ where
     fn write_slice(&mut self, ts: &[T]) {
         let n = ts.len();
         if n == 0 {
+            return;
+        }
+        if !self.staging.is_empty() {
+            self.stage(ts);
             return;
         }
         let pw = self.panel_width();
@@ -1240,7 +1332,7 @@ impl PackedI8K4 {
         k: usize,
         mn: usize,
     ) -> KOut4Writer<'p, T> {
-        KOut4Writer::new(pb, self.r, self.panel(k), mn)
+        KOut4Writer::with_k(pb, self.r, self.panel(k), mn, k)
     }
     // K=4-inner pack from a (possibly strided) view: out[(k/4)*r*4 + m*4 + (k%4)] = src[m,k].
     pub fn pack_view(
@@ -1727,8 +1819,33 @@ mod test {
             buf
         }
 
+        // The conv path as the patchers feed it: contiguous runs of one k-row, in chunks
+        // that do not line up with rows or panels.
+        fn slice_writer_bytes(&self, chunk: usize) -> Vec<i8> {
+            let logical = self.logical();
+            let packer = super::PackedI8K4::new(self.r);
+            let mut buf = vec![0i8; packer.len(self.k, self.mn)];
+            {
+                let mut w = packer.write_with_k_outer(buf.as_mut_ptr(), self.k, self.mn);
+                for kk in 0..self.k {
+                    let row: Vec<i8> = (0..self.mn).map(|m| logical[[kk, m]]).collect();
+                    for c in row.chunks(chunk) {
+                        super::PackingWriter::write_slice(&mut w, c);
+                    }
+                }
+            }
+            buf
+        }
+
         fn check(&self) {
             let reference = self.reference();
+            for chunk in [1, 3, self.r, self.mn.max(1)] {
+                assert_eq!(
+                    self.slice_writer_bytes(chunk),
+                    reference,
+                    "write_slice (chunks of {chunk}) disagrees with reference for {self:?}"
+                );
+            }
             assert_eq!(
                 self.pack_view_bytes(),
                 reference,

@@ -6,7 +6,6 @@ use crate::isa::IsaSet;
 use crate::mmm::{Query, Suitable};
 use crate::mmm_tiers::MmmTier;
 use crate::pack::PackedFormat;
-#[cfg(any(tract_avx512vnni, tract_avxvnni, tract_amx_int8))]
 use crate::pack::PackedI8K4;
 
 #[cfg(tract_amx_int8)]
@@ -15,6 +14,7 @@ use super::amx::PackedAmxA;
 use super::amx_bf16::{PackedAmxBf16A, PackedBf16K2};
 #[cfg(tract_avx512vnni)]
 use super::fma_width::has_dual_avx512_fma;
+use super::madd::PackedI8K4Wide;
 
 /// The zmm 16x16 VNNI tile only out-throughputs the ymm 8x8 on cores with two 512-bit FMA
 /// ports; elsewhere it is pure tile-padding overhead, so there it must lose every tie to the
@@ -29,7 +29,7 @@ const AVX512VNNI_WIDE_TILE: fn() -> isize = || if has_dual_avx512_fma() { 50 } e
 #[cfg(tract_amx_bf16)]
 const AMX_BF16_OPT_IN: fn() -> isize =
     || if crate::knobs::TRACT_AMX_BF16.get() { 100 } else { crate::isa::NEVER_PREFERRED };
-use super::*;
+
 
 /// One kernel in a dispatcher’s preference table, with its tile geometry
 /// and a relative-throughput scale (1.0 = baseline, used to break
@@ -144,6 +144,18 @@ MMMExternKernel! { x86_64; avx_mmm_i32_8x4<i32>(8,4)@(256,4) isa(X86_64Avx)
 
 MMMExternKernel! { x86_64; avx2_mmm_i32_8x8<i32>(8,8)@(256,4) isa(X86_64Avx2)
     packing[1] = i8i8 => |k| k.with_packing(PackedFormat::new(DatumType::I8, 8, 256), PackedFormat::new(DatumType::I8, 8, 4));
+
+    store(i8)
+}
+
+// AVX2 int8 GEMM on VPMADDWD: the same 8x8 tile and quantization epilogue as
+// avx2_mmm_i32_8x8, but each K=4 step is 16 VPMADDWD (two i16 products summed per i32
+// lane) instead of 8 widening multiplies per K, over A pre-widened to i16 (PackedI8K4Wide,
+// packed once for constant weights) and B in the K=4-inner PackedI8K4 layout that the VNNI
+// kernels and the conv im2col patchers already produce. Exact for every i8 pair (no u8*s8
+// saturation as with VPMADDUBSW), so its accumulators are bit-identical to the other kernels.
+MMMExternKernel! { x86_64; avx2madd_mmm_i32_8x8<i32>(8,8)@(256,4) isa(X86_64Avx2)
+    packing[1] = i8i8 => |k| k.with_packing(PackedI8K4Wide::new(8), PackedI8K4::new(8));
 
     store(i8)
 }
@@ -424,8 +436,69 @@ fn avx2_preferred(
 ) -> Option<&'static str> {
     match (dt, query.n) {
         (DatumType::I32, Some(1)) => None,
-        (DatumType::I32, _) => Some(&mmm::avx2_mmm_i32_8x8.name.as_str()),
+        (DatumType::I32, _) => Some(avx2madd_mmm_i32_8x8.name.as_str()),
         _ => None,
+    }
+}
+
+/// The x86 int8 kernels `TRACT_X86_INT8_KERNEL` can force, by name.
+fn x86_int8_kernels() -> Vec<&'static str> {
+    #[allow(unused_mut)]
+    let mut names = vec![
+        avx_mmm_i32_8x4.name.as_str(),
+        avx2_mmm_i32_8x8.name.as_str(),
+        avx2madd_mmm_i32_8x8.name.as_str(),
+    ];
+    #[cfg(tract_avxvnni)]
+    names.push(avxvnni_mmm_i32_8x8.name.as_str());
+    #[cfg(tract_avx512vnni)]
+    names.extend([
+        avx512vnni_mmm_i32_8x8.name.as_str(),
+        avx512vnni_mmm_i32_16x16.name.as_str(),
+    ]);
+    #[cfg(tract_amx_int8)]
+    names.extend([
+        avx512amx_mmm_i32_8x8.name.as_str(),
+        avx512amx_mmm_i32_16x16.name.as_str(),
+    ]);
+    names
+}
+
+/// `TRACT_X86_INT8_KERNEL=<kernel name>` runs every i32-accumulator matrix product (but
+/// matrix-vector ones) on that kernel, so that each int8 kernel this CPU supports can be tested
+/// and benchmarked on it. A name that is unknown, or a kernel this CPU cannot run, is reported
+/// once and ignored: the ladder below answers as usual.
+fn forced_int8_preferred(
+    _isa: &IsaSet,
+    dt: DatumType,
+    query: &Query,
+    suitable: &[Suitable],
+) -> Option<&'static str> {
+    if dt != DatumType::I32 || query.n == Some(1) {
+        return None;
+    }
+    let wanted = crate::knobs::TRACT_X86_INT8_KERNEL.get()?;
+    let name = x86_int8_kernels().into_iter().find(|n| *n == wanted);
+    let runnable = name.filter(|n| crate::mmm::suitable_named(suitable, n).is_some());
+    if runnable.is_none() {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            log::warn!(
+                "TRACT_X86_INT8_KERNEL={wanted}: {}; using the default int8 kernel",
+                if name.is_none() { "no such kernel" } else { "not runnable here" }
+            )
+        });
+    }
+    runnable
+}
+
+inventory::submit! {
+    MmmTier {
+        arch: Some(Arch::X86_64),
+        precedence: 20,
+        name: "x86-int8-forced",
+        applies: |_| crate::knobs::TRACT_X86_INT8_KERNEL.get().is_some(),
+        preferred: forced_int8_preferred,
     }
 }
 

@@ -68,6 +68,7 @@ pub mod exp;
 #[cfg(tract_avx512vnni)]
 pub mod fma_width;
 pub mod ln;
+pub mod madd;
 pub mod max;
 pub mod min;
 pub mod panel_extract;
