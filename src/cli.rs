@@ -709,6 +709,9 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             det.prepared().precision().to_string().into(),
         );
         obj.insert("adapter".into(), adapter.as_ref().map(Adapter::id).into());
+        let (float_kernels, int_kernels) = det.prepared().matrix_kernels();
+        obj.insert("f32_kernels".into(), float_kernels.into());
+        obj.insert("int8_kernels".into(), int_kernels.into());
         obj.insert("read_ms".into(), load.read_ms.into());
         obj.insert("merge_ms".into(), load.merge_ms.into());
         obj.insert("prepare_ms".into(), load.prepare_ms.into());
@@ -745,6 +748,12 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             adapter
                 .as_ref()
                 .map_or(String::new(), |x| format!("  adapter {}", x.id()))
+        );
+        let (float_kernels, int_kernels) = det.prepared().matrix_kernels();
+        println!(
+            "matrix kernels: f32 {}; int8 {}",
+            list_or_none(&float_kernels),
+            list_or_none(&int_kernels)
         );
         println!(
             "{:<12} {:>9} {:>9} {:>9} {:>9}",
@@ -1069,5 +1078,13 @@ fn ctl(a: CtlArgs) -> u8 {
             &anyhow::anyhow!("{}: {e}", a.socket.display()),
             exit::FAILURE,
         ),
+    }
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
     }
 }

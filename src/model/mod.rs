@@ -714,6 +714,33 @@ impl PreparedModel {
         &self.output_shapes
     }
 
+    /// The matrix-product kernels tract picked for this model, by accumulator type: `(f32
+    /// kernels, i32 kernels)`, each a sorted list of distinct kernel names (for example
+    /// `fma_mmm_f32_16x6` or `avx2madd_mmm_i32_8x8`). The i32 list is what int8 convolutions
+    /// run on; it is empty for a float model.
+    pub fn matrix_kernels(&self) -> (Vec<String>, Vec<String>) {
+        use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
+        let (mut float, mut int) = (Vec::new(), Vec::new());
+        for node in &self.runnable.model().nodes {
+            let Some(op) = node.op_as::<OptMatMul>() else {
+                continue;
+            };
+            for mmm in &op.mmm {
+                let list = if mmm.internal_type() == i32::datum_type() {
+                    &mut int
+                } else {
+                    &mut float
+                };
+                list.push(mmm.name().to_string());
+            }
+        }
+        for list in [&mut float, &mut int] {
+            list.sort();
+            list.dedup();
+        }
+        (float, int)
+    }
+
     /// A run state for one thread; reuse it for every frame.
     pub fn session(&self) -> Result<Session, ModelError> {
         let state = self.runnable.spawn().map_err(|e| ModelError::Run {

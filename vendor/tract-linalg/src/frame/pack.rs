@@ -1132,6 +1132,7 @@ where
     // as K=4 block `kb` when full or when the k-th row is complete.
     staging: Vec<u8>,
     staged: usize,
+    cap: usize, // items K=4 block `kb` takes: 4 * mn, or fewer for the last block
     mn: usize,
     k: usize,
     _phantom: PhantomData<&'p T>,
@@ -1171,6 +1172,7 @@ where
             local_mn: 0,
             staging: if staged_bytes { vec![0u8; 4 * mn] } else { vec![] },
             staged: 0,
+            cap: k.min(4) * mn,
             mn,
             k,
             _phantom: PhantomData,
@@ -1198,29 +1200,33 @@ where
     }
 
     // Interleaves the staged rows into K=4 block `kb` of every panel.
+    #[inline(never)]
     fn flush_staged(&mut self) {
         let mn = self.mn;
         let rows = self.staged.div_ceil(mn);
-        self.staging[self.staged..].fill(0);
-        let (r0, rest) = self.staging.split_at(mn);
-        let (r1, rest) = rest.split_at(mn);
-        let (r2, r3) = rest.split_at(mn);
         let block = self.kb * self.r4;
-        for p in 0..self.panels {
-            let pw = if p == self.panels - 1 { self.last_panel_width } else { self.r };
-            let j0 = p * self.r;
-            unsafe {
-                let dst = (self.base as *mut u8).add(p * self.panel_len + block) as *mut u32;
-                for lm in 0..pw {
-                    let j = j0 + lm;
-                    let v = u32::from_le_bytes([r0[j], r1[j], r2[j], r3[j]]);
-                    if rows == 4 {
+        unsafe {
+            let s = self.staging.as_mut_ptr();
+            std::ptr::write_bytes(s.add(self.staged), 0, 4 * mn - self.staged);
+            for p in 0..self.panels {
+                let pw = if p == self.panels - 1 { self.last_panel_width } else { self.r };
+                let src = s.add(p * self.r);
+                let dst = (self.base as *mut u8).add(p * self.panel_len + block);
+                if rows == 4 {
+                    let dst = dst as *mut u32;
+                    for lm in 0..pw {
+                        let v = (*src.add(lm) as u32)
+                            | (*src.add(mn + lm) as u32) << 8
+                            | (*src.add(2 * mn + lm) as u32) << 16
+                            | (*src.add(3 * mn + lm) as u32) << 24;
                         dst.add(lm).write_unaligned(v);
-                    } else {
-                        // A partial last block: leave the bytes of the absent rows untouched.
-                        let d = dst.add(lm) as *mut u8;
-                        for (i, b) in v.to_le_bytes()[..rows].iter().enumerate() {
-                            *d.add(i) = *b;
+                    }
+                } else {
+                    // The last block of a K that is not a multiple of 4: leave the bytes of
+                    // the absent rows untouched.
+                    for lm in 0..pw {
+                        for row in 0..rows {
+                            *dst.add(lm * 4 + row) = *src.add(row * mn + lm);
                         }
                     }
                 }
@@ -1228,14 +1234,18 @@ where
         }
         self.kb += 1;
         self.staged = 0;
+        self.cap = self.k.saturating_sub(self.kb * 4).min(4) * self.mn;
     }
 
-    #[inline(always)]
+    #[inline]
     fn stage(&mut self, ts: &[T]) {
         let mut ts = ts;
         while !ts.is_empty() {
-            let room = 4 * self.mn - self.staged;
-            let take = room.min(ts.len());
+            let cap = self.cap;
+            if cap == 0 {
+                return; // more than k rows fed: nothing to write them to
+            }
+            let take = (cap - self.staged).min(ts.len());
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     ts.as_ptr() as *const u8,
@@ -1245,8 +1255,7 @@ where
             }
             self.staged += take;
             ts = &ts[take..];
-            if self.staged == 4 * self.mn || self.kb * 4 * self.mn + self.staged >= self.k * self.mn
-            {
+            if self.staged == cap {
                 self.flush_staged();
             }
         }
@@ -1260,7 +1269,15 @@ where
     #[inline(always)]
     fn write(&mut self, t: T) {
         if !self.staging.is_empty() {
-            self.stage(std::slice::from_ref(&t));
+            if self.staged + 1 < self.cap {
+                // SAFETY: staged < 4 * mn, and T is one byte in staged mode.
+                unsafe {
+                    *self.staging.as_mut_ptr().add(self.staged) = std::mem::transmute_copy(&t);
+                }
+                self.staged += 1;
+            } else {
+                self.stage(std::slice::from_ref(&t));
+            }
             return;
         }
         unsafe {
