@@ -396,3 +396,82 @@ fn bench_rect_fits_dynamic_models_to_the_image() {
         "{err}"
     );
 }
+
+/// `bench` names the matrix kernels tract picked: int8 convolutions run on an i32-accumulator
+/// kernel, a float model has none.
+#[test]
+fn bench_names_the_matrix_kernels() {
+    let run = |precision: &str| {
+        let out = perch(&[
+            "bench",
+            "--model",
+            "models/tree-yolo11n-320.onnx",
+            "--precision",
+            precision,
+            "--calibration",
+            CALIBRATION,
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ]);
+        ok_json_lines(&out).remove(0)
+    };
+    let f32 = run("f32");
+    assert!(!f32["f32_kernels"].as_array().unwrap().is_empty(), "{f32}");
+    assert!(f32["int8_kernels"].as_array().unwrap().is_empty(), "{f32}");
+    let int8 = run("int8");
+    let kernels = int8["int8_kernels"].as_array().unwrap();
+    assert!(!kernels.is_empty(), "{int8}");
+    assert!(
+        kernels.iter().all(|k| k.as_str().unwrap().contains("i32")),
+        "{int8}"
+    );
+}
+
+/// Every x86 int8 kernel this CPU can run computes the same integers, so forcing each with
+/// `TRACT_X86_INT8_KERNEL` gives bit-identical detections (the AVX2 `vpmaddwd` kernel against
+/// the widening one it replaces as the default, and the VNNI ones where the CPU has them).
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn every_x86_int8_kernel_gives_identical_detections() {
+    let mut kernels = vec!["avx2_mmm_i32_8x8", "avx2madd_mmm_i32_8x8"];
+    if std::arch::is_x86_feature_detected!("avx512vnni") {
+        kernels.push("avx512vnni_mmm_i32_8x8");
+    }
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        return;
+    }
+    let mut outputs = vec![];
+    for kernel in &kernels {
+        let out = perch_command(&[
+            "detect",
+            "--model",
+            "models/tree-yolo11n-320.onnx",
+            "--precision",
+            "int8",
+            "--calibration",
+            CALIBRATION,
+            "--conf",
+            "0.05",
+            TRACK_IMAGES[0],
+        ])
+        .env("TRACT_X86_INT8_KERNEL", kernel)
+        .output()
+        .unwrap();
+        let detections: Vec<Value> = ok_json_lines(&out)
+            .into_iter()
+            .map(|r| r["detections"].clone())
+            .collect();
+        assert!(detections.iter().any(|d| !d.as_array().unwrap().is_empty()));
+        outputs.push((kernel, detections));
+    }
+    for (kernel, detections) in &outputs[1..] {
+        assert_eq!(
+            detections, &outputs[0].1,
+            "{kernel} differs from {}",
+            outputs[0].0
+        );
+    }
+}
