@@ -2,10 +2,17 @@
 
 For each thread count it runs `perch bench --json` (the release binary) at f32, int8 (with the
 model's perch calibration) and f16 (only where perch builds f16, i.e. the CPU has native half
-arithmetic), and onnxruntime (CPUExecutionProvider, graph optimisations on) at f32 and on its own
-int8 QDQ model (onnxruntime.quantization.quantize_static: per-channel int8 weights, uint8
-activations, MinMax calibration on --calib-images). It prints latency percentiles and the
+arithmetic), and onnxruntime (CPUExecutionProvider, graph optimisations on) at f32 and on two
+int8 QDQ models of its own (onnxruntime.quantization.quantize_static: per-channel int8 weights,
+uint8 activations, MinMax calibration on --calib-images): one with every op it quantizes, and one
+with perch's policy (only the Convs perch quantizes; the detection head's final convs, DFL and
+decode stay float). It prints the CPU model and the flags that pick tract's kernels, the int8
+kernel perch runs (`TRACT_X86_INT8_KERNEL` forces one on x86), latency percentiles, and the
 perch/onnxruntime ratio of median inference latency at equal precision and threads.
+
+The perch binary is the one `cargo build --release` makes with this repository's CI cache layout
+(~/.cache/perch/target/release/perch); pass --perch or PERCH_BIN for another, e.g.
+target/release/perch after a plain `cargo build --release` in the clone.
 
 Usage:
   PY=$(models/recipe/venv.sh)/bin/python
