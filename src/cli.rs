@@ -698,6 +698,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     }
     let names = ["preprocess", "inference", "postprocess", "total"];
     let (h, w) = det.input_hw();
+    let (float_kernels, int_kernels) = det.prepared().matrix_kernels();
     if a.json {
         let mut obj = serde_json::Map::new();
         obj.insert("model".into(), a.model.model.display().to_string().into());
@@ -709,7 +710,6 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             det.prepared().precision().to_string().into(),
         );
         obj.insert("adapter".into(), adapter.as_ref().map(Adapter::id).into());
-        let (float_kernels, int_kernels) = det.prepared().matrix_kernels();
         obj.insert("f32_kernels".into(), float_kernels.into());
         obj.insert("int8_kernels".into(), int_kernels.into());
         obj.insert("read_ms".into(), load.read_ms.into());
@@ -749,7 +749,6 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
                 .as_ref()
                 .map_or(String::new(), |x| format!("  adapter {}", x.id()))
         );
-        let (float_kernels, int_kernels) = det.prepared().matrix_kernels();
         println!(
             "matrix kernels: f32 {}; int8 {}",
             list_or_none(&float_kernels),

@@ -465,6 +465,27 @@ fn every_x86_int8_kernel_gives_identical_detections() {
             .map(|r| r["detections"].clone())
             .collect();
         assert!(detections.iter().any(|d| !d.as_array().unwrap().is_empty()));
+        // The knob is ignored, with a warning, for a kernel the CPU cannot run: check that
+        // this one really ran, or the comparison would be of a kernel with itself.
+        let bench = perch_command(&[
+            "bench",
+            "--model",
+            "models/tree-yolo11n-320.onnx",
+            "--precision",
+            "int8",
+            "--calibration",
+            CALIBRATION,
+            "--iterations",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+        ])
+        .env("TRACT_X86_INT8_KERNEL", kernel)
+        .output()
+        .unwrap();
+        let ran = ok_json_lines(&bench).remove(0)["int8_kernels"].clone();
+        assert_eq!(ran, serde_json::json!([kernel]), "forced {kernel}");
         outputs.push((kernel, detections));
     }
     for (kernel, detections) in &outputs[1..] {
