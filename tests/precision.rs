@@ -432,7 +432,8 @@ fn bench_names_the_matrix_kernels() {
 
 /// Every x86 int8 kernel this CPU can run computes the same integers, so forcing each with
 /// `TRACT_X86_INT8_KERNEL` gives bit-identical detections (the AVX2 `vpmaddwd` kernel against
-/// the widening one it replaces as the default, and the VNNI ones where the CPU has them).
+/// the widening one it replaces as the default, and the VNNI ones where the CPU has them),
+/// with the quantized convs' lazy im2col on and off.
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn every_x86_int8_kernel_gives_identical_detections() {
@@ -445,26 +446,33 @@ fn every_x86_int8_kernel_gives_identical_detections() {
     }
     let mut outputs = vec![];
     for kernel in &kernels {
-        let out = perch_command(&[
-            "detect",
-            "--model",
-            "models/tree-yolo11n-320.onnx",
-            "--precision",
-            "int8",
-            "--calibration",
-            CALIBRATION,
-            "--conf",
-            "0.05",
-            TRACK_IMAGES[0],
-        ])
-        .env("TRACT_X86_INT8_KERNEL", kernel)
-        .output()
-        .unwrap();
-        let detections: Vec<Value> = ok_json_lines(&out)
-            .into_iter()
-            .map(|r| r["detections"].clone())
-            .collect();
-        assert!(detections.iter().any(|d| !d.as_array().unwrap().is_empty()));
+        // Quantized 3x3 convs gather their patches lazily inside the matrix product by
+        // default; the eager im2col they replace must give the same integers.
+        for disable_lazy in ["1", "0"] {
+            let out = perch_command(&[
+                "detect",
+                "--model",
+                "models/tree-yolo11n-320.onnx",
+                "--precision",
+                "int8",
+                "--calibration",
+                CALIBRATION,
+                "--conf",
+                "0.05",
+                TRACK_IMAGES[0],
+            ])
+            .env("TRACT_X86_INT8_KERNEL", kernel)
+            .env("TRACT_DISABLE_QUANT_LAZY_IM2COL", disable_lazy)
+            .output()
+            .unwrap();
+            let detections: Vec<Value> = ok_json_lines(&out)
+                .into_iter()
+                .map(|r| r["detections"].clone())
+                .collect();
+            assert!(detections.iter().any(|d| !d.as_array().unwrap().is_empty()));
+            let variant = format!("{kernel} (lazy im2col disabled: {disable_lazy})");
+            outputs.push((variant, detections));
+        }
         // The knob is ignored, with a warning, for a kernel the CPU cannot run: check that
         // this one really ran, or the comparison would be of a kernel with itself.
         let bench = perch_command(&[
@@ -486,7 +494,6 @@ fn every_x86_int8_kernel_gives_identical_detections() {
         .unwrap();
         let ran = ok_json_lines(&bench).remove(0)["int8_kernels"].clone();
         assert_eq!(ran, serde_json::json!([kernel]), "forced {kernel}");
-        outputs.push((kernel, detections));
     }
     for (kernel, detections) in &outputs[1..] {
         assert_eq!(

@@ -131,9 +131,13 @@ impl ProtoFusedSpec {
                 } else {
                     AsInputValue::Borrowed(a)
                 };
+                // A lazy input (im2col) reports its own format; it writes panels in the
+                // kernel's plain or K=4-inner packing, with the same panel width.
                 assert!(
                     b_packing.dyn_eq(b.format())
-                        || (b_packing.is::<PackedFormat>() && b_packing.r() == b.format().r())
+                        || ((b_packing.is::<PackedFormat>()
+                            || b_packing.is::<tract_linalg::pack::PackedI8K4>())
+                            && b_packing.r() == b.format().r())
                 );
                 debug_assert!(pa.k().to_dim().compatible_with(&geo.k.to_dim()));
                 debug_assert!(b.k().to_dim().compatible_with(&geo.k.to_dim()));

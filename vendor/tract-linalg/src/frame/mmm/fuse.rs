@@ -53,6 +53,14 @@ pub enum FusedSpec<'t> {
 impl FusedSpec<'_> {
     pub fn prefer_col_outer(&self) -> Option<bool> {
         if let FusedSpec::AddMatMul { a, b, .. } = self {
+            // An input that needs a scratch buffer builds each panel on request (lazy
+            // im2col, panel extraction): keep its panels in the outer loop so each is
+            // built once, whatever format the other side is packed in.
+            let a_is_lazy = a.scratch_panel_buffer_layout().is_some();
+            let b_is_lazy = b.scratch_panel_buffer_layout().is_some();
+            if a_is_lazy != b_is_lazy {
+                return Some(b_is_lazy);
+            }
             let a_is_eager = a.format().is::<PackedFormat>();
             let b_is_eager = b.format().is::<PackedFormat>();
             if a_is_eager == b_is_eager { None } else { Some(a_is_eager) }

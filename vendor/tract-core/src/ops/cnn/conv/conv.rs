@@ -14,7 +14,7 @@ use crate::ops::cast::cast;
 use crate::ops::cnn::PaddingSpec::*;
 use crate::ops::cnn::conv::block_quant::{BlockQuantIntoShape, SplitGroupBlockQuant};
 use crate::ops::cnn::conv::lazy_im2col::LazyIm2Col;
-use crate::ops::cnn::conv::lazy_im2col::LazyIm2colParams;
+use crate::ops::cnn::conv::lazy_im2col::{LazyIm2colParams, LazyPacker};
 use crate::ops::cnn::wire_reshape_bias_for_bin;
 use crate::ops::einsum::EinSum;
 use crate::ops::math::{Add, Div, Mul, Sub};
@@ -180,6 +180,10 @@ impl Conv {
         else {
             bail!("Wrong number of inputs")
         };
+        let x0_orig = model.outlet_fact(x0)?.clone();
+        let k0_orig = model.outlet_fact(k0)?.clone();
+        let x_orig_dt = model.outlet_fact(x)?.datum_type;
+        let k_orig_dt = model.outlet_fact(kernel)?.datum_type;
         wire_ensure_q8_flavour(model, name, &mut kernel, "k", &mut k0, i8::datum_type())?;
         wire_ensure_q8_flavour(model, name, &mut x, "x", &mut x0, i8::datum_type())?;
 
@@ -220,18 +224,25 @@ impl Conv {
 
         let abc_scale = qmm::combine_scales(model, name, k_scale, x_scale, y_scale)?;
 
-        let im2col = model.wire_node(
-            format!("{name}.im2col"),
-            Im2Col::new(
-                self.pool_spec.clone(),
-                self.group,
-                k,
-                &b_fact.shape,
-                mmm.clone(),
-                packing,
-            )?,
-            &[x, x0],
-        )?[0];
+        let lazy = self.quant_lazy_im2col_input(
+            model, name, x, &x0_orig, x_orig_dt, &k0_orig, k_orig_dt, &*mmm, packing,
+        )?;
+        let im2col = if let Some(lazy) = lazy {
+            lazy
+        } else {
+            model.wire_node(
+                format!("{name}.im2col"),
+                Im2Col::new(
+                    self.pool_spec.clone(),
+                    self.group,
+                    k,
+                    &b_fact.shape,
+                    mmm.clone(),
+                    packing,
+                )?,
+                &[x, x0],
+            )?[0]
+        };
 
         let g_o_ihw = self.wire_kernel_as_g_o_ihw(model, name, kernel)?;
         let g_o_ihw_as_i32 =
@@ -261,17 +272,31 @@ impl Conv {
                 || mmm.packings()[packing].1.downcast_ref::<PackedI8K4>().is_some(),
             "Im2Col/QSumB support PackedFormat or PackedI8K4 activation packings"
         );
-        let mut sum_x = model.wire_node(
-            format!("{name}.sum_x"),
-            super::QSumB { dt: b_fact.datum_type, n, r: mmm.nr(), k },
-            &[im2col],
-        )?;
-        // sum_b is N,G,HW. make it N,HW,G,C or N,G,C,HW
-        sum_x = model.wire_node(format!("{name}.add_c"), AxisOp::Add(2), &sum_x)?;
-        if self.pool_spec.data_format.c_is_last() {
-            sum_x =
-                model.wire_node(format!("{name}.transpose_sum_b"), AxisOp::Move(3, 1), &sum_x)?;
-        }
+        let sum_x = if lazy.is_some() {
+            // The kernel zero point is zero: the column sums are multiplied by it, so a
+            // broadcast zero stands for them.
+            let rank = model.outlet_fact(sum_ker[0])?.rank();
+            tvec!(model.add_const(
+                format!("{name}.sum_x"),
+                tensor0(0i32).broadcast_into_rank(rank)?.into_arc_tensor(),
+            )?)
+        } else {
+            let mut sum_x = model.wire_node(
+                format!("{name}.sum_x"),
+                super::QSumB { dt: b_fact.datum_type, n, r: mmm.nr(), k },
+                &[im2col],
+            )?;
+            // sum_b is N,G,HW. make it N,HW,G,C or N,G,C,HW
+            sum_x = model.wire_node(format!("{name}.add_c"), AxisOp::Add(2), &sum_x)?;
+            if self.pool_spec.data_format.c_is_last() {
+                sum_x = model.wire_node(
+                    format!("{name}.transpose_sum_b"),
+                    AxisOp::Move(3, 1),
+                    &sum_x,
+                )?;
+            }
+            sum_x
+        };
 
         let (mmm_output_shape, c_axis, h_axis) = self.mmm_output_shape(&output_shape)?;
         let bias_name = &model.node(bias.node).name;
@@ -449,55 +474,13 @@ impl Conv {
         name: &str,
         wire: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let &[mut x, kernel, bias] = wire else { bail!("Wrong number of inputs") };
-        let mut x_fact = model.outlet_fact(x)?.clone();
+        let &[x, kernel, bias] = wire else { bail!("Wrong number of inputs") };
+        let x_fact = model.outlet_fact(x)?.clone();
         let w_fact = model.outlet_fact(kernel)?.clone();
-        let (geo, m, k, n) = self.compute_geo(&x_fact)?;
+        let (_, m, k, n) = self.compute_geo(&x_fact)?;
         let (mmm, packing) = self.choose_impl(&x_fact, &w_fact, m, k, &n)?;
         debug!("{name} as lazy_im2col: m={m} k={k} n={n} {mmm:?}");
-        let input_shape = x_fact.shape.as_concrete().unwrap().to_vec();
-        let mut geo = geo.to_concrete(&input_shape)?.into_owned();
-        let mut input_shape: DataShape = self.pool_spec.data_format.shape(input_shape.into())?;
-        let padding = self.pool_spec.computed_padding(input_shape.hw_dims());
-        if padding.iter().any(|axis| axis.pad_before != 0 || axis.pad_after != 0) {
-            let mut pads = vec![(0, 0); x_fact.rank()];
-            for (ix, ax) in padding.iter().enumerate() {
-                pads[input_shape.h_axis() + ix] = (ax.pad_before, ax.pad_after);
-            }
-            let op = crate::ops::array::Pad {
-                mode: crate::ops::array::PadMode::Constant(
-                    Tensor::zero_scalar_dt(x_fact.datum_type)?.into_arc_tensor(),
-                ),
-                pads,
-            };
-            x = model.wire_node(format!("{name}.pad"), op, &[x])?[0];
-            let valid_pool_spec = PoolSpec { padding: Valid, ..self.pool_spec.clone() };
-            x_fact = model.outlet_fact(x)?.clone();
-            let concrete_shape = x_fact.shape.as_concrete().unwrap();
-            input_shape = valid_pool_spec.data_format.shape(concrete_shape.into())?;
-            geo = valid_pool_spec
-                .compute_geo(&x_fact.shape)?
-                .to_concrete(concrete_shape)?
-                .into_owned();
-        }
         let c_dt = crate::ops::matmul::output_type(x_fact.datum_type);
-        let c_stride = input_shape.c_stride();
-        let size_of_b = x_fact.datum_type.size_of() as isize;
-        let n_byte_offsets: Vec<isize> =
-            geo.patch.centers_offsets().into_iter().map(|x| x * size_of_b).collect();
-        // For grouped convs, k offsets cover one group's input slice (ci_per_group channels);
-        // each group reads from a different base offset (group_stride_bytes apart).
-        let ci_per_group = self.input_channels() / self.group;
-        let k_byte_offsets: Vec<isize> = (0..ci_per_group)
-            .flat_map(|ici| {
-                geo.patch
-                    .standard_layout_data_field
-                    .iter()
-                    .map(move |x| (x + (ici * c_stride) as isize) * size_of_b)
-            })
-            .collect();
-        let group_stride_bytes = (ci_per_group * c_stride) as isize * size_of_b;
-        let (mmm_output_shape, c_axis, h_axis) = self.mmm_output_shape(&geo.output_shape)?;
         let packer = mmm.packings()[packing]
             .1
             .downcast_ref::<PackedFormat>()
@@ -508,12 +491,14 @@ impl Conv {
                 )
             })?
             .clone();
-        let params = LazyIm2colParams { packer, n_byte_offsets, k_byte_offsets };
-        let x = model.wire_node(
-            format!("{name}.lazyIm2col"),
-            LazyIm2Col { params: Arc::new(params), group: self.group, group_stride_bytes },
-            &[x],
-        )?[0];
+        let (x, output_shape) = self.wire_lazy_im2col_input(
+            model,
+            name,
+            x,
+            Tensor::zero_scalar_dt(x_fact.datum_type)?,
+            LazyPacker::Plain(packer),
+        )?;
+        let (mmm_output_shape, c_axis, h_axis) = self.mmm_output_shape(&output_shape)?;
 
         let kernel = self.wire_kernel_as_g_o_ihw(model, name, kernel)?[0];
         let wire = self.wire_mm_weights_bias(
@@ -533,7 +518,129 @@ impl Conv {
 
         let wire = self.wire_remove_group(model, name, &wire, &mmm_output_shape, c_axis)?;
         let wire = self.wire_rm_n_if_needed(model, name, &wire)?;
-        Self::wire_geo_reshape(model, name, &wire, &geo.output_shape)
+        Self::wire_geo_reshape(model, name, &wire, &output_shape)
+    }
+
+    /// Wire the packed, lazily gathered matrix-product input of this convolution over `x`
+    /// (padded first with `pad_value`, a scalar of `x`'s type, where the padding is not
+    /// valid). Needs a concrete input shape. Returns the packed input and the output shape.
+    fn wire_lazy_im2col_input(
+        &self,
+        model: &mut TypedModel,
+        name: &str,
+        mut x: OutletId,
+        pad_value: Tensor,
+        packer: LazyPacker,
+    ) -> TractResult<(OutletId, DataShape)> {
+        let mut x_fact = model.outlet_fact(x)?.clone();
+        let input_shape = x_fact
+            .shape
+            .as_concrete()
+            .with_context(|| format!("lazy im2col needs a concrete input shape in {name}"))?
+            .to_vec();
+        let mut geo =
+            self.pool_spec.compute_geo(&x_fact.shape)?.to_concrete(&input_shape)?.into_owned();
+        let mut input_shape: DataShape = self.pool_spec.data_format.shape(input_shape.into())?;
+        let padding = self.pool_spec.computed_padding(input_shape.hw_dims());
+        if padding.iter().any(|axis| axis.pad_before != 0 || axis.pad_after != 0) {
+            let mut pads = vec![(0, 0); x_fact.rank()];
+            for (ix, ax) in padding.iter().enumerate() {
+                pads[input_shape.h_axis() + ix] = (ax.pad_before, ax.pad_after);
+            }
+            let op = crate::ops::array::Pad {
+                mode: crate::ops::array::PadMode::Constant(pad_value.into_arc_tensor()),
+                pads,
+            };
+            x = model.wire_node(format!("{name}.pad"), op, &[x])?[0];
+            let valid_pool_spec = PoolSpec { padding: Valid, ..self.pool_spec.clone() };
+            x_fact = model.outlet_fact(x)?.clone();
+            let concrete_shape = x_fact.shape.as_concrete().unwrap();
+            input_shape = valid_pool_spec.data_format.shape(concrete_shape.into())?;
+            geo = valid_pool_spec
+                .compute_geo(&x_fact.shape)?
+                .to_concrete(concrete_shape)?
+                .into_owned();
+        }
+        let c_stride = input_shape.c_stride();
+        let size_of_b = x_fact.datum_type.size_of() as isize;
+        let n_byte_offsets: Vec<isize> =
+            geo.patch.centers_offsets().into_iter().map(|x| x * size_of_b).collect();
+        // For grouped convs, k offsets cover one group's input slice (ci_per_group channels);
+        // each group reads from a different base offset (group_stride_bytes apart).
+        let ci_per_group = self.input_channels() / self.group;
+        let k_byte_offsets: Vec<isize> = (0..ci_per_group)
+            .flat_map(|ici| {
+                geo.patch
+                    .standard_layout_data_field
+                    .iter()
+                    .map(move |x| (x + (ici * c_stride) as isize) * size_of_b)
+            })
+            .collect();
+        let group_stride_bytes = (ci_per_group * c_stride) as isize * size_of_b;
+        let params = LazyIm2colParams { packer, n_byte_offsets, k_byte_offsets };
+        let x = model.wire_node(
+            format!("{name}.lazyIm2col"),
+            LazyIm2Col { params: Arc::new(params), group: self.group, group_stride_bytes },
+            &[x],
+        )?[0];
+        Ok((x, geo.output_shape))
+    }
+
+    /// The lazy im2col a quantized convolution can use instead of an eager one, or None.
+    /// Taken when the kernel zero point is a constant zero (so the activation column sums
+    /// the eager path computes from its buffer are not needed), the activation zero point
+    /// is a constant (it is the padding value), the selected kernel reads a packing the
+    /// lazy input writes, and the shape rule the float path uses says lazy pays.
+    #[allow(clippy::too_many_arguments)]
+    fn quant_lazy_im2col_input(
+        &self,
+        model: &mut TypedModel,
+        name: &str,
+        x: OutletId,
+        x0_orig: &TypedFact,
+        x_orig_dt: DatumType,
+        k0_orig: &TypedFact,
+        k_orig_dt: DatumType,
+        mmm: &dyn MatMatMul,
+        packing: usize,
+    ) -> TractResult<Option<OutletId>> {
+        if TRACT_DISABLE_QUANT_LAZY_IM2COL.get() {
+            return Ok(None);
+        }
+        let x_fact = model.outlet_fact(x)?.clone();
+        let Some(shape) = x_fact.shape.as_concrete() else { return Ok(None) };
+        if x_fact.datum_type.unquantized() != i8::datum_type()
+            || !should_use_lazy(&self.pool_spec, self.group, shape, x_fact.datum_type)
+        {
+            return Ok(None);
+        }
+        // wire_ensure_q8_flavour moved a u8 side to i8 by subtracting 128 from data and
+        // zero point; the padding value and the zero test follow the same shift.
+        let shift = |dt: DatumType| if dt.unquantized() == u8::datum_type() { 128 } else { 0 };
+        let Some(k0) = &k0_orig.konst else { return Ok(None) };
+        let k0 = k0.cast_to::<i32>()?;
+        let k_shift = shift(k_orig_dt);
+        if !k0.try_as_plain_ram()?.as_slice::<i32>()?.iter().all(|&v| v - k_shift == 0) {
+            return Ok(None);
+        }
+        let Some(x0) = &x0_orig.konst else { return Ok(None) };
+        if x0.len() != 1 {
+            return Ok(None);
+        }
+        let x0 = x0.cast_to_scalar::<i32>()? - shift(x_orig_dt);
+        let Ok(x0) = i8::try_from(x0) else { return Ok(None) };
+        let packer = &*mmm.packings()[packing].1;
+        let packer = if let Some(p) = packer.downcast_ref::<PackedFormat>() {
+            LazyPacker::Plain(p.clone())
+        } else if let Some(p) = packer.downcast_ref::<PackedI8K4>() {
+            LazyPacker::I8K4(p.clone())
+        } else {
+            return Ok(None);
+        };
+        let mut pad = tensor0(x0);
+        unsafe { pad.set_datum_type(x_fact.datum_type) };
+        debug!("{name} as quantized lazy_im2col with {packer:?}");
+        Ok(Some(self.wire_lazy_im2col_input(model, name, x, pad, packer)?.0))
     }
 
     #[allow(clippy::type_complexity)]
@@ -1516,6 +1623,12 @@ crate::declare_knob!(
     "Force-disable the direct blocked convolution on wasm targets (off by default on native)."
 );
 crate::declare_knob!(
+    scopable TRACT_DISABLE_QUANT_LAZY_IM2COL,
+    bool,
+    false,
+    "Disable lazy im2col for quantized convolutions (eager Im2col and column sums instead)."
+);
+crate::declare_knob!(
     scopable TRACT_LAZY_IM2COL_MIN_KERNEL,
     usize,
     DEFAULT_LAZY_IM2COL_MIN_KERNEL,
@@ -1825,5 +1938,141 @@ mod test {
             }
         }
         Tensor::from_shape(&[1, oc, h, w], &out).unwrap()
+    }
+
+    /// Quantized conv with an i32 output, optimised with `lazy` im2col on or off.
+    #[allow(clippy::too_many_arguments)]
+    fn run_quant(
+        input: &Tensor,
+        kernel: &Tensor,
+        x0: i8,
+        padding: crate::ops::cnn::PaddingSpec,
+        stride: usize,
+        group: usize,
+        lazy: bool,
+    ) -> TractResult<(TypedModel, Tensor)> {
+        let (ic, oc) = (input.shape()[1], kernel.shape()[0]);
+        let kernel_shape: TVec<usize> = kernel.shape()[2..].into();
+        let mut model = TypedModel::default();
+        let x = model.add_source("input", i8::fact(input.shape().to_vec()))?;
+        let k = model.add_const("kernel", kernel.clone().into_arc_tensor())?;
+        let mut inputs = tvec!(x, k, model.add_const("bias", rctensor0(0i32))?);
+        for (name, t) in [
+            ("x0", rctensor0(x0)),
+            ("x_scale", rctensor0(1f32)),
+            ("k0", rctensor0(0i8)),
+            ("k_scale", rctensor0(1f32)),
+            ("y0", rctensor0(0i32)),
+            ("y_scale", rctensor0(1f32)),
+        ] {
+            inputs.push(model.add_const(name, t)?);
+        }
+        let op = Conv {
+            pool_spec: PoolSpec {
+                data_format: NCHW,
+                kernel_shape,
+                padding,
+                dilations: None,
+                strides: Some(tvec![stride, stride]),
+                input_channels: ic,
+                output_channels: oc,
+            },
+            kernel_fmt: KernelFormat::OIHW,
+            group,
+            q_params: Some(i32::datum_type()),
+        };
+        let wire = model.wire_node("conv", op, &inputs)?;
+        model.select_output_outlets(&wire)?;
+        let value = if lazy { "false" } else { "true" };
+        let scope = tract_data::knobs::KnobScope::new([("TRACT_DISABLE_QUANT_LAZY_IM2COL", value)])?;
+        let model = scope.enter(|| model.into_optimized())?;
+        let out = model.clone().into_runnable()?.run(tvec!(input.clone().into_tvalue()))?;
+        Ok((model, (*out[0]).clone()))
+    }
+
+    /// Integer reference: sum over taps of (x - x0) * w, the padding reading as x0.
+    fn quant_reference(
+        input: &Tensor,
+        kernel: &Tensor,
+        x0: i8,
+        pad: usize,
+        stride: usize,
+        group: usize,
+    ) -> Tensor {
+        let (ic, h, w) = (input.shape()[1], input.shape()[2], input.shape()[3]);
+        let (oc, kh, kw) = (kernel.shape()[0], kernel.shape()[2], kernel.shape()[3]);
+        let (icg, ocg) = (ic / group, oc / group);
+        let oh = (h + 2 * pad - kh) / stride + 1;
+        let ow = (w + 2 * pad - kw) / stride + 1;
+        let iv = input.to_plain_array_view::<i8>().unwrap();
+        let kv = kernel.to_plain_array_view::<i8>().unwrap();
+        let mut out = vec![0i32; oc * oh * ow];
+        for o in 0..oc {
+            let g = o / ocg;
+            for y in 0..oh {
+                for x in 0..ow {
+                    let mut acc = 0i32;
+                    for c in 0..icg {
+                        for dy in 0..kh {
+                            for dx in 0..kw {
+                                let iy = (y * stride + dy) as isize - pad as isize;
+                                let ix = (x * stride + dx) as isize - pad as isize;
+                                let inside =
+                                    iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w;
+                                let v = if inside {
+                                    iv[[0, g * icg + c, iy as usize, ix as usize]]
+                                } else {
+                                    x0
+                                };
+                                acc += (v as i32 - x0 as i32) * kv[[o, c, dy, dx]] as i32;
+                            }
+                        }
+                    }
+                    out[o * oh * ow + y * ow + x] = acc;
+                }
+            }
+        }
+        Tensor::from_shape(&[1, oc, oh, ow], &out).unwrap()
+    }
+
+    /// Lazy im2col for quantized convs (in the packing the selected int8 kernel reads)
+    /// gives exactly the integer result, and the same as the eager im2col, across the
+    /// strides, paddings, k tails, partial panels and groups YOLO-style nets use.
+    #[test]
+    fn quant_lazy_im2col_matches_eager_and_reference() -> TractResult<()> {
+        let cases: &[(usize, usize, usize, usize, usize, usize, i8)] = &[
+            // ic, oc, h, w, stride, group, x0
+            (3, 16, 20, 20, 2, 1, 0),
+            (16, 24, 10, 10, 1, 1, -3),
+            (16, 24, 11, 13, 2, 1, 5),
+            (8, 8, 9, 9, 1, 2, 0),
+            (5, 7, 6, 17, 1, 1, 2),
+            (32, 64, 20, 20, 1, 1, 0),
+        ];
+        for &(ic, oc, h, w, stride, group, x0) in cases {
+            let input = Tensor::from_shape(
+                &[1, ic, h, w],
+                &(0..ic * h * w).map(|i| ((i * 37 % 251) as i32 - 125) as i8).collect::<Vec<_>>(),
+            )?;
+            let kernel = Tensor::from_shape(
+                &[oc, ic / group, 3, 3],
+                &(0..oc * ic / group * 9)
+                    .map(|i| ((i * 53 % 255) as i32 - 127) as i8)
+                    .collect::<Vec<_>>(),
+            )?;
+            let padding = Explicit(tvec![1, 1], tvec![1, 1]);
+            let want = quant_reference(&input, &kernel, x0, 1, stride, group);
+            let (lazy_model, lazy) =
+                run_quant(&input, &kernel, x0, padding.clone(), stride, group, true)?;
+            let (eager_model, eager) =
+                run_quant(&input, &kernel, x0, padding, stride, group, false)?;
+            let has_lazy = |m: &TypedModel| m.nodes().iter().any(|n| n.op_is::<LazyIm2Col>());
+            let case = format!("ic{ic} oc{oc} {h}x{w} s{stride} g{group} x0={x0}");
+            ensure!(has_lazy(&lazy_model), "{case}: no lazy im2col");
+            ensure!(!has_lazy(&eager_model), "{case}: knob did not disable lazy im2col");
+            eager.close_enough(&want, Approximation::Exact).with_context(|| case.clone())?;
+            lazy.close_enough(&want, Approximation::Exact).with_context(|| case.clone())?;
+        }
+        Ok(())
     }
 }

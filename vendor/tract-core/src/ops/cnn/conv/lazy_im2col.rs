@@ -4,22 +4,48 @@ use std::fmt::{Debug, Display};
 use std::ops::Range;
 use tract_linalg::WeightType;
 use tract_linalg::mmm::{MMMInputFormat, MMMInputValue, PackedMatrixStorage};
-use tract_linalg::pack::{PackedFormat, PackingWriter};
+use tract_linalg::pack::{PackedFormat, PackedI8K4, PackingWriter};
+
+/// The packing a lazy im2col panel is written in: the one the selected kernel reads its
+/// activations in.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum LazyPacker {
+    /// K-major panels of `r` columns (float kernels, the plain integer kernels).
+    Plain(PackedFormat),
+    /// K=4-inner byte panels (`PackedI8K4`): 4 consecutive k of one column are contiguous.
+    I8K4(PackedI8K4),
+}
+
+impl LazyPacker {
+    pub fn r(&self) -> usize {
+        match self {
+            LazyPacker::Plain(p) => p.r,
+            LazyPacker::I8K4(p) => p.r,
+        }
+    }
+
+    pub fn as_format(&self) -> &dyn MMMInputFormat {
+        match self {
+            LazyPacker::Plain(p) => p,
+            LazyPacker::I8K4(p) => p,
+        }
+    }
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct LazyIm2colParams {
-    pub packer: PackedFormat,
+    pub packer: LazyPacker,
     pub n_byte_offsets: Vec<isize>,
     pub k_byte_offsets: Vec<isize>,
 }
 
 impl MMMInputFormat for LazyIm2colParams {
     fn r(&self) -> usize {
-        self.packer.r
+        self.packer.r()
     }
 
     fn precursor(&self) -> WeightType {
-        self.packer.precursor()
+        self.packer.as_format().precursor()
     }
 
     fn prepare_tensor(&self, _t: &Tensor, _k_axis: usize, _mn_axis: usize) -> TractResult<Tensor> {
@@ -31,7 +57,10 @@ impl MMMInputFormat for LazyIm2colParams {
     }
 
     fn mem_size(&self, k: TDim, mn: TDim) -> TDim {
-        k * mn * self.packer.dt.size_of()
+        match &self.packer {
+            LazyPacker::Plain(p) => k * mn * p.dt.size_of(),
+            LazyPacker::I8K4(p) => p.mem_size(k, mn),
+        }
     }
 
     fn extract_at_mn_f16(
@@ -131,7 +160,7 @@ impl TypedOp for LazyIm2Col {
         let exotic_fact = DynPackedExoticFact {
             k: self.params.k_byte_offsets.len().to_dim(),
             mn: self.params.n_byte_offsets.len().to_dim(),
-            packers: vec![Box::new(self.params.packer.clone()) as Box<dyn MMMInputFormat>],
+            packers: vec![dyn_clone::clone_box(self.params.packer.as_format())],
         };
         Ok(tvec!(inputs[0].datum_type.fact([1, self.group]).with_exotic_fact(exotic_fact)))
     }
@@ -387,11 +416,39 @@ impl LazyIm2colInput {
 impl MMMInputValue for LazyIm2colInput {
     fn scratch_panel_buffer_layout(&self) -> Option<std::alloc::Layout> {
         let k = self.im2col.k_byte_offsets.len();
-        Some(self.im2col.packer.single_panel_layout(k, self.tensor.datum_type().size_of()))
+        match &self.im2col.packer {
+            LazyPacker::Plain(p) => {
+                Some(p.single_panel_layout(k, self.tensor.datum_type().size_of()))
+            }
+            LazyPacker::I8K4(p) => {
+                std::alloc::Layout::from_size_align(p.single_panel_len(k), p.alignment()).ok()
+            }
+        }
     }
 
     fn panel_bytes(&self, i: usize, buffer: Option<*mut u8>) -> TractResult<*const u8> {
-        Ok(dispatch_copy!(Self::do_panel(self.tensor.datum_type())(self, i, buffer)))
+        let buffer = buffer.context("LazyIm2col panel needs a scratch buffer")?;
+        match &self.im2col.packer {
+            LazyPacker::Plain(p) => Ok(dispatch_copy!(Self::do_panel(self.tensor.datum_type())(
+                self,
+                p,
+                i,
+                Some(buffer)
+            ))),
+            LazyPacker::I8K4(p) => {
+                ensure!(
+                    self.tensor.datum_type().size_of() == 1,
+                    "I8K4 lazy im2col needs a one-byte input, got {:?}",
+                    self.tensor.datum_type()
+                );
+                if p.r == 8 {
+                    unsafe { self.do_panel_k4::<8>(i, buffer) };
+                } else {
+                    unsafe { self.do_panel_k4_any(p.r, i, buffer) };
+                }
+                Ok(buffer)
+            }
+        }
     }
 
     fn k(&self) -> usize {
@@ -418,19 +475,24 @@ impl MMMInputValue for LazyIm2colInput {
 }
 
 impl LazyIm2colInput {
-    fn do_panel<T: Datum + Copy>(&self, i: usize, buffer: Option<*mut u8>) -> *const u8 {
-        let r = self.im2col.packer.r;
+    fn do_panel<T: Datum + Copy>(
+        &self,
+        packer: &PackedFormat,
+        i: usize,
+        buffer: Option<*mut u8>,
+    ) -> *const u8 {
+        let r = packer.r;
         let mn_start = i * r;
-        let mn_end = (mn_start + self.im2col.packer.r).min(self.im2col.n_byte_offsets.len());
+        let mn_end = (mn_start + r).min(self.im2col.n_byte_offsets.len());
         let k = self.im2col.k_byte_offsets.len();
         let mn_range = mn_start as isize..mn_end as isize;
         let k_range = 0..k as isize;
         let packed = buffer.unwrap();
         if mn_range.len() == r && mn_start.is_multiple_of(r) {
-            let mut writer = self.im2col.packer.write_single_panel_with_k_outer(packed as *mut T);
+            let mut writer = packer.write_single_panel_with_k_outer(packed as *mut T);
             self.write(&mut writer, k_range, mn_range);
         } else {
-            let mut writer = self.im2col.packer.write_with_k_outer(
+            let mut writer = packer.write_with_k_outer(
                 packed as *mut T,
                 k_range.len(),
                 mn_range.len(),
@@ -438,5 +500,214 @@ impl LazyIm2colInput {
             self.write(&mut writer, k_range, mn_range);
         }
         packed
+    }
+
+    /// Panel `i` in the K=4-inner layout, `R` columns wide:
+    /// `out[(k/4)*R*4 + j*4 + k%4] = x[k_off[k] + n_off[i*R + j]]`. The k tail up to a multiple
+    /// of 4 and the columns past `mn` are zero, so the panel is deterministic.
+    ///
+    /// # Safety
+    /// `buffer` holds `single_panel_len(k)` bytes; the offsets address bytes of the tensor.
+    unsafe fn do_panel_k4<const R: usize>(&self, i: usize, buffer: *mut u8) {
+        unsafe {
+            let n_offsets = &self.im2col.n_byte_offsets;
+            let k_offsets = &self.im2col.k_byte_offsets;
+            let mn_start = i * R;
+            let width = R.min(n_offsets.len().saturating_sub(mn_start));
+            if width < R {
+                return self.do_panel_k4_any(R, i, buffer);
+            }
+            let mut no = [0isize; R];
+            no.copy_from_slice(&n_offsets[mn_start..mn_start + R]);
+            if R == 8 {
+                // Eight output positions on one output row sit 1 or 2 bytes apart (stride 1
+                // or 2 along W): each k row of the panel is then one short load.
+                let step = no[1] - no[0];
+                if no.windows(2).all(|w| w[1] - w[0] == step) {
+                    if step == 1 {
+                        return self.do_panel8_k4_strided::<1>(no[0], buffer);
+                    } else if step == 2 {
+                        return self.do_panel8_k4_strided::<2>(no[0], buffer);
+                    }
+                }
+            }
+            let base = self.tensor.as_ptr_unchecked::<u8>().offset(self.group_offset_bytes);
+            let k = k_offsets.len();
+            let mut out = buffer as *mut u32;
+            for kb in 0..k / 4 {
+                let p0 = base.offset(*k_offsets.get_unchecked(kb * 4));
+                let p1 = base.offset(*k_offsets.get_unchecked(kb * 4 + 1));
+                let p2 = base.offset(*k_offsets.get_unchecked(kb * 4 + 2));
+                let p3 = base.offset(*k_offsets.get_unchecked(kb * 4 + 3));
+                for o in no {
+                    let w = u32::from_le_bytes([
+                        *p0.offset(o),
+                        *p1.offset(o),
+                        *p2.offset(o),
+                        *p3.offset(o),
+                    ]);
+                    out.write_unaligned(w);
+                    out = out.add(1);
+                }
+            }
+            let tail = k % 4;
+            if tail != 0 {
+                let kb = k / 4;
+                let mut rows = [base; 4];
+                for (kr, row) in rows.iter_mut().enumerate().take(tail) {
+                    *row = base.offset(*k_offsets.get_unchecked(kb * 4 + kr));
+                }
+                for o in no {
+                    let mut b = [0u8; 4];
+                    for kr in 0..tail {
+                        b[kr] = *rows[kr].offset(o);
+                    }
+                    out.write_unaligned(u32::from_le_bytes(b));
+                    out = out.add(1);
+                }
+            }
+        }
+    }
+
+    /// [`Self::do_panel_k4`] for an 8-wide panel whose columns are `S` bytes apart from
+    /// `o0` on: the 8 bytes of one k row come from short loads, and four rows interleave
+    /// into the 32 bytes of one K=4 block.
+    ///
+    /// # Safety
+    /// As for [`Self::do_panel_k4`].
+    unsafe fn do_panel8_k4_strided<const S: usize>(&self, o0: isize, buffer: *mut u8) {
+        static ZEROS: [u8; 16] = [0; 16];
+        unsafe {
+            let k_offsets = &self.im2col.k_byte_offsets;
+            let base =
+                self.tensor.as_ptr_unchecked::<u8>().offset(self.group_offset_bytes).offset(o0);
+            let row = |kk: usize| base.offset(*k_offsets.get_unchecked(kk));
+            let k = k_offsets.len();
+            for kb in 0..k / 4 {
+                let rows = [row(kb * 4), row(kb * 4 + 1), row(kb * 4 + 2), row(kb * 4 + 3)];
+                k4_block8::<S>(rows, buffer.add(kb * 32));
+            }
+            let tail = k % 4;
+            if tail != 0 {
+                let mut rows = [ZEROS.as_ptr(); 4];
+                for (kr, r) in rows.iter_mut().enumerate().take(tail) {
+                    *r = row(k / 4 * 4 + kr);
+                }
+                k4_block8::<S>(rows, buffer.add(k / 4 * 32));
+            }
+        }
+    }
+
+    /// [`Self::do_panel_k4`] for any panel width and for the last, partial panel.
+    ///
+    /// # Safety
+    /// As for [`Self::do_panel_k4`].
+    unsafe fn do_panel_k4_any(&self, r: usize, i: usize, buffer: *mut u8) {
+        unsafe {
+            let n_offsets = &self.im2col.n_byte_offsets;
+            let k_offsets = &self.im2col.k_byte_offsets;
+            let k = k_offsets.len();
+            let kp = k.div_ceil(4) * 4;
+            std::ptr::write_bytes(buffer, 0, kp * r);
+            let mn_start = i * r;
+            let width = r.min(n_offsets.len().saturating_sub(mn_start));
+            let base = self.tensor.as_ptr_unchecked::<u8>().offset(self.group_offset_bytes);
+            for (kk, &ko) in k_offsets.iter().enumerate() {
+                let row = base.offset(ko);
+                let dst = buffer.add((kk / 4) * r * 4 + kk % 4);
+                for j in 0..width {
+                    *dst.add(j * 4) = *row.offset(n_offsets[mn_start + j]);
+                }
+            }
+        }
+    }
+}
+
+/// One K=4 block of an 8-wide panel: `out[j * 4 + kr] = rows[kr][j * S]` for `j < 8`,
+/// `kr < 4`. Reads bytes `0..=7 * S` of each row and nothing past them.
+///
+/// # Safety
+/// Each row pointer addresses `7 * S + 1` readable bytes; `out` has 32 writable bytes.
+#[inline(always)]
+unsafe fn k4_block8<const S: usize>(rows: [*const u8; 4], out: *mut u8) {
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            // SSE2 is part of x86_64.
+            let load = |p: *const u8| -> __m128i {
+                if S == 1 {
+                    _mm_loadl_epi64(p as *const __m128i)
+                } else {
+                    // Bytes 0,2,4,6 from p[0..8] and 8,10,12,14 from p[7..15] (their odd
+                    // bytes), narrowed to 8 bytes.
+                    let lo = _mm_and_si128(_mm_loadl_epi64(p as *const __m128i), _mm_set1_epi16(0xff));
+                    let hi = _mm_srli_epi16::<8>(_mm_loadl_epi64(p.add(7) as *const __m128i));
+                    let v = _mm_unpacklo_epi64(lo, hi);
+                    _mm_packus_epi16(v, v)
+                }
+            };
+            let ab = _mm_unpacklo_epi8(load(rows[0]), load(rows[1]));
+            let cd = _mm_unpacklo_epi8(load(rows[2]), load(rows[3]));
+            _mm_storeu_si128(out as *mut __m128i, _mm_unpacklo_epi16(ab, cd));
+            _mm_storeu_si128(out.add(16) as *mut __m128i, _mm_unpackhi_epi16(ab, cd));
+        }
+        #[cfg(target_arch = "aarch64")]
+        {
+            use std::arch::aarch64::*;
+            let load = |p: *const u8| -> uint8x8_t {
+                if S == 1 {
+                    vld1_u8(p)
+                } else {
+                    // Even bytes of p[0..8], then the odd bytes of p[7..15].
+                    let hi = vld1_u8(p.add(7));
+                    vuzp1_u8(vld1_u8(p), vext_u8::<1>(hi, hi))
+                }
+            };
+            vst4_u8(
+                out,
+                uint8x8x4_t(load(rows[0]), load(rows[1]), load(rows[2]), load(rows[3])),
+            );
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        {
+            for j in 0..8 {
+                for kr in 0..4 {
+                    *out.add(j * 4 + kr) = *rows[kr].add(j * S);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::k4_block8;
+
+    fn scalar<const S: usize>(rows: &[Vec<u8>; 4]) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for j in 0..8 {
+            for kr in 0..4 {
+                out[j * 4 + kr] = rows[kr][j * S];
+            }
+        }
+        out
+    }
+
+    fn check<const S: usize>() {
+        // Rows exactly 7 * S + 1 bytes long, so a read past the documented span would
+        // leave the allocation (caught under Miri/ASan) or pick up the wrong bytes.
+        let len = 7 * S + 1;
+        let rows: [Vec<u8>; 4] =
+            std::array::from_fn(|kr| (0..len).map(|i| (kr * 64 + i * 3 + 1) as u8).collect());
+        let mut out = [0u8; 32];
+        unsafe { k4_block8::<S>(std::array::from_fn(|kr| rows[kr].as_ptr()), out.as_mut_ptr()) };
+        assert_eq!(out, scalar::<S>(&rows), "stride {S}");
+    }
+
+    #[test]
+    fn k4_block8_matches_scalar() {
+        check::<1>();
+        check::<2>();
     }
 }
