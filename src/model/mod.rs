@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tract_onnx::pb;
+use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
 /// Why a model could not be loaded, prepared or run. Every variant names the model file.
@@ -335,6 +336,7 @@ impl OnnxModel {
             } else {
                 1
             },
+            executor: run_opts.executor,
         })
     }
 
@@ -586,8 +588,7 @@ pub fn max_threads() -> usize {
 
 /// A shared pool per thread count, so that rebuilding a model (adapter swaps) reuses threads.
 #[cfg(feature = "multithread")]
-fn executor(threads: usize) -> Option<tract_onnx::tract_core::tract_linalg::multithread::Executor> {
-    use tract_onnx::tract_core::tract_linalg::multithread::Executor;
+fn executor(threads: usize) -> Option<Executor> {
     static POOLS: std::sync::Mutex<Vec<(usize, Executor)>> = std::sync::Mutex::new(Vec::new());
     if threads <= 1 {
         return None;
@@ -602,7 +603,7 @@ fn executor(threads: usize) -> Option<tract_onnx::tract_core::tract_linalg::mult
 }
 
 #[cfg(not(feature = "multithread"))]
-fn executor(threads: usize) -> Option<tract_onnx::tract_core::tract_linalg::multithread::Executor> {
+fn executor(threads: usize) -> Option<Executor> {
     if threads > 1 {
         log::warn!("built without the multithread feature; running on one thread");
     }
@@ -691,6 +692,7 @@ pub struct PreparedModel {
     output_shapes: Vec<Vec<usize>>,
     precision: Precision,
     threads: usize,
+    executor: Option<Executor>,
 }
 
 impl PreparedModel {
@@ -752,6 +754,7 @@ impl PreparedModel {
             input_dims: self.input_dims,
             f16: self.precision == Precision::F16,
             state,
+            executor: self.executor.clone(),
         })
     }
 }
@@ -770,6 +773,19 @@ pub struct Session {
     /// The graph takes and returns f16 tensors (`f32_to_f16` changes its interface too).
     f16: bool,
     state: TypedSimpleState,
+    executor: Option<Executor>,
+}
+
+/// Runs `f` on a thread of the run's pool, when it has one. The thread that walks the graph
+/// then takes its share of every parallel matrix product itself, instead of handing each one
+/// to the pool and sleeping until the pool wakes it (one wake-up per product, and a pool of
+/// `threads` workers plus a waiting caller on `threads` cores).
+fn on_pool<R: Send>(executor: &Option<Executor>, f: impl FnOnce() -> R + Send) -> R {
+    match executor {
+        #[cfg(feature = "multithread")]
+        Some(Executor::MultiThread(pool)) => pool.install(f),
+        _ => f(),
+    }
 }
 
 impl Session {
@@ -800,9 +816,8 @@ impl Session {
         let tensor = self
             .input_tensor(input)
             .map_err(|e| err(format!("{e:#}")))?;
-        let outputs = self
-            .state
-            .run(tvec!(tensor.into_tvalue()))
+        let state = &mut self.state;
+        let outputs = on_pool(&self.executor, || state.run(tvec!(tensor.into_tvalue())))
             .map_err(|e| err(format!("{e:#}")))?;
         outputs
             .iter()
@@ -847,9 +862,10 @@ impl Session {
         // Nodes are evaluated in plan order, so first sight gives the order of the result.
         let mut slot: HashMap<usize, usize> = HashMap::new();
         let mut times: Vec<NodeTime> = Vec::new();
+        let state = &mut self.state;
         for _ in 0..runs {
-            self.state
-                .run_plan_with_eval(
+            on_pool(&self.executor, || {
+                state.run_plan_with_eval(
                     tvec!(tensor.clone().into_tvalue()),
                     |ctx, state, node, inputs| {
                         let t = std::time::Instant::now();
@@ -867,7 +883,8 @@ impl Session {
                         out
                     },
                 )
-                .map_err(|e| err(format!("{e:#}")))?;
+            })
+            .map_err(|e| err(format!("{e:#}")))?;
         }
         Ok(times)
     }

@@ -1958,9 +1958,9 @@ mod test {
         let k = model.add_const("kernel", kernel.clone().into_arc_tensor())?;
         let mut inputs = tvec!(x, k, model.add_const("bias", rctensor0(0i32))?);
         for (name, t) in [
-            ("x0", rctensor0(x0)),
+            ("x0", rctensor0(x0 as i32)),
             ("x_scale", rctensor0(1f32)),
-            ("k0", rctensor0(0i8)),
+            ("k0", rctensor0(0i32)),
             ("k_scale", rctensor0(1f32)),
             ("y0", rctensor0(0i32)),
             ("y_scale", rctensor0(1f32)),
