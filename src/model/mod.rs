@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tract_onnx::pb;
-use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 
 /// Why a model could not be loaded, prepared or run. Every variant names the model file.
 #[derive(Debug, thiserror::Error)]
@@ -458,6 +458,7 @@ impl OnnxModel {
                 output_shapes: Vec::new(),
                 precision: Precision::F32,
                 threads: 1,
+                executor: None,
             }
             .session()?,
             names,
