@@ -503,3 +503,38 @@ fn every_x86_int8_kernel_gives_identical_detections() {
         );
     }
 }
+
+/// Splitting a frame's products over two threads (the inference itself running on a pool
+/// thread) reorders independent tiles only: detections are identical to one thread's, at
+/// every precision perch builds here.
+#[test]
+fn two_threads_give_the_same_detections_as_one() {
+    for precision in ["f32", "int8"] {
+        let run = |threads: &str| {
+            let out = perch_command(&[
+                "detect",
+                "--model",
+                "models/tree-yolo11n-320.onnx",
+                "--precision",
+                precision,
+                "--calibration",
+                CALIBRATION,
+                "--conf",
+                "0.05",
+                "--threads",
+                threads,
+                TRACK_IMAGES[0],
+                TRACK_IMAGES[1],
+            ])
+            .output()
+            .unwrap();
+            ok_json_lines(&out)
+                .into_iter()
+                .map(|r| r["detections"].clone())
+                .collect::<Vec<Value>>()
+        };
+        let one = run("1");
+        assert!(one.iter().any(|d| !d.as_array().unwrap().is_empty()));
+        assert_eq!(run("2"), one, "{precision}: 2 threads differ from 1");
+    }
+}
