@@ -1984,7 +1984,8 @@ mod test {
         let wire = model.wire_node("conv", op, &inputs)?;
         model.select_output_outlets(&wire)?;
         let value = if lazy { "false" } else { "true" };
-        let scope = tract_data::knobs::KnobScope::new([("TRACT_DISABLE_QUANT_LAZY_IM2COL", value)])?;
+        let scope =
+            tract_data::knobs::KnobScope::new([("TRACT_DISABLE_QUANT_LAZY_IM2COL", value)])?;
         let model = scope.enter(|| model.into_optimized())?;
         let out = model.clone().into_runnable()?.run(tvec!(input.clone().into_tvalue()))?;
         Ok((model, (*out[0]).clone()))

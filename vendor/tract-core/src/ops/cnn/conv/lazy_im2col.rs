@@ -492,11 +492,8 @@ impl LazyIm2colInput {
             let mut writer = packer.write_single_panel_with_k_outer(packed as *mut T);
             self.write(&mut writer, k_range, mn_range);
         } else {
-            let mut writer = packer.write_with_k_outer(
-                packed as *mut T,
-                k_range.len(),
-                mn_range.len(),
-            );
+            let mut writer =
+                packer.write_with_k_outer(packed as *mut T, k_range.len(), mn_range.len());
             self.write(&mut writer, k_range, mn_range);
         }
         packed
@@ -641,7 +638,8 @@ unsafe fn k4_block8<const S: usize>(rows: [*const u8; 4], out: *mut u8) {
                 } else {
                     // Bytes 0,2,4,6 from p[0..8] and 8,10,12,14 from p[7..15] (their odd
                     // bytes), narrowed to 8 bytes.
-                    let lo = _mm_and_si128(_mm_loadl_epi64(p as *const __m128i), _mm_set1_epi16(0xff));
+                    let lo =
+                        _mm_and_si128(_mm_loadl_epi64(p as *const __m128i), _mm_set1_epi16(0xff));
                     let hi = _mm_srli_epi16::<8>(_mm_loadl_epi64(p.add(7) as *const __m128i));
                     let v = _mm_unpacklo_epi64(lo, hi);
                     _mm_packus_epi16(v, v)
@@ -664,10 +662,7 @@ unsafe fn k4_block8<const S: usize>(rows: [*const u8; 4], out: *mut u8) {
                     vuzp1_u8(vld1_u8(p), vext_u8::<1>(hi, hi))
                 }
             };
-            vst4_u8(
-                out,
-                uint8x8x4_t(load(rows[0]), load(rows[1]), load(rows[2]), load(rows[3])),
-            );
+            vst4_u8(out, uint8x8x4_t(load(rows[0]), load(rows[1]), load(rows[2]), load(rows[3])));
         }
         #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
