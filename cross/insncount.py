@@ -37,6 +37,8 @@ CONFIGS = {
     "aarch64": [
         ("aarch64 cortex-a53", "aarch64-unknown-linux-gnu", "qemu-aarch64", "cortex-a53",
          "/usr/aarch64-linux-gnu", "aarch64-linux-gnu-nm"),
+        ("aarch64 cortex-a76 (dot product)", "aarch64-unknown-linux-gnu", "qemu-aarch64",
+         "cortex-a76", "/usr/aarch64-linux-gnu", "aarch64-linux-gnu-nm"),
         ("aarch64 max (SVE, dot product)", "aarch64-unknown-linux-gnu", "qemu-aarch64", "max",
          "/usr/aarch64-linux-gnu", "aarch64-linux-gnu-nm"),
     ],
