@@ -397,27 +397,65 @@ fn bench_rect_fits_dynamic_models_to_the_image() {
     );
 }
 
+/// Runs `perch <subcommand>` on the demo model at `precision` (with its calibration), then
+/// `extra` arguments, with `env` set.
+fn run_demo(
+    subcommand: &str,
+    precision: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let mut args = vec![
+        subcommand,
+        "--model",
+        "models/tree-yolo11n-320.onnx",
+        "--precision",
+        precision,
+        "--calibration",
+        CALIBRATION,
+    ];
+    args.extend_from_slice(extra);
+    perch_command(&args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// One `bench --json` record of the demo model (one iteration, no warm-up) at `precision`,
+/// with `env` set for the run.
+fn demo_bench_json(precision: &str, env: &[(&str, &str)]) -> Value {
+    let extra = ["--iterations", "1", "--warmup", "0", "--json"];
+    ok_json_lines(&run_demo("bench", precision, &extra, env)).remove(0)
+}
+
+/// The demo model's detections (conf 0.05) on `images` at `precision`, one array per image,
+/// with `extra` arguments and `env` set; at least one image must have some.
+fn demo_detections(
+    precision: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    images: &[&str],
+) -> Vec<Value> {
+    let mut args = vec!["--conf", "0.05"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(images);
+    let out = run_demo("detect", precision, &args, env);
+    let detections: Vec<Value> = ok_json_lines(&out)
+        .into_iter()
+        .map(|r| r["detections"].clone())
+        .collect();
+    assert!(
+        detections.iter().any(|d| !d.as_array().unwrap().is_empty()),
+        "no detections at {precision} with {extra:?} {env:?}"
+    );
+    detections
+}
+
 /// `bench` names the matrix kernels tract picked: int8 convolutions run on an i32-accumulator
 /// kernel, a float model has none.
 #[test]
 fn bench_names_the_matrix_kernels() {
-    let run = |precision: &str| {
-        let out = perch(&[
-            "bench",
-            "--model",
-            "models/tree-yolo11n-320.onnx",
-            "--precision",
-            precision,
-            "--calibration",
-            CALIBRATION,
-            "--iterations",
-            "1",
-            "--warmup",
-            "0",
-            "--json",
-        ]);
-        ok_json_lines(&out).remove(0)
-    };
+    let run = |precision: &str| demo_bench_json(precision, &[]);
     let f32 = run("f32");
     assert!(!f32["f32_kernels"].as_array().unwrap().is_empty(), "{f32}");
     assert!(f32["int8_kernels"].as_array().unwrap().is_empty(), "{f32}");
@@ -449,50 +487,18 @@ fn every_x86_int8_kernel_gives_identical_detections() {
         // Quantized 3x3 convs gather their patches lazily inside the matrix product by
         // default; the eager im2col they replace must give the same integers.
         for disable_lazy in ["1", "0"] {
-            let out = perch_command(&[
-                "detect",
-                "--model",
-                "models/tree-yolo11n-320.onnx",
-                "--precision",
-                "int8",
-                "--calibration",
-                CALIBRATION,
-                "--conf",
-                "0.05",
-                TRACK_IMAGES[0],
-            ])
-            .env("TRACT_X86_INT8_KERNEL", kernel)
-            .env("TRACT_DISABLE_QUANT_LAZY_IM2COL", disable_lazy)
-            .output()
-            .unwrap();
-            let detections: Vec<Value> = ok_json_lines(&out)
-                .into_iter()
-                .map(|r| r["detections"].clone())
-                .collect();
-            assert!(detections.iter().any(|d| !d.as_array().unwrap().is_empty()));
+            let env = [
+                ("TRACT_X86_INT8_KERNEL", *kernel),
+                ("TRACT_DISABLE_QUANT_LAZY_IM2COL", disable_lazy),
+            ];
+            let detections = demo_detections("int8", &[], &env, &TRACK_IMAGES[..1]);
             let variant = format!("{kernel} (lazy im2col disabled: {disable_lazy})");
             outputs.push((variant, detections));
         }
         // The knob is ignored, with a warning, for a kernel the CPU cannot run: check that
         // this one really ran, or the comparison would be of a kernel with itself.
-        let bench = perch_command(&[
-            "bench",
-            "--model",
-            "models/tree-yolo11n-320.onnx",
-            "--precision",
-            "int8",
-            "--calibration",
-            CALIBRATION,
-            "--iterations",
-            "1",
-            "--warmup",
-            "0",
-            "--json",
-        ])
-        .env("TRACT_X86_INT8_KERNEL", kernel)
-        .output()
-        .unwrap();
-        let ran = ok_json_lines(&bench).remove(0)["int8_kernels"].clone();
+        let bench = demo_bench_json("int8", &[("TRACT_X86_INT8_KERNEL", kernel)]);
+        let ran = bench["int8_kernels"].clone();
         assert_eq!(ran, serde_json::json!([kernel]), "forced {kernel}");
     }
     for (kernel, detections) in &outputs[1..] {
@@ -510,31 +516,7 @@ fn every_x86_int8_kernel_gives_identical_detections() {
 #[test]
 fn two_threads_give_the_same_detections_as_one() {
     for precision in ["f32", "int8"] {
-        let run = |threads: &str| {
-            let out = perch_command(&[
-                "detect",
-                "--model",
-                "models/tree-yolo11n-320.onnx",
-                "--precision",
-                precision,
-                "--calibration",
-                CALIBRATION,
-                "--conf",
-                "0.05",
-                "--threads",
-                threads,
-                TRACK_IMAGES[0],
-                TRACK_IMAGES[1],
-            ])
-            .output()
-            .unwrap();
-            ok_json_lines(&out)
-                .into_iter()
-                .map(|r| r["detections"].clone())
-                .collect::<Vec<Value>>()
-        };
-        let one = run("1");
-        assert!(one.iter().any(|d| !d.as_array().unwrap().is_empty()));
-        assert_eq!(run("2"), one, "{precision}: 2 threads differ from 1");
+        let run = |threads| demo_detections(precision, &["--threads", threads], &[], &TRACK_IMAGES);
+        assert_eq!(run("2"), run("1"), "{precision}: 2 threads differ from 1");
     }
 }
