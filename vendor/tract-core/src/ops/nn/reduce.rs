@@ -81,8 +81,14 @@ impl Reducer {
                 ArgMin(last) => {
                     r!(Self::reduce_t(dt)(self, axes, &output_shape, input, argmin_t, *last))
                 }
-                Min => r!(Self::reduce_t(dt)(self, axes, &output_shape, input, min_t, ())),
-                Max => r!(Self::reduce_t(dt)(self, axes, &output_shape, input, max_t, ())),
+                Min => match minmax_inner_rows(axes, input, &output_shape, false) {
+                    Some(t) => t,
+                    None => r!(Self::reduce_t(dt)(self, axes, &output_shape, input, min_t, ())),
+                },
+                Max => match minmax_inner_rows(axes, input, &output_shape, true) {
+                    Some(t) => t,
+                    None => r!(Self::reduce_t(dt)(self, axes, &output_shape, input, max_t, ())),
+                },
                 Prod => {
                     r!(Self::reduce_t(dt)(self, axes, &output_shape, input, prod_t, ()); Self::reduce_t(self, axes, &output_shape, input, q_prod_t, (zp, scale)))
                 }
@@ -350,6 +356,52 @@ where
             },
         )
         .0 as i64
+}
+
+/// Min or Max over one axis that is not the innermost, for f32 and f16: the input seen as
+/// `[outer, len, inner]` is folded row by row into an `[outer, inner]` accumulator with the
+/// comparison and initial value of [`max_t`]/[`min_t`], in the same order along the axis, so
+/// the result is the one of the per-output fold (NaN handling included); the row loop
+/// vectorises. `None` where it does not apply (several axes, the innermost axis, other types).
+fn minmax_inner_rows(
+    axes: &[usize],
+    input: &Tensor,
+    output_shape: &[usize],
+    max: bool,
+) -> Option<Tensor> {
+    fn fold<T: Datum + Copy + PartialOrd + Bounded>(
+        input: &Tensor,
+        axis: usize,
+        output_shape: &[usize],
+        max: bool,
+    ) -> Option<Tensor> {
+        let shape = input.shape();
+        let len = shape[axis];
+        let inner: usize = shape[axis + 1..].iter().product();
+        let outer: usize = shape[..axis].iter().product();
+        let data = input.try_as_plain_ram().ok()?.as_slice::<T>().ok()?;
+        let init = if max { T::min_value() } else { T::max_value() };
+        let mut out = vec![init; outer * inner];
+        for (o, acc) in out.chunks_exact_mut(inner).enumerate() {
+            for row in data[o * len * inner..][..len * inner].chunks_exact(inner) {
+                if max {
+                    acc.iter_mut().zip(row).for_each(|(a, &v)| *a = if *a > v { *a } else { v });
+                } else {
+                    acc.iter_mut().zip(row).for_each(|(a, &v)| *a = if *a < v { *a } else { v });
+                }
+            }
+        }
+        tensor1(&out).into_shape(output_shape).ok()
+    }
+    let &[axis] = axes else { return None };
+    if axis + 1 >= input.rank() || input.shape()[axis + 1..].iter().product::<usize>() < 2 {
+        return None;
+    }
+    match input.datum_type() {
+        DatumType::F32 => fold::<f32>(input, axis, output_shape, max),
+        DatumType::F16 => fold::<f16>(input, axis, output_shape, max),
+        _ => None,
+    }
 }
 
 fn max_t<T>(v: ArrayViewD<T>, _: ()) -> T
@@ -735,6 +787,53 @@ mod tests {
         let t1 = Tensor::from_shape(&[3, 1], &[1.0f32, -2.0, 3.0]).unwrap();
         let got = Reducer::Max.reduce(&[1], &t1).unwrap();
         assert_eq!(unsafe { got.as_slice_unchecked::<f32>() }, &[1.0, -2.0, 3.0]);
+    }
+
+    // The row-fold path for Min/Max over a non-innermost axis must give what the
+    // per-output fold gives, NaN, infinities and signed zeros included.
+    #[test]
+    fn minmax_inner_rows_matches_per_output_fold() {
+        let shape = [2usize, 4, 16, 21];
+        let specials = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, -0.0, 0.0];
+        let data: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|i| if i % 53 == 0 { specials[i / 53 % 5] } else { ((i * 37 % 101) as f32) - 50.5 })
+            .collect();
+        let t = Tensor::from_shape(&shape, &data).unwrap();
+        let t16 = t.cast_to::<f16>().unwrap().into_owned();
+        for axis in 0..3 {
+            let out_shape: Vec<usize> =
+                shape.iter().enumerate().map(|(ax, &d)| if ax == axis { 1 } else { d }).collect();
+            for (max, reducer) in [(true, Reducer::Max), (false, Reducer::Min)] {
+                let fast = minmax_inner_rows(&[axis], &t, &out_shape, max).unwrap();
+                let want = unsafe {
+                    if max {
+                        reducer.reduce_t::<f32, f32, _, _>(&[axis], &out_shape, &t, max_t, ())
+                    } else {
+                        reducer.reduce_t::<f32, f32, _, _>(&[axis], &out_shape, &t, min_t, ())
+                    }
+                };
+                let bits = |t: &Tensor| {
+                    t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(bits(&fast), bits(&want), "axis {axis} max {max}");
+                assert_eq!(reducer.reduce(&[axis], &t).unwrap(), fast);
+                let fast16 = minmax_inner_rows(&[axis], &t16, &out_shape, max).unwrap();
+                let want16 = unsafe {
+                    if max {
+                        reducer.reduce_t::<f16, f16, _, _>(&[axis], &out_shape, &t16, max_t, ())
+                    } else {
+                        reducer.reduce_t::<f16, f16, _, _>(&[axis], &out_shape, &t16, min_t, ())
+                    }
+                };
+                let bits16 = |t: &Tensor| {
+                    t.try_as_plain_ram().unwrap().as_slice::<f16>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(bits16(&fast16), bits16(&want16), "f16 axis {axis} max {max}");
+            }
+        }
+        // The innermost axis and several axes keep the per-output fold.
+        assert!(minmax_inner_rows(&[3], &t, &[2, 4, 16, 1], true).is_none());
+        assert!(minmax_inner_rows(&[1, 2], &t, &[2, 1, 1, 21], true).is_none());
     }
 
     // The leading-axes column-sum path sums in a different order than the

@@ -443,6 +443,8 @@ impl MMMInputValue for LazyIm2colInput {
                 );
                 if p.r == 8 {
                     unsafe { self.do_panel_k4::<8>(i, buffer) };
+                } else if p.r == 16 {
+                    unsafe { self.do_panel_k4::<16>(i, buffer) };
                 } else {
                     unsafe { self.do_panel_k4_any(p.r, i, buffer) };
                 }
@@ -508,71 +510,63 @@ impl LazyIm2colInput {
     unsafe fn do_panel_k4<const R: usize>(&self, i: usize, buffer: *mut u8) {
         unsafe {
             let n_offsets = &self.im2col.n_byte_offsets;
-            let k_offsets = &self.im2col.k_byte_offsets;
             let mn_start = i * R;
             let width = R.min(n_offsets.len().saturating_sub(mn_start));
-            if width < R {
+            if width < R || !R.is_multiple_of(8) {
                 return self.do_panel_k4_any(R, i, buffer);
             }
-            let mut no = [0isize; R];
-            no.copy_from_slice(&n_offsets[mn_start..mn_start + R]);
-            if R == 8 {
-                // Eight output positions on one output row sit 1 or 2 bytes apart (stride 1
-                // or 2 along W): each k row of the panel is then one short load.
+            // Each run of 8 columns is one 32-byte slice of every R*4-byte K=4 block. Eight
+            // output positions on one output row sit 1 or 2 bytes apart (stride 1 or 2 along
+            // W): each k row of the run is then one short load; a run that crosses an output
+            // row is gathered byte by byte.
+            for h in 0..R / 8 {
+                let no = &n_offsets[mn_start + h * 8..mn_start + h * 8 + 8];
                 let step = no[1] - no[0];
-                if no.windows(2).all(|w| w[1] - w[0] == step) {
-                    if step == 1 {
-                        return self.do_panel8_k4_strided::<1>(no[0], buffer);
-                    } else if step == 2 {
-                        return self.do_panel8_k4_strided::<2>(no[0], buffer);
-                    }
-                }
-            }
-            let base = self.tensor.as_ptr_unchecked::<u8>().offset(self.group_offset_bytes);
-            let k = k_offsets.len();
-            let mut out = buffer as *mut u32;
-            for kb in 0..k / 4 {
-                let p0 = base.offset(*k_offsets.get_unchecked(kb * 4));
-                let p1 = base.offset(*k_offsets.get_unchecked(kb * 4 + 1));
-                let p2 = base.offset(*k_offsets.get_unchecked(kb * 4 + 2));
-                let p3 = base.offset(*k_offsets.get_unchecked(kb * 4 + 3));
-                for o in no {
-                    let w = u32::from_le_bytes([
-                        *p0.offset(o),
-                        *p1.offset(o),
-                        *p2.offset(o),
-                        *p3.offset(o),
-                    ]);
-                    out.write_unaligned(w);
-                    out = out.add(1);
-                }
-            }
-            let tail = k % 4;
-            if tail != 0 {
-                let kb = k / 4;
-                let mut rows = [base; 4];
-                for (kr, row) in rows.iter_mut().enumerate().take(tail) {
-                    *row = base.offset(*k_offsets.get_unchecked(kb * 4 + kr));
-                }
-                for o in no {
-                    let mut b = [0u8; 4];
-                    for kr in 0..tail {
-                        b[kr] = *rows[kr].offset(o);
-                    }
-                    out.write_unaligned(u32::from_le_bytes(b));
-                    out = out.add(1);
+                let out = buffer.add(h * 32);
+                if no.windows(2).all(|w| w[1] - w[0] == step) && step == 1 {
+                    self.do_run8_k4_strided::<1>(no[0], out, R * 4);
+                } else if no.windows(2).all(|w| w[1] - w[0] == step) && step == 2 {
+                    self.do_run8_k4_strided::<2>(no[0], out, R * 4);
+                } else {
+                    self.do_run8_k4_gather(no, out, R * 4);
                 }
             }
         }
     }
 
-    /// [`Self::do_panel_k4`] for an 8-wide panel whose columns are `S` bytes apart from
-    /// `o0` on: the 8 bytes of one k row come from short loads, and four rows interleave
-    /// into the 32 bytes of one K=4 block.
+    /// Eight columns at byte offsets `no` of a K=4 panel whose blocks are `block` bytes apart:
+    /// `out[kb * block + j * 4 + kr] = x[k_off[kb * 4 + kr] + no[j]]`, zero past `k`.
     ///
     /// # Safety
-    /// As for [`Self::do_panel_k4`].
-    unsafe fn do_panel8_k4_strided<const S: usize>(&self, o0: isize, buffer: *mut u8) {
+    /// As for [`Self::do_panel_k4`]; `out` addresses the run's first block.
+    unsafe fn do_run8_k4_gather(&self, no: &[isize], out: *mut u8, block: usize) {
+        unsafe {
+            let k_offsets = &self.im2col.k_byte_offsets;
+            let base = self.tensor.as_ptr_unchecked::<u8>().offset(self.group_offset_bytes);
+            let k = k_offsets.len();
+            for kb in 0..k.div_ceil(4) {
+                let mut rows = [None; 4];
+                for (kr, row) in rows.iter_mut().enumerate() {
+                    if kb * 4 + kr < k {
+                        *row = Some(base.offset(*k_offsets.get_unchecked(kb * 4 + kr)));
+                    }
+                }
+                let dst = out.add(kb * block) as *mut u32;
+                for (j, &o) in no.iter().enumerate() {
+                    let b = rows.map(|r| r.map_or(0, |r| *r.offset(o)));
+                    dst.add(j).write_unaligned(u32::from_le_bytes(b));
+                }
+            }
+        }
+    }
+
+    /// [`Self::do_run8_k4_gather`] for eight columns `S` bytes apart from `o0` on: the 8 bytes
+    /// of one k row come from short loads, and four rows interleave into the run's 32 bytes
+    /// of one K=4 block.
+    ///
+    /// # Safety
+    /// As for [`Self::do_run8_k4_gather`].
+    unsafe fn do_run8_k4_strided<const S: usize>(&self, o0: isize, out: *mut u8, block: usize) {
         static ZEROS: [u8; 16] = [0; 16];
         unsafe {
             let k_offsets = &self.im2col.k_byte_offsets;
@@ -582,7 +576,7 @@ impl LazyIm2colInput {
             let k = k_offsets.len();
             for kb in 0..k / 4 {
                 let rows = [row(kb * 4), row(kb * 4 + 1), row(kb * 4 + 2), row(kb * 4 + 3)];
-                k4_block8::<S>(rows, buffer.add(kb * 32));
+                k4_block8::<S>(rows, out.add(kb * block));
             }
             let tail = k % 4;
             if tail != 0 {
@@ -590,7 +584,7 @@ impl LazyIm2colInput {
                 for (kr, r) in rows.iter_mut().enumerate().take(tail) {
                     *r = row(k / 4 * 4 + kr);
                 }
-                k4_block8::<S>(rows, buffer.add(k / 4 * 32));
+                k4_block8::<S>(rows, out.add(k / 4 * block));
             }
         }
     }
@@ -704,5 +698,58 @@ mod test {
     fn k4_block8_matches_scalar() {
         check::<1>();
         check::<2>();
+    }
+
+    /// Whole K=4 panels of 8 and 16 columns for a 3x3 conv over a `c x h x w` byte image
+    /// (offsets as `LazyIm2colParams` holds them), against the layout's definition: output
+    /// rows narrower than a panel (runs that cross rows), strides 1 and 2, k tails, the
+    /// partial last panel, and a group offset.
+    #[test]
+    fn k4_panels_match_definition() {
+        use super::*;
+        for (c, h, w, stride, r) in [
+            (3, 12, 12, 1, 8),
+            (3, 12, 12, 1, 16),
+            (5, 9, 23, 2, 16),
+            (2, 7, 41, 1, 16),
+            (4, 11, 10, 2, 8),
+            (1, 5, 5, 1, 16),
+        ] {
+            let (oh, ow) = ((h - 3) / stride + 1, (w - 3) / stride + 1);
+            let group_offset = 7isize;
+            let len = c * h * w + group_offset as usize;
+            let x: Vec<u8> = (0..len).map(|i| (i * 89 % 253) as u8).collect();
+            let n_byte_offsets: Vec<isize> = (0..oh * ow)
+                .map(|n| ((n / ow * stride) * w + (n % ow) * stride) as isize)
+                .collect();
+            let k_byte_offsets: Vec<isize> = (0..c * 9)
+                .map(|kk| ((kk / 9) * h * w + (kk % 9 / 3) * w + kk % 3) as isize)
+                .collect();
+            let packer = PackedI8K4::new(r);
+            let input = LazyIm2colInput {
+                tensor: Tensor::from_shape(&[len], &x).unwrap().into_tvalue(),
+                im2col: Arc::new(LazyIm2colParams {
+                    packer: LazyPacker::I8K4(packer.clone()),
+                    n_byte_offsets: n_byte_offsets.clone(),
+                    k_byte_offsets: k_byte_offsets.clone(),
+                }),
+                group_offset_bytes: group_offset,
+            };
+            let k = k_byte_offsets.len();
+            let panel_len = packer.single_panel_len(k);
+            for i in 0..(oh * ow).div_ceil(r) {
+                let mut want = vec![0u8; panel_len];
+                for kk in 0..k {
+                    for j in 0..r.min(oh * ow - i * r) {
+                        let src = group_offset + k_byte_offsets[kk] + n_byte_offsets[i * r + j];
+                        want[kk / 4 * r * 4 + j * 4 + kk % 4] = x[src as usize];
+                    }
+                }
+                let mut got = vec![0xAAu8; panel_len];
+                let ptr = input.panel_bytes(i, Some(got.as_mut_ptr())).unwrap();
+                assert_eq!(ptr, got.as_ptr());
+                assert_eq!(got, want, "c{c} {h}x{w} s{stride} r{r} panel {i}");
+            }
+        }
     }
 }
