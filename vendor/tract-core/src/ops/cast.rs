@@ -57,10 +57,45 @@ impl EvalOp for Cast {
                 *i = dim.eval(ctx.symbols).to_i64()?
             }
             Ok(tvec!(tmp.cast_to_dt(self.to)?.into_owned().into_tvalue()))
+        } else if input.datum_type() == i32::datum_type() && self.to == f32::datum_type() {
+            // The dequantization of every integer convolution starts here.
+            let mut out = unsafe { Tensor::uninitialized::<f32>(input.shape())? };
+            i32_to_f32(
+                input.try_as_plain_ram()?.as_slice::<i32>()?,
+                out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+            );
+            Ok(tvec!(out.into_tvalue()))
         } else {
             Ok(tvec!(input.cast_to_dt(self.to)?.into_owned().into_tvalue()))
         }
     }
+}
+
+/// `ys[i] = xs[i] as f32` (round to nearest, as `as` does), compiled again for AVX2 and
+/// AVX-512 on x86_64 and picked at run time.
+fn i32_to_f32(xs: &[i32], ys: &mut [f32]) {
+    #[inline(always)]
+    fn body(xs: &[i32], ys: &mut [f32]) {
+        ys.iter_mut().zip(xs).for_each(|(y, x)| *y = *x as f32);
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn avx512(xs: &[i32], ys: &mut [f32]) {
+            body(xs, ys)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(xs: &[i32], ys: &mut [f32]) {
+            body(xs, ys)
+        }
+        // SAFETY: each variant runs only where its target features were detected.
+        if std::is_x86_feature_detected!("avx512f") {
+            return unsafe { avx512(xs, ys) };
+        } else if std::is_x86_feature_detected!("avx2") {
+            return unsafe { avx2(xs, ys) };
+        }
+    }
+    body(xs, ys)
 }
 
 impl TypedOp for Cast {
@@ -161,4 +196,23 @@ impl TypedOp for Cast {
     }
 
     as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn i32_to_f32_cast_rounds_as_as_does() {
+        let mut xs = vec![0, 1, -1, i32::MAX, i32::MIN, 16777217, -16777217, 16777219, 123456789];
+        xs.extend((0..1000).map(|i| (i * 7919 - 3_000_000) * 513));
+        let t = Tensor::from_shape(&[xs.len()], &xs).unwrap();
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", i32::fact([xs.len()])).unwrap();
+        let y = model.wire_node("cast", cast(f32::datum_type()), &[x]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let got = model.into_runnable().unwrap().run(tvec!(t.into_tvalue())).unwrap().remove(0);
+        let got = got.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+        assert_eq!(got, xs.iter().map(|x| *x as f32).collect::<Vec<_>>());
+    }
 }

@@ -26,7 +26,32 @@ pub fn quantize_linear_f32_i8(x: f32, scale: f32, zero_point: i32) -> i8 {
 /// adds and removes 1.5 * 2^23, which rounds ties to even in the default floating-point mode
 /// for every |v| < 2^22 (the clamp keeps |v| <= 383). NaN maps to the zero point, as in the
 /// scalar form.
+///
+/// On x86_64 the loop is compiled again for AVX2 and for AVX-512 and picked at run time (the
+/// crate itself is built for the baseline, where it runs 4 lanes wide); results are the same.
 pub fn quantize_linear_f32_i8_slice(xs: &[f32], ys: &mut [i8], scale: f32, zero_point: i32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        unsafe fn avx512(xs: &[f32], ys: &mut [i8], scale: f32, zero_point: i32) {
+            quantize_linear_f32_i8_body(xs, ys, scale, zero_point)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn avx2(xs: &[f32], ys: &mut [i8], scale: f32, zero_point: i32) {
+            quantize_linear_f32_i8_body(xs, ys, scale, zero_point)
+        }
+        // SAFETY: each variant runs only where its target features were detected.
+        if std::is_x86_feature_detected!("avx512bw") {
+            return unsafe { avx512(xs, ys, scale, zero_point) };
+        } else if std::is_x86_feature_detected!("avx2") {
+            return unsafe { avx2(xs, ys, scale, zero_point) };
+        }
+    }
+    quantize_linear_f32_i8_body(xs, ys, scale, zero_point)
+}
+
+#[inline(always)]
+fn quantize_linear_f32_i8_body(xs: &[f32], ys: &mut [i8], scale: f32, zero_point: i32) {
     const ROUND: f32 = 12582912.0; // 1.5 * 2^23
     let zero_point = zero_point.clamp(i8::MIN as i32, i8::MAX as i32);
     let lo = (i8::MIN as i32 - zero_point) as f32;
@@ -558,6 +583,10 @@ mod quantize_slice_tests {
             for zp in [0i32, -128, 127, -3, 55] {
                 let mut got = vec![0i8; xs.len()];
                 quantize_linear_f32_i8_slice(&xs, &mut got, scale, zp);
+                // The variant this CPU picked agrees with the baseline build of the loop.
+                let mut base = vec![0i8; xs.len()];
+                quantize_linear_f32_i8_body(&xs, &mut base, scale, zp);
+                assert_eq!(got, base, "scale={scale} zp={zp}");
                 for (x, g) in xs.iter().zip(&got) {
                     // The scalar form overflows its i32 past 2^31; beyond 2^20 the answer is
                     // the clamp.
