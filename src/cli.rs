@@ -339,12 +339,16 @@ fn parse_unit(s: &str) -> Result<f32, String> {
 pub fn run(cli: Cli) -> u8 {
     match cli.command {
         Command::Detect(a) => detect(a),
-        Command::Bench(a) => bench(a).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
-        Command::Eval(a) => eval(a).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
+        Command::Bench(a) => bench(a).unwrap_or_else(|e| report_command_error(&e, exit::BAD_INPUT)),
+        Command::Eval(a) => eval(a).unwrap_or_else(|e| report_command_error(&e, exit::BAD_INPUT)),
         Command::Run(a) => run_service(a),
         Command::Ctl(a) => ctl(a),
-        Command::Adapter(c) => adapter_cmd(c).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
-        Command::Calibrate(a) => calibrate(a).unwrap_or_else(|e| report_error(&e, exit::BAD_INPUT)),
+        Command::Adapter(c) => {
+            adapter_cmd(c).unwrap_or_else(|e| report_command_error(&e, exit::BAD_INPUT))
+        }
+        Command::Calibrate(a) => {
+            calibrate(a).unwrap_or_else(|e| report_command_error(&e, exit::BAD_INPUT))
+        }
     }
 }
 
@@ -353,6 +357,53 @@ pub fn run(cli: Cli) -> u8 {
 fn report_error(e: &anyhow::Error, code: u8) -> u8 {
     eprintln!("perch: error: {}", exit::one_line(e));
     code
+}
+
+/// Writing to stdout failed (a closed pipe, a full disk, a closed descriptor): exit code
+/// FAILURE, whatever the command.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout: cannot write results: {0}")]
+struct StdoutError(std::io::Error);
+
+/// Writes one line to stdout and flushes it; the error names stdout instead of panicking as
+/// `println!` does.
+fn out_line(line: impl std::fmt::Display) -> Result<(), StdoutError> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")
+        .and_then(|()| out.flush())
+        .map_err(StdoutError)
+}
+
+/// Fails when perch was started with file descriptor 1 closed. Rust's runtime then opens
+/// `/dev/null` read-write on it before `main`, and every record would vanish without a word; a
+/// shell's `>/dev/null` opens it write-only, so an intended discard still runs.
+fn check_stdout_open() -> Result<(), StdoutError> {
+    let closed = || StdoutError(std::io::Error::from_raw_os_error(libc::EBADF));
+    // SAFETY: fcntl(F_GETFL) and fstat only query the descriptor.
+    let flags = unsafe { libc::fcntl(1, libc::F_GETFL) };
+    if flags == -1 {
+        return Err(closed());
+    }
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let null = std::fs::metadata("/dev/null").map(|m| std::os::unix::fs::MetadataExt::rdev(&m));
+    if flags & libc::O_ACCMODE == libc::O_RDWR
+        && unsafe { libc::fstat(1, &mut st) } == 0
+        && (st.st_mode & libc::S_IFMT) == libc::S_IFCHR
+        && null.is_ok_and(|r| r == st.st_rdev as u64)
+    {
+        return Err(closed());
+    }
+    Ok(())
+}
+
+/// The exit code for a failed command: FAILURE when stdout could not be written, else `code`.
+fn report_command_error(e: &anyhow::Error, code: u8) -> u8 {
+    let code = if e.downcast_ref::<StdoutError>().is_some() {
+        exit::FAILURE
+    } else {
+        code
+    };
+    report_error(e, code)
 }
 
 /// Wall-clock milliseconds of the load stages, for `bench`.
@@ -530,8 +581,8 @@ enum Failure {
     Input(anyhow::Error),
     /// Writing the annotated image failed: exit code FAILURE.
     Output(anyhow::Error),
-    /// Nobody reads stdout any more: stop.
-    StdoutClosed,
+    /// Nobody reads stdout any more (or it is full): stop.
+    StdoutClosed(StdoutError),
 }
 
 fn detect_one(
@@ -552,10 +603,7 @@ fn detect_one(
         adapter: adapter.cloned(),
     };
     let line = serde_json::to_string(&record).map_err(|e| Failure::Output(e.into()))?;
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{line}")
-        .and_then(|()| out.flush())
-        .map_err(|_| Failure::StdoutClosed)?;
+    out_line(line).map_err(Failure::StdoutClosed)?;
     if let Some(dir) = out_dir {
         let _ = draw_detections(&mut RgbCanvas::new(&mut frame), &dets, det.labels());
         let dst = annotated_path(dir, path, used);
@@ -565,6 +613,9 @@ fn detect_one(
 }
 
 fn detect(a: DetectArgs) -> u8 {
+    if let Err(e) = check_stdout_open() {
+        return report_error(&e.into(), exit::FAILURE);
+    }
     let (mut det, adapter) = match build_detector(&a.model) {
         Ok(d) => d,
         Err(e) => return report_error(&e, exit::BAD_INPUT),
@@ -590,7 +641,7 @@ fn detect(a: DetectArgs) -> u8 {
         });
         match result {
             Ok(()) => {}
-            Err(Failure::StdoutClosed) => return exit::FAILURE,
+            Err(Failure::StdoutClosed(e)) => return report_error(&e.into(), exit::FAILURE),
             Err(Failure::Input(e)) => code = code.max(report_error(&e, exit::BAD_INPUT)),
             Err(Failure::Output(e)) => code = code.max(report_error(&e, exit::FAILURE)),
         }
@@ -645,7 +696,7 @@ fn calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
         "images": cal.images,
         "tensors": cal.absmax.len(),
         "model_fingerprint": cal.model_fingerprint,
-    }));
+    }))?;
     Ok(exit::OK)
 }
 
@@ -731,16 +782,16 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
                     .collect(),
             );
         }
-        println!("{}", serde_json::Value::Object(obj));
+        out_line(format_args!("{}", serde_json::Value::Object(obj)))?;
     } else {
-        println!(
+        out_line(format_args!(
             "model {}  input {h}x{w}  iterations {}  threads {}  precision {}",
             a.model.model.display(),
             a.iterations,
             det.prepared().threads(),
             det.prepared().precision()
-        );
-        println!(
+        ))?;
+        out_line(format_args!(
             "load: read {:.1} ms, adapter merge {:.1} ms, prepare (type + optimise) {:.1} ms{}",
             load.read_ms,
             load.merge_ms,
@@ -748,28 +799,31 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             adapter
                 .as_ref()
                 .map_or(String::new(), |x| format!("  adapter {}", x.id()))
-        );
-        println!(
+        ))?;
+        out_line(format_args!(
             "matrix kernels: f32 {}; int8 {}",
             list_or_none(&float_kernels),
             list_or_none(&int_kernels)
-        );
-        println!(
+        ))?;
+        out_line(format_args!(
             "{:<12} {:>9} {:>9} {:>9} {:>9}",
             "stage (ms)", "p50", "p90", "p99", "min"
-        );
+        ))?;
         for (n, s) in names.iter().zip(&stages) {
-            println!(
+            out_line(format_args!(
                 "{n:<12} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
                 percentile(s, 0.5),
                 percentile(s, 0.9),
                 percentile(s, 0.99),
                 s[0]
-            );
+            ))?;
         }
-        println!("throughput {:.1} frames/s", a.iterations as f64 / wall);
+        out_line(format_args!(
+            "throughput {:.1} frames/s",
+            a.iterations as f64 / wall
+        ))?;
         if let Some(p) = &profile {
-            print_profile(p, a.iterations as usize);
+            print_profile(p, a.iterations as usize)?;
         }
     }
     Ok(exit::OK)
@@ -777,7 +831,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
 
 /// Prints the per-node profile as two tables: time per operator kind, then the costliest nodes;
 /// milliseconds per run.
-fn print_profile(nodes: &[perch::model::NodeTime], runs: usize) {
+fn print_profile(nodes: &[perch::model::NodeTime], runs: usize) -> Result<(), StdoutError> {
     let total: f64 = nodes.iter().map(|n| n.seconds).sum();
     let per_run = |s: f64| s * 1e3 / runs as f64;
     let share = |s: f64| if total > 0.0 { 100.0 * s / total } else { 0.0 };
@@ -792,37 +846,38 @@ fn print_profile(nodes: &[perch::model::NodeTime], runs: usize) {
         }
     }
     kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
-    println!(
+    out_line(format_args!(
         "profile: {:.3} ms per run in {} nodes",
         per_run(total),
         nodes.len()
-    );
-    println!(
+    ))?;
+    out_line(format_args!(
         "{:<28} {:>6} {:>10} {:>7}",
         "operator", "nodes", "ms/run", "%"
-    );
+    ))?;
     for (op, s, count) in &kinds {
-        println!(
+        out_line(format_args!(
             "{op:<28} {count:>6} {:>10.3} {:>6.1}%",
             per_run(*s),
             share(*s)
-        );
+        ))?;
     }
     let mut top: Vec<&perch::model::NodeTime> = nodes.iter().collect();
     top.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-    println!(
+    out_line(format_args!(
         "{:<60} {:<20} {:>10} {:>7}",
         "node", "operator", "ms/run", "%"
-    );
+    ))?;
     for n in top.iter().take(15) {
-        println!(
+        out_line(format_args!(
             "{:<60} {:<20} {:>10.3} {:>6.1}%",
             n.name,
             n.op,
             per_run(n.seconds),
             share(n.seconds)
-        );
+        ))?;
     }
+    Ok(())
 }
 
 fn store_dtype(s: &StoreArgs) -> StoredDtype {
@@ -833,8 +888,8 @@ fn store_dtype(s: &StoreArgs) -> StoredDtype {
     }
 }
 
-fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+fn print_json(v: &serde_json::Value) -> Result<(), StdoutError> {
+    out_line(serde_json::to_string_pretty(v).unwrap_or_default())
 }
 
 fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
@@ -847,7 +902,7 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
                 adapter::merge::merged_weights(&base, &x, 1.0)?;
                 summary["fits_base"] = b.display().to_string().into();
             }
-            print_json(&summary);
+            print_json(&summary)?;
         }
         AdapterCommand::Merge {
             base,
@@ -863,7 +918,7 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
             merged.save(&output)?;
             print_json(
                 &serde_json::json!({"output": output.display().to_string(), "adapter": x.id(), "merge_ms": merge_ms}),
-            );
+            )?;
         }
         AdapterCommand::Import {
             peft,
@@ -880,7 +935,7 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
                 ..Default::default()
             };
             if let Some(p) = name_map {
-                let text = std::fs::read_to_string(&p)
+                let text = perch::fsutil::read_text(&p)
                     .with_context(|| format!("{}: cannot read name map", p.display()))?;
                 opts.name_map = serde_json::from_str(&text)
                     .with_context(|| format!("{}: not a JSON object of strings", p.display()))?;
@@ -891,7 +946,7 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
             opts.class_names = store.labels.as_deref().map(read_labels).transpose()?;
             let x = adapter::peft::import(&peft, &base, &opts)?;
             let saved = x.save(&output, store_dtype(&store))?;
-            print_json(&saved.summary());
+            print_json(&saved.summary())?;
         }
         AdapterCommand::Diff(d) => {
             let base = OnnxModel::load(&d.base)?;
@@ -918,7 +973,7 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
             let saved = x.save(&d.output, store_dtype(&d.store))?;
             let mut summary = saved.summary();
             summary["diff"] = serde_json::to_value(&report)?;
-            print_json(&summary);
+            print_json(&summary)?;
         }
     }
     Ok(exit::OK)
@@ -926,7 +981,8 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
 
 /// Reads a safetensors file of 1-D float tensors into name -> values.
 fn read_vectors(p: &Path) -> anyhow::Result<std::collections::HashMap<String, Vec<f32>>> {
-    let bytes = std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
+    let bytes = perch::fsutil::read_limited(p, perch::fsutil::MAX_ADAPTER_BYTES)
+        .with_context(|| format!("{}: cannot read", p.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .with_context(|| format!("{}: not safetensors", p.display()))?;
     let mut out = std::collections::HashMap::new();
@@ -969,7 +1025,7 @@ fn eval(a: EvalArgs) -> anyhow::Result<u8> {
                 .into();
         }
     }
-    println!("{v}");
+    out_line(format_args!("{v}"))?;
     Ok(exit::OK)
 }
 
@@ -1009,8 +1065,8 @@ fn run_service(a: RunArgs) -> u8 {
         overrides(&mut s);
         if a.check_config {
             let line = service::check(&s)?;
-            println!("{line}");
-            return Ok(());
+            return out_line(format_args!("{line}"))
+                .map_err(|e| ServiceError::Runtime(e.to_string()));
         }
         service::run(
             s,
@@ -1050,7 +1106,7 @@ fn ctl(a: CtlArgs) -> u8 {
                 file.file_stem()
                     .map_or(String::new(), |s| s.to_string_lossy().into_owned())
             });
-            payload = match std::fs::read(&file) {
+            payload = match perch::fsutil::read_limited(&file, perch::fsutil::MAX_ADAPTER_BYTES) {
                 Ok(b) if b.is_empty() => {
                     let e = anyhow::anyhow!("{}: file is empty", file.display());
                     return report_error(&e, exit::BAD_INPUT);
@@ -1066,7 +1122,9 @@ fn ctl(a: CtlArgs) -> u8 {
     };
     match perch::service::control::request_with_payload(&a.socket, &req, &payload, timeout) {
         Ok(reply) => {
-            println!("{reply}");
+            if let Err(e) = out_line(format_args!("{reply}")) {
+                return report_error(&e.into(), exit::FAILURE);
+            }
             if reply["ok"] == true {
                 exit::OK
             } else {

@@ -324,7 +324,7 @@ impl Ctx<'_> {
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    let text = crate::fsutil::read_text(path).map_err(|e| ConfigError {
         file: path.to_path_buf(),
         line: None,
         key: None,

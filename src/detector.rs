@@ -66,7 +66,7 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>, DetectorError> {
         path: path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
+    let text = crate::fsutil::read_text(path).map_err(|e| fail(e.to_string()))?;
     let labels: Vec<String> = text
         .lines()
         .map(str::trim)

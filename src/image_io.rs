@@ -20,6 +20,51 @@ pub enum ImageError {
     Write { path: PathBuf, reason: String },
 }
 
+/// The largest image side perch decodes, in pixels.
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+
+/// The largest image perch decodes, in pixels (width × height): 64 Mi pixels, 192 MiB as RGB.
+/// Larger files are rejected from their header, before anything is allocated for them.
+pub const MAX_IMAGE_PIXELS: u64 = 64 << 20;
+
+/// Decoder limits for [`MAX_IMAGE_SIDE`] and [`MAX_IMAGE_PIXELS`]: no decode buffer beyond what
+/// the largest allowed image needs in 16-bit RGBA.
+pub fn decode_limits() -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(MAX_IMAGE_SIDE);
+    l.max_image_height = Some(MAX_IMAGE_SIDE);
+    l.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
+    l
+}
+
+/// The text of a decoder error; one from [`decode_limits`] names perch's limits.
+pub fn limit_message(e: image::ImageError) -> String {
+    match e {
+        image::ImageError::Limits(l) => format!(
+            "image is beyond perch's limit of {MAX_IMAGE_SIDE} pixels a side and \
+             {MAX_IMAGE_PIXELS} pixels in all ({l})"
+        ),
+        e => e.to_string(),
+    }
+}
+
+/// Fails when `width` x `height` is beyond [`MAX_IMAGE_SIDE`] or [`MAX_IMAGE_PIXELS`].
+pub fn check_image_size(width: u32, height: u32) -> Result<(), String> {
+    if width == 0 || height == 0 {
+        return Err(format!("image is {width}x{height}"));
+    }
+    if width > MAX_IMAGE_SIDE
+        || height > MAX_IMAGE_SIDE
+        || width as u64 * height as u64 > MAX_IMAGE_PIXELS
+    {
+        return Err(format!(
+            "image is {width}x{height}, beyond perch's limit of {MAX_IMAGE_SIDE} pixels a side \
+             and {MAX_IMAGE_PIXELS} pixels in all"
+        ));
+    }
+    Ok(())
+}
+
 /// File extensions read when a directory is given (lower case).
 pub const IMAGE_EXTENSIONS: [&str; 3] = ["jpg", "jpeg", "png"];
 
@@ -48,7 +93,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbFrame, ImageError> {
         path: path.to_path_buf(),
         reason,
     };
-    let reader = ImageReader::open(path)
+    let mut reader = ImageReader::open(path)
         .map_err(|source| ImageError::Io {
             path: path.to_path_buf(),
             source,
@@ -61,7 +106,12 @@ pub fn load_rgb(path: &Path) -> Result<RgbFrame, ImageError> {
     if reader.format().is_none() {
         return Err(decode("unrecognised format (expected JPEG or PNG)".into()));
     }
-    let mut decoder = reader.into_decoder().map_err(|e| decode(e.to_string()))?;
+    reader.limits(decode_limits());
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| decode(limit_message(e)))?;
+    let (w, h) = decoder.dimensions();
+    check_image_size(w, h).map_err(decode)?;
     let orientation = decoder.orientation().map_err(|e| decode(e.to_string()))?;
     let mut img = DynamicImage::from_decoder(decoder).map_err(|e| decode(e.to_string()))?;
     img.apply_orientation(orientation);

@@ -236,7 +236,8 @@ impl Adapter {
                 reason: format!("file is {len} bytes, over the {MAX_FILE_BYTES}-byte limit"),
             });
         }
-        let bytes = std::fs::read(path).map_err(io)?;
+        let bytes =
+            crate::fsutil::read_limited(path, crate::fsutil::MAX_ADAPTER_BYTES).map_err(io)?;
         Self::from_bytes(&bytes, path)
     }
 

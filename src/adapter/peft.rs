@@ -99,7 +99,7 @@ pub fn import(dir: &Path, base: &OnnxModel, opts: &ImportOptions) -> Result<Adap
         source,
     };
     let cfg_path = dir.join("adapter_config.json");
-    let cfg_text = std::fs::read_to_string(&cfg_path).map_err(|e| io(&cfg_path, e))?;
+    let cfg_text = crate::fsutil::read_text(&cfg_path).map_err(|e| io(&cfg_path, e))?;
     let cfg: PeftConfig = serde_json::from_str(&cfg_text)
         .map_err(|e| invalid(format!("adapter_config.json: {e}")))?;
     if cfg.peft_type.as_deref().is_some_and(|t| t != "LORA") {
@@ -120,7 +120,8 @@ pub fn import(dir: &Path, base: &OnnxModel, opts: &ImportOptions) -> Result<Adap
             "adapter_model.safetensors is {len} bytes, over the limit"
         )));
     }
-    let bytes = std::fs::read(&st_path).map_err(|e| io(&st_path, e))?;
+    let bytes = crate::fsutil::read_limited(&st_path, crate::fsutil::MAX_ADAPTER_BYTES)
+        .map_err(|e| io(&st_path, e))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| invalid(format!("adapter_model.safetensors: {e}")))?;
 

@@ -281,7 +281,22 @@ fn decode_mjpeg(
     height: usize,
     out: &mut Vec<u8>,
 ) -> Result<(), ConvertError> {
-    let img = image::load_from_memory_with_format(src, image::ImageFormat::Jpeg)
+    let mut reader =
+        image::ImageReader::with_format(std::io::Cursor::new(src), image::ImageFormat::Jpeg);
+    reader.limits(crate::image_io::decode_limits());
+    let decoder = reader
+        .into_decoder()
+        .map_err(|e| ConvertError::Jpeg(crate::image_io::limit_message(e)))?;
+    let (dw, dh) = image::ImageDecoder::dimensions(&decoder);
+    if (dw as usize, dh as usize) != (width, height) {
+        return Err(ConvertError::JpegSize {
+            width,
+            height,
+            got_w: dw as usize,
+            got_h: dh as usize,
+        });
+    }
+    let img = image::DynamicImage::from_decoder(decoder)
         .map_err(|e| ConvertError::Jpeg(e.to_string()))?
         .into_rgb8();
     let (gw, gh) = (img.width() as usize, img.height() as usize);

@@ -69,7 +69,7 @@ impl Dataset {
             path: yaml.to_path_buf(),
             reason,
         };
-        let text = std::fs::read_to_string(yaml).map_err(|e| fail(format!("cannot read: {e}")))?;
+        let text = crate::fsutil::read_text(yaml).map_err(|e| fail(format!("cannot read: {e}")))?;
         let docs = YamlLoader::load_from_str(&text).map_err(|e| fail(format!("not YAML: {e}")))?;
         let doc = docs.first().ok_or_else(|| fail("empty YAML".into()))?;
         let here = yaml.parent().unwrap_or(Path::new("."));
@@ -109,7 +109,7 @@ impl Dataset {
                 files.sort();
                 images.extend(files);
             } else if p.extension().is_some_and(|x| x == "txt") {
-                let list = std::fs::read_to_string(&p)
+                let list = crate::fsutil::read_text(&p)
                     .map_err(|err| fail(format!("{}: {err}", p.display())))?;
                 images.extend(
                     list.lines()
@@ -150,7 +150,7 @@ impl Dataset {
     /// (normalised), or `class x1 y1 x2 y2 ...` polygons, which become their bounding box.
     pub fn labels(&self, image: &Path) -> Result<Vec<Label>, EvalError> {
         let path = Self::label_path(image);
-        let Ok(text) = std::fs::read_to_string(&path) else {
+        let Ok(text) = crate::fsutil::read_text(&path) else {
             return Ok(Vec::new());
         };
         let mut out = Vec::new();

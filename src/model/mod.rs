@@ -4,6 +4,7 @@
 //! plain Rust data ([`ModelMetadata`], [`Output`], shapes as `usize`). tract is pinned to an exact
 //! version in `Cargo.toml` because its internal APIs change between patch releases.
 
+mod guard;
 mod metadata;
 mod quant;
 mod rewrite;
@@ -41,6 +42,10 @@ pub enum ModelError {
     /// Inference failed (wrong input size, numerical kernel error).
     #[error("{}: inference failed: {reason}", path.display())]
     Run { path: PathBuf, reason: String },
+    /// tract panicked on this model (an attribute or shape it does not validate); `reason` is
+    /// the panic message and its source location. The process and other engines are unharmed.
+    #[error("{}: tract failed on this model (internal error: {reason})", path.display())]
+    Internal { path: PathBuf, reason: String },
 }
 
 /// Shape of the model's image input as declared in the ONNX graph: `None` for a symbolic
@@ -91,10 +96,12 @@ impl OnnxModel {
     /// graph input of rank 4, and at least one output.
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ModelError> {
         let path = path.as_ref().to_path_buf();
-        let bytes = std::fs::read(&path).map_err(|source| ModelError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        let bytes = crate::fsutil::read_limited(&path, crate::fsutil::MAX_MODEL_BYTES).map_err(
+            |source| ModelError::Io {
+                path: path.clone(),
+                source,
+            },
+        )?;
         Self::from_bytes(&bytes, path)
     }
 
@@ -102,6 +109,10 @@ impl OnnxModel {
     /// and to resolve external tensor data.
     pub fn from_bytes(bytes: &[u8], path: impl Into<PathBuf>) -> Result<Self, ModelError> {
         let path = path.into();
+        guard::guard(&path.clone(), || Self::from_bytes_unguarded(bytes, path))
+    }
+
+    fn from_bytes_unguarded(bytes: &[u8], path: PathBuf) -> Result<Self, ModelError> {
         let not_onnx = |reason: String| ModelError::NotOnnx {
             path: path.clone(),
             reason,
@@ -227,6 +238,15 @@ impl OnnxModel {
     /// [`ModelError::Unsupported`] without one. [`PreparedModel::precision`] tells what was
     /// built.
     pub fn prepare_with(
+        &self,
+        height: usize,
+        width: usize,
+        opts: &PrepareOptions,
+    ) -> Result<PreparedModel, ModelError> {
+        guard::guard(&self.path, || self.prepare_unguarded(height, width, opts))
+    }
+
+    fn prepare_unguarded(
         &self,
         height: usize,
         width: usize,
@@ -421,6 +441,10 @@ impl OnnxModel {
     ///
     /// Fails with [`ModelError::Unsupported`] when the model has no Conv layer int8 applies to.
     pub fn calibrator(&self, height: usize, width: usize) -> Result<Calibrator, ModelError> {
+        guard::guard(&self.path, || self.calibrator_unguarded(height, width))
+    }
+
+    fn calibrator_unguarded(&self, height: usize, width: usize) -> Result<Calibrator, ModelError> {
         let graph = self.proto.graph.as_ref();
         let names = graph.map(quant::calibration_tensors).unwrap_or_default();
         if names.is_empty() {
@@ -746,9 +770,11 @@ impl PreparedModel {
 
     /// A run state for one thread; reuse it for every frame.
     pub fn session(&self) -> Result<Session, ModelError> {
-        let state = self.runnable.spawn().map_err(|e| ModelError::Run {
-            path: self.path.clone(),
-            reason: format!("{e:#}"),
+        let state = guard::guard(&self.path, || {
+            self.runnable.spawn().map_err(|e| ModelError::Run {
+                path: self.path.clone(),
+                reason: format!("{e:#}"),
+            })
         })?;
         Ok(Session {
             path: self.path.clone(),
@@ -818,8 +844,11 @@ impl Session {
             .input_tensor(input)
             .map_err(|e| err(format!("{e:#}")))?;
         let state = &mut self.state;
-        let outputs = on_pool(&self.executor, || state.run(tvec!(tensor.into_tvalue())))
-            .map_err(|e| err(format!("{e:#}")))?;
+        let executor = &self.executor;
+        let outputs = guard::guard(&self.path, || {
+            on_pool(executor, || state.run(tvec!(tensor.into_tvalue())))
+                .map_err(|e| err(format!("{e:#}")))
+        })?;
         outputs
             .iter()
             .map(|t| {
@@ -864,28 +893,31 @@ impl Session {
         let mut slot: HashMap<usize, usize> = HashMap::new();
         let mut times: Vec<NodeTime> = Vec::new();
         let state = &mut self.state;
+        let executor = &self.executor;
         for _ in 0..runs {
-            on_pool(&self.executor, || {
-                state.run_plan_with_eval(
-                    tvec!(tensor.clone().into_tvalue()),
-                    |ctx, state, node, inputs| {
-                        let t = std::time::Instant::now();
-                        let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
-                        let elapsed = t.elapsed().as_secs_f64();
-                        let ix = *slot.entry(node.id).or_insert_with(|| {
-                            times.push(NodeTime {
-                                name: node.name.clone(),
-                                op: node.op().name().to_string(),
-                                seconds: 0.0,
+            guard::guard(&self.path, || {
+                on_pool(executor, || {
+                    state.run_plan_with_eval(
+                        tvec!(tensor.clone().into_tvalue()),
+                        |ctx, state, node, inputs| {
+                            let t = std::time::Instant::now();
+                            let out = tract_onnx::tract_core::plan::eval(ctx, state, node, inputs);
+                            let elapsed = t.elapsed().as_secs_f64();
+                            let ix = *slot.entry(node.id).or_insert_with(|| {
+                                times.push(NodeTime {
+                                    name: node.name.clone(),
+                                    op: node.op().name().to_string(),
+                                    seconds: 0.0,
+                                });
+                                times.len() - 1
                             });
-                            times.len() - 1
-                        });
-                        times[ix].seconds += elapsed;
-                        out
-                    },
-                )
-            })
-            .map_err(|e| err(format!("{e:#}")))?;
+                            times[ix].seconds += elapsed;
+                            out
+                        },
+                    )
+                })
+                .map_err(|e| err(format!("{e:#}")))
+            })?;
         }
         Ok(times)
     }

@@ -41,10 +41,13 @@ impl Calibration {
     /// Fails with [`ModelError::Io`] when it cannot be read and [`ModelError::Unsupported`]
     /// (naming the file) when it is not a valid version-1 calibration.
     pub fn load(path: &Path) -> Result<Self, ModelError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let bytes =
+            crate::fsutil::read_limited(path, crate::fsutil::MAX_TEXT_BYTES).map_err(|source| {
+                ModelError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
         let bad = |reason: String| ModelError::Unsupported {
             path: path.to_path_buf(),
             reason: format!("not a perch calibration: {reason}"),

@@ -7,6 +7,11 @@
 //! get an error reply. Requests are handled on the socket's own threads and never block the
 //! frame pipeline.
 //!
+//! At most [`MAX_CONNECTIONS`] connections are served at once. When all are taken, a new client
+//! waits up to [`ADMIT_WAIT`] for a slot, and a connection that has been waiting for its next
+//! request for [`EVICTABLE_AFTER`] or more is closed to make room, so idle or slow clients cannot
+//! lock others out; a request line must be complete within [`REQUEST_DEADLINE`] of its first byte.
+//!
 //! A request may carry a binary payload (an adapter file for `install`): it declares
 //! `"payload_bytes": N` and the N raw bytes follow its newline. Payloads over the server's
 //! current limit are refused before they are read, and the connection is closed.
@@ -14,10 +19,10 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
@@ -25,10 +30,49 @@ use crate::server::{Workers, accept_until, bind_socket};
 
 /// Longest request line accepted, in bytes.
 pub const MAX_REQUEST: usize = 64 * 1024;
-/// Connections served at once; more are answered with an error and closed.
+/// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 8;
 /// A connection idle this long is closed.
-const IDLE: Duration = Duration::from_secs(60);
+const IDLE: Duration = Duration::from_secs(30);
+/// A connection waiting this long for its next request may be closed for a new client.
+pub const EVICTABLE_AFTER: Duration = Duration::from_secs(1);
+/// How long a new client waits for a free slot before "too many connections".
+pub const ADMIT_WAIT: Duration = Duration::from_secs(3);
+/// A request line must be complete this long after its first byte arrived.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+
+/// One served connection, as the accept loop sees it.
+#[derive(Default)]
+struct Conn {
+    /// Since when it has been waiting for a request with nothing received; `None` while a
+    /// request is arriving or being handled.
+    waiting_since: Mutex<Option<Instant>>,
+    /// Set by the accept loop: close at the next read slice.
+    evict: AtomicBool,
+}
+
+type Conns = Arc<Mutex<Vec<Arc<Conn>>>>;
+
+/// Marks the connection waiting longest (at least [`EVICTABLE_AFTER`]) for eviction; false
+/// when none qualifies.
+fn evict_one(conns: &Conns) -> bool {
+    let Ok(conns) = conns.lock() else {
+        return false;
+    };
+    let oldest = conns
+        .iter()
+        .filter(|c| !c.evict.load(Ordering::Relaxed))
+        .filter_map(|c| Some((c.waiting_since.lock().ok()?.as_ref().copied()?, c)))
+        .filter(|(since, _)| since.elapsed() >= EVICTABLE_AFTER)
+        .min_by_key(|(since, _)| *since);
+    match oldest {
+        Some((_, c)) => {
+            c.evict.store(true, Ordering::Relaxed);
+            true
+        }
+        None => false,
+    }
+}
 
 /// Answers one request (the parsed object, `cmd` included, and its payload, empty when none)
 /// with the fields of an `ok` reply, or an error message.
@@ -59,14 +103,34 @@ impl ControlServer {
             .name("perch-control".into())
             .spawn(move || {
                 let mut workers = Workers::new("perch-control-conn", MAX_CONNECTIONS);
+                let conns: Conns = Arc::default();
                 let accept = || listener.accept().map(|(stream, _)| stream);
                 accept_until(&s, "control socket", accept, |mut stream| {
-                    if !workers.has_room() {
-                        let _ = reply(&mut stream, &Err("too many connections".into()));
-                        return;
+                    let deadline = Instant::now() + ADMIT_WAIT;
+                    while !workers.has_room() {
+                        if Instant::now() >= deadline || s.load(Ordering::Relaxed) {
+                            let _ = reply(&mut stream, &Err("too many connections".into()));
+                            return;
+                        }
+                        evict_one(&conns);
+                        std::thread::sleep(Duration::from_millis(10));
                     }
-                    let (h, st, lim) = (handler.clone(), s.clone(), payload_limit.clone());
-                    workers.spawn(move || serve(stream, &h, &st, &lim));
+                    let conn = Arc::new(Conn::default());
+                    if let Ok(mut c) = conns.lock() {
+                        c.push(conn.clone());
+                    }
+                    let (h, st, lim, all) = (
+                        handler.clone(),
+                        s.clone(),
+                        payload_limit.clone(),
+                        conns.clone(),
+                    );
+                    workers.spawn(move || {
+                        serve(stream, &h, &st, &lim, &conn);
+                        if let Ok(mut c) = all.lock() {
+                            c.retain(|x| !Arc::ptr_eq(x, &conn));
+                        }
+                    });
                 });
                 workers.join_all();
             })?;
@@ -174,7 +238,35 @@ fn classify(line: &[u8], limit: u64) -> Parsed {
     }
 }
 
-fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool, limit: &AtomicU64) {
+/// Appends to `line` what one read brings, up to a newline and at most `room` bytes; `Ok(0)` at
+/// the end of the stream. Unlike `read_until` it returns after each read, so a client dripping
+/// bytes cannot hold the loop past its deadline.
+fn read_some_of_line(
+    reader: &mut BufReader<UnixStream>,
+    room: usize,
+    line: &mut Vec<u8>,
+) -> std::io::Result<usize> {
+    let buf = reader.fill_buf()?;
+    let avail = &buf[..buf.len().min(room)];
+    let n = match avail.iter().position(|&b| b == b'\n') {
+        Some(i) => i + 1,
+        None => avail.len(),
+    };
+    line.extend_from_slice(&avail[..n]);
+    reader.consume(n);
+    Ok(n)
+}
+
+fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool, limit: &AtomicU64, conn: &Conn) {
+    let set_waiting = |w: bool| {
+        if let Ok(mut since) = conn.waiting_since.lock() {
+            *since = match (w, *since) {
+                (true, Some(t)) => Some(t),
+                (true, None) => Some(Instant::now()),
+                (false, _) => None,
+            };
+        }
+    };
     // Short read timeouts let the thread notice shutdown; IDLE bounds a silent client.
     let _ = stream.set_read_timeout(Some(READ_SLICE));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
@@ -184,11 +276,32 @@ fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool, limit: &Atomi
     let mut reader = BufReader::new(stream);
     let mut idle = Duration::ZERO;
     let mut line = Vec::new();
+    let mut started: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) && idle < IDLE {
-        let room = (MAX_REQUEST + 1).saturating_sub(line.len()) as u64;
-        match (&mut reader).take(room).read_until(b'\n', &mut line) {
+        if conn.evict.load(Ordering::Relaxed) {
+            let _ = reply(
+                &mut out,
+                &Err("connection closed: idle while another client waited".into()),
+            );
+            return;
+        }
+        if started.is_some_and(|t| t.elapsed() >= REQUEST_DEADLINE) {
+            let _ = reply(
+                &mut out,
+                &Err(format!(
+                    "request not complete {} s after its first byte",
+                    REQUEST_DEADLINE.as_secs()
+                )),
+            );
+            return;
+        }
+        set_waiting(line.is_empty() && reader.buffer().is_empty());
+        let room = (MAX_REQUEST + 1).saturating_sub(line.len());
+        match read_some_of_line(&mut reader, room, &mut line) {
             Ok(0) if line.is_empty() => return,
             Ok(_) if line.last() == Some(&b'\n') => {
+                set_waiting(false);
+                started = None;
                 idle = Duration::ZERO;
                 let text = line.trim_ascii();
                 if !text.is_empty() {
@@ -222,8 +335,15 @@ fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool, limit: &Atomi
                 let _ = reply(&mut out, &r);
                 return;
             }
-            Ok(_) => {}
-            Err(e) if read_timed_out(&e) => idle += READ_SLICE,
+            Ok(_) => {
+                started.get_or_insert_with(Instant::now);
+            }
+            Err(e) if read_timed_out(&e) => {
+                if !line.is_empty() {
+                    started.get_or_insert_with(Instant::now);
+                }
+                idle += READ_SLICE;
+            }
             Err(_) => return,
         }
     }
@@ -349,6 +469,68 @@ mod tests {
         assert!(l.contains("longer than"), "{l}");
         drop(server);
         assert!(!p.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Idle and dripping clients cannot lock others out: with every slot held by a silent
+    /// connection a new client is still answered, a request dripping one byte at a time is cut
+    /// off at its deadline, and 200 concurrent clients are all answered.
+    #[test]
+    fn idle_and_slow_clients_do_not_lock_others_out() {
+        let dir = std::env::temp_dir().join(format!("perch-ctl-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("control.sock");
+        let handler: Handler = Arc::new(|_, _, _| Ok(Map::new()));
+        let server = ControlServer::start(&p, 0o600, handler, Arc::new(AtomicU64::new(0))).unwrap();
+        let t = Duration::from_secs(10);
+        let idle: Vec<UnixStream> = (0..MAX_CONNECTIONS)
+            .map(|_| UnixStream::connect(&p).unwrap())
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        assert_eq!(request(&p, &json!({"cmd": "ping"}), t).unwrap()["ok"], true);
+        assert!(started.elapsed() < ADMIT_WAIT, "{:?}", started.elapsed());
+        // The dripping client: one byte every 100 ms, never a newline.
+        let mut drip = UnixStream::connect(&p).unwrap();
+        drip.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let started = Instant::now();
+        let mut got = Vec::new();
+        while started.elapsed() < REQUEST_DEADLINE + Duration::from_secs(3) {
+            if drip.write_all(b" ").is_err() {
+                break;
+            }
+            let mut buf = [0u8; 256];
+            match drip.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+            if got.ends_with(b"\n") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.contains("not complete"),
+            "{got:?} after {:?}",
+            started.elapsed()
+        );
+        assert!(started.elapsed() < REQUEST_DEADLINE + Duration::from_secs(2));
+        let answered = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..200 {
+                s.spawn(|| {
+                    if request(&p, &json!({"cmd": "status"}), t).is_ok_and(|r| r["ok"] == true) {
+                        answered.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        assert_eq!(answered.load(Ordering::Relaxed), 200);
+        drop(idle);
+        drop(server);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

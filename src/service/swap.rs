@@ -474,6 +474,7 @@ impl SwapCtx {
             candidates.push(None);
         }
         let mut engine = None;
+        let mut base_error = None;
         for c in candidates {
             match ctx.build_checked(c.as_ref().map(|s| (s.name.as_str(), s.scale))) {
                 Ok((e, sha, _)) => {
@@ -495,10 +496,18 @@ impl SwapCtx {
                     log::error!("cannot start on {}: {e}", sel_name(&c));
                     ctx.metrics
                         .update(|s| s.last_error = Some(format!("adapter store: {e}")));
+                    if c.is_none() {
+                        base_error = Some(e.to_string());
+                    }
                 }
             }
         }
-        let engine = engine.ok_or("the base model itself does not pass the health check")?;
+        let engine = engine.ok_or_else(|| {
+            format!(
+                "the base model does not build or pass the health check: {}",
+                base_error.unwrap_or_default()
+            )
+        })?;
         ctx.active_generation = engine.generation;
         if ctx.state != saved {
             ctx.store
@@ -826,9 +835,12 @@ impl SwapCtx {
     }
 }
 
-/// The running swap thread; stops when dropped.
+/// The running swap thread; stops when dropped, even while other [`Swapper::sender`]s are
+/// alive (jobs still queued then are dropped, and their requesters see the reply channel
+/// close).
 pub struct Swapper {
     tx: Option<Sender<Job>>,
+    stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -836,11 +848,13 @@ impl Swapper {
     /// Starts the swap thread over `ctx`.
     pub fn start(mut ctx: SwapCtx) -> std::io::Result<Self> {
         let (tx, rx): (Sender<Job>, Receiver<Job>) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = stop.clone();
         let thread = std::thread::Builder::new()
             .name("perch-swap".into())
             .spawn(move || {
                 lower_priority();
-                loop {
+                while !stopping.load(Ordering::SeqCst) {
                     match rx.recv_timeout(POLL) {
                         Ok(job) => ctx.handle(job),
                         Err(RecvTimeoutError::Timeout) => {}
@@ -853,6 +867,7 @@ impl Swapper {
             })?;
         Ok(Swapper {
             tx: Some(tx),
+            stop,
             thread: Some(thread),
         })
     }
@@ -866,6 +881,7 @@ impl Swapper {
 impl Drop for Swapper {
     fn drop(&mut self) {
         self.tx.take();
+        self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -979,6 +995,45 @@ mod tests {
         // Neither the active nor the rollback target can be removed; the failed one can.
         assert!(ctx.store.remove("osbs", &ctx.state).is_err());
         ctx.store.remove("soap", &ctx.state).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A reload drops the old core's swapper while the control link still holds one of its
+    /// senders: the drop must not wait for that sender to go away.
+    #[test]
+    fn swapper_stops_while_a_sender_is_alive() {
+        let dir = std::env::temp_dir().join(format!("perch-swapdrop-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let adapters = AdapterSettings {
+            store: dir.clone(),
+            max_bytes: 1 << 20,
+            active: None,
+            scale: 1.0,
+            probation_frames: 3,
+            health_images: None,
+        };
+        let factory = Arc::new(EngineFactory::new(&settings()).unwrap());
+        let (ctx, _serving) = SwapCtx::start(
+            factory,
+            &adapters,
+            Arc::new(Mailbox::default()),
+            Arc::new(Metrics::default()),
+        )
+        .unwrap();
+        let swapper = Swapper::start(ctx).unwrap();
+        let held = swapper.sender();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(swapper);
+            let _ = done_tx.send(());
+        });
+        done_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("Swapper::drop returned while a sender was alive");
+        // A job sent after the stop is not answered: its reply channel closes.
+        let (reply, answer) = std::sync::mpsc::channel();
+        let _ = held.send(Job::List { reply });
+        assert!(answer.recv_timeout(Duration::from_secs(1)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

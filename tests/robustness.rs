@@ -1,0 +1,268 @@
+//! Hostile and malformed input: every one is a one-line error with a documented exit code, and a
+//! running service keeps serving through it.
+
+mod common;
+
+use common::*;
+
+/// Detector-shaped models with one attribute tract does not validate (made by
+/// scripts/make_malformed.py). Each used to panic inside tract (exit 101).
+fn malformed_models() -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(path("tests/fixtures/malformed"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "onnx"))
+        .collect();
+    v.sort();
+    assert!(v.len() >= 9, "{v:?}");
+    v
+}
+
+#[test]
+fn malformed_models_are_one_line_errors_not_panics() {
+    for m in malformed_models() {
+        let rel = rel(&m);
+        let out = perch_command(&["detect", "--model", &rel, "tests/data/osbs_029.png"])
+            .env("RUST_BACKTRACE", "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{rel}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{rel}: {stderr}");
+        assert!(
+            stderr.starts_with(&format!("perch: error: {rel}: ")),
+            "{rel}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{rel}: {stderr}");
+        // --check-config builds the model too: configuration error, 78.
+        let dir = scratch(&format!(
+            "malformed-{}",
+            m.file_stem().unwrap().to_str().unwrap()
+        ));
+        let cfg = dir.join("perch.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[model]\npath = \"{}\"\n[source]\nuri = \"synthetic\"\n",
+                m.display()
+            ),
+        )
+        .unwrap();
+        let out = perch(&["run", "--config", cfg.to_str().unwrap(), "--check-config"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{rel}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{rel}: {stderr}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// A reload onto a model tract panics on is rejected and the old engine keeps serving; a reload
+/// with an adapter store configured completes (it used to wait forever for the old swap thread)
+/// and SIGTERM still stops the service.
+#[test]
+fn reloads_onto_a_malformed_model_or_with_adapters_keep_serving() {
+    let dir = scratch("robust-reload");
+    let body = |model: &str, conf: &str| {
+        format!(
+            "[model]\npath = \"{model}\"\nconf = {conf}\n[source]\nuri = \"synthetic\"\n\
+             width = 256\nheight = 192\nfps = 50\n[output]\nstdout = false\n\
+             [control]\nsocket = \"c.sock\"\n[adapters]\nstore = \"store\"\n"
+        )
+    };
+    let cfg = dir.join("perch.toml");
+    std::fs::write(&cfg, body(&model(), "0.25")).unwrap();
+    let control = dir.join("c.sock");
+    let child = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    wait_for(60, "first frames", || {
+        control
+            .exists()
+            .then(|| try_status(&control))
+            .flatten()
+            .filter(|s| s["frames_processed"].as_u64().unwrap() >= 10)
+    });
+    // A [model] change with [adapters] present: the engine and its swap thread are rebuilt.
+    std::fs::write(&cfg, body(&model(), "0.3")).unwrap();
+    signal(&child, libc::SIGHUP);
+    wait_for(60, "reload with adapters", || {
+        let st = try_status(&control)?;
+        (st["reloads"] == 1 && st["state"] == "running").then_some(())
+    });
+    for m in malformed_models().iter().take(3) {
+        let before = status(&control);
+        std::fs::write(&cfg, body(&m.display().to_string(), "0.3")).unwrap();
+        signal(&child, libc::SIGHUP);
+        let st = wait_for(60, "rejection", || {
+            let st = try_status(&control)?;
+            let err = st["last_error"].as_str()?;
+            (err.contains("reload rejected") && err.contains(m.to_str().unwrap())).then_some(st)
+        });
+        assert_eq!(st["reloads"], before["reloads"], "{st}");
+        let n = st["frames_processed"].as_u64().unwrap();
+        wait_for(30, "frames after the rejected reload", || {
+            (status(&control)["frames_processed"].as_u64().unwrap() > n + 5).then_some(())
+        });
+    }
+    signal(&child, libc::SIGTERM);
+    let (code, _, stderr) = finish(child, 30);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A small JPEG whose frame header claims 65535 x 65535 pixels (no data for them).
+fn jpeg_bomb() -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(8, 8, image::Rgb([90, 120, 60]));
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Jpeg,
+    )
+    .unwrap();
+    let sof = bytes
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("baseline SOF0 marker");
+    // FFC0, length (2), precision (1), height (2), width (2).
+    bytes[sof + 5..sof + 9].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xFF]);
+    bytes
+}
+
+/// A PNG whose header claims 2^31 - 1 rows (the CRC recomputed so the header is valid).
+fn png_bomb() -> Vec<u8> {
+    let img = image::RgbImage::from_pixel(8, 8, image::Rgb([90, 120, 60]));
+    let mut bytes = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .unwrap();
+    // Signature (8), IHDR length (4), "IHDR" (4), width (4), height (4), ... CRC after 13 bytes.
+    bytes[20..24].copy_from_slice(&0x7FFF_FFFFu32.to_be_bytes());
+    let crc = crc32(&bytes[12..29]);
+    bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    bytes
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut c = 0xFFFF_FFFFu32;
+    for &b in data {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xEDB8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// Image headers that claim huge sizes, and whole-file reads of endless files, stop at perch's
+/// documented limits with one line, quickly, without allocating for what the header claims.
+#[test]
+fn memory_bombs_stop_at_the_limits() {
+    let dir = scratch("bombs");
+    let jpg = dir.join("bomb.jpg");
+    let png = dir.join("bomb.png");
+    std::fs::write(&jpg, jpeg_bomb()).unwrap();
+    std::fs::write(&png, png_bomb()).unwrap();
+    let m = model();
+    for img in [&jpg, &png] {
+        let t = std::time::Instant::now();
+        let out = perch(&["detect", "--model", &m, img.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{}: {stderr}", img.display());
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(img.to_str().unwrap()), "{stderr}");
+        assert!(stderr.contains("beyond perch's limit"), "{stderr}");
+        assert!(t.elapsed().as_secs() < 30, "{:?}", t.elapsed());
+    }
+    let out = perch(&[
+        "detect",
+        "--model",
+        &m,
+        "--labels",
+        "/dev/zero",
+        "tests/data/osbs_029.png",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("/dev/zero") && stderr.contains("larger than"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Results that cannot be written are a one-line error with exit 1, never a panic, for every
+/// command that prints: a pipe closed by the reader, a full device, a closed descriptor.
+#[test]
+fn unwritable_stdout_is_one_line_exit_1() {
+    use std::process::Stdio;
+    let m = model();
+    let img = "tests/data/osbs_029.png";
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["detect", "--model", &m, img],
+        vec!["bench", "--model", &m, "--image", img, "--iterations", "2"],
+        vec![
+            "bench",
+            "--model",
+            &m,
+            "--image",
+            img,
+            "--iterations",
+            "2",
+            "--json",
+        ],
+        vec![
+            "adapter",
+            "inspect",
+            "models/adapters/osbs-lora.safetensors",
+        ],
+    ];
+    for args in &commands {
+        // stdout is /dev/full: every write fails with ENOSPC.
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = perch_command(args).stdout(full).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("perch: error: stdout: cannot write results"),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        // stdout is a pipe whose reader has gone.
+        let mut child = perch_command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+    // detect with descriptor 1 closed: refused up front instead of losing every record.
+    if std::env::var_os("PERCH_TEST_RUNNER").is_some() {
+        return;
+    }
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec \"$0\" detect --model {m} {img} >&-"))
+        .arg(env!("CARGO_BIN_EXE_perch"))
+        .current_dir(root())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("perch: error: stdout: cannot write results"),
+        "{stderr}"
+    );
+}
