@@ -266,3 +266,141 @@ fn unwritable_stdout_is_one_line_exit_1() {
         "{stderr}"
     );
 }
+
+/// Paths `run` cannot open are configuration errors for `--check-config`, and a reload onto them
+/// is rejected, with the reason in the `ctl reload` reply, while the old configuration serves.
+#[test]
+fn unopenable_paths_are_rejected_by_check_config_and_reload() {
+    let dir = scratch("robust-paths");
+    let plain = dir.join("plain-file");
+    std::fs::write(&plain, "not a socket").unwrap();
+    let base = "[source]\nuri = \"synthetic\"\nwidth = 256\nheight = 192\nfps = 50\n\
+                [control]\nsocket = \"c.sock\"\n";
+    let bad = [
+        (
+            "[output]\nstdout = false\nfile = \"/\"\n",
+            "output.file: /: not a regular file",
+        ),
+        (
+            "[output]\nstdout = false\nsocket = \"plain-file\"\n",
+            "output.socket",
+        ),
+    ];
+    for (extra, want) in bad {
+        let cfg = write_config(&dir, &format!("{base}{extra}"));
+        let out = perch(&["run", "--config", cfg.to_str().unwrap(), "--check-config"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{extra}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(want), "{extra}: {stderr}");
+    }
+    // The control socket itself on a regular file.
+    std::fs::write(dir.join("ctl-file"), "x").unwrap();
+    let cfg = write_config(
+        &dir,
+        "[source]\nuri = \"synthetic\"\n[control]\nsocket = \"ctl-file\"\n",
+    );
+    let out = perch(&["run", "--config", cfg.to_str().unwrap(), "--check-config"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("control.socket") && stderr.contains("not a socket"),
+        "{stderr}"
+    );
+
+    let cfg = write_config(&dir, &format!("{base}[output]\nstdout = false\n"));
+    let control = dir.join("c.sock");
+    let child = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    wait_for(60, "first frames", || {
+        try_status(&control).filter(|s| s["frames_processed"].as_u64().unwrap() >= 5)
+    });
+    for (extra, want) in bad {
+        write_config(&dir, &format!("{base}{extra}"));
+        let r = ctl(&control, "reload");
+        assert_eq!(r["ok"], false, "{r}");
+        let err = r["error"].as_str().unwrap();
+        assert!(
+            err.starts_with("reload rejected: ") && err.contains(want),
+            "{err}"
+        );
+        let n = status(&control)["frames_processed"].as_u64().unwrap();
+        wait_for(30, "frames after the rejected reload", || {
+            (status(&control)["frames_processed"].as_u64().unwrap() > n + 5).then_some(())
+        });
+    }
+    write_config(
+        &dir,
+        &format!("{base}[output]\nstdout = false\nfile = \"out.jsonl\"\n"),
+    );
+    assert_eq!(ctl(&control, "reload")["reload"], "applied");
+    wait_for(30, "records in the new output file", || {
+        std::fs::metadata(dir.join("out.jsonl"))
+            .ok()
+            .filter(|m| m.len() > 0)
+    });
+    assert_eq!(status(&control)["reloads"], 1);
+    signal(&child, libc::SIGTERM);
+    let (code, _, stderr) = finish(child, 30);
+    assert_eq!(code, Some(0), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A y4m FIFO nobody writes to yet: `--check-config` answers within the stall timeout, `run`
+/// waits for a writer without blocking SIGTERM, and serves the stream once a writer comes.
+#[test]
+fn fifo_source_without_a_writer_neither_blocks_check_nor_stop() {
+    let dir = scratch("robust-fifo");
+    let fifo = dir.join("cam.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let cfg = write_config(
+        &dir,
+        "[source]\nuri = \"y4m:cam.fifo\"\n[output]\nstdout = false\n[control]\nsocket = \"c.sock\"\n",
+    );
+    let started = std::time::Instant::now();
+    let out = perch(&["run", "--config", cfg.to_str().unwrap(), "--check-config"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("no writer yet") && stdout.contains("will keep retrying"),
+        "{stdout}"
+    );
+    assert!(started.elapsed().as_secs() < 20, "{:?}", started.elapsed());
+
+    let child = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    let control = dir.join("c.sock");
+    wait_for(60, "the control socket", || try_status(&control));
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    signal(&child, libc::SIGTERM);
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = finish(child, 20);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(started.elapsed().as_secs() < 10, "{:?}", started.elapsed());
+
+    // With a writer arriving later, the stream is served.
+    let child = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    wait_for(60, "the control socket", || try_status(&control));
+    let clip = std::fs::read(path("tests/data/osbs-pan.y4m")).unwrap();
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            let _ = f.write_all(&clip);
+        })
+    };
+    wait_for(60, "frames from the FIFO", || {
+        try_status(&control).filter(|s| s["frames_processed"].as_u64().unwrap_or(0) >= 3)
+    });
+    writer.join().unwrap();
+    signal(&child, libc::SIGTERM);
+    let (code, _, stderr) = finish(child, 20);
+    assert!(matches!(code, Some(0)), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -389,7 +389,8 @@ fn reload_applies_valid_and_rejects_invalid_config() {
     // Valid again, through the control socket this time; repeat to expose leaks.
     write_config(&dir, &body("0.3"));
     for n in 2..=4 {
-        assert_eq!(ctl(&control, "reload")["reload"], "requested");
+        // The reply comes once the new configuration serves.
+        assert_eq!(ctl(&control, "reload")["reload"], "applied");
         wait_for(60, "reload", || {
             let st = status(&control);
             (st["reloads"] == n && st["state"] == "running").then_some(())

@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,10 +124,20 @@ impl Read for TimedReader {
                 return Err(e);
             }
             if r > 0 {
-                return self.file.read(buf);
+                match self.file.read(buf) {
+                    // A FIFO is opened non-blocking: readiness can be spurious.
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    r => return r,
+                }
             }
         }
     }
+}
+
+/// Whether `path` is a FIFO (named pipe).
+pub fn is_fifo(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
 }
 
 /// A y4m file or FIFO as a frame source.
@@ -151,16 +162,30 @@ impl Y4mSource {
         stop: Arc<AtomicBool>,
     ) -> Result<Self, SourceError> {
         let name = format!("y4m:{}", path.display());
-        let file =
-            File::open(path).map_err(|e| SourceError::fatal(&name, format!("cannot open: {e}")))?;
+        // Opening a FIFO blocks until a writer opens it; non-blocking, the wait for data below
+        // sees the stop flag and the stall timeout instead.
+        let fifo = is_fifo(path);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(if fifo { libc::O_NONBLOCK } else { 0 })
+            .open(path)
+            .map_err(|e| SourceError::fatal(&name, format!("cannot open: {e}")))?;
         let mut reader = BufReader::new(TimedReader {
             file,
             stall,
             stop: stop.clone(),
         });
-        let line = read_line(&mut reader)
-            .map_err(|e| SourceError::fatal(&name, e))?
-            .ok_or_else(|| SourceError::fatal(&name, "empty stream"))?;
+        let line = match read_line(&mut reader) {
+            Err(e) if fifo && e.contains("no data for") => {
+                return Err(SourceError::transient(
+                    &name,
+                    format!("no writer yet ({e})"),
+                ));
+            }
+            r => r
+                .map_err(|e| SourceError::fatal(&name, e))?
+                .ok_or_else(|| SourceError::fatal(&name, "empty stream"))?,
+        };
         let header = parse_header(&line).map_err(|e| SourceError::fatal(&name, e))?;
         if header.full_range {
             log::warn!("{name}: full-range YUV is converted as limited range");

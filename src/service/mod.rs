@@ -119,6 +119,7 @@ fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), Se
 /// source once. Returns a one-line summary.
 pub fn check(settings: &Settings) -> Result<String, ServiceError> {
     let config = |e: String| ServiceError::Config(e);
+    check_paths(settings, None).map_err(config)?;
     let factory = EngineFactory::new(&settings.model)
         .map_err(|e| config(crate::exit::one_line(&e)))?
         .with_frame_size(settings.source.size);
@@ -147,6 +148,85 @@ pub fn check(settings: &Settings) -> Result<String, ServiceError> {
     ))
 }
 
+/// Checks, without creating anything, that the files and sockets `s` writes can be opened:
+/// the output file is a writable regular file or can be created in an existing directory, each
+/// socket path is free or a socket, and the snapshot directory is a directory. Paths that
+/// `running` (the configuration serving now) already holds are taken as good.
+pub fn check_paths(s: &Settings, running: Option<&Settings>) -> Result<(), String> {
+    use std::os::unix::fs::FileTypeExt;
+    let writable_dir = |key: &str, p: &Path| -> Result<(), String> {
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        match std::fs::metadata(dir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("{key}: {}: not a directory", dir.display())),
+            // Socket parents are created on bind; the file's must exist.
+            Err(_) if key != "output.file" => return Ok(()),
+            Err(e) => return Err(format!("{key}: {}: {e}", dir.display())),
+        }
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+            .map_err(|_| format!("{key}: {}: invalid path", p.display()))?;
+        // SAFETY: access(2) on a NUL-terminated path.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+            return Err(format!(
+                "{key}: {}: directory is not writable: {}",
+                dir.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    };
+    if let Some(p) = &s.output.file {
+        let held = running.is_some_and(|r| r.output.file.as_ref() == Some(p));
+        match std::fs::metadata(p) {
+            _ if held => {}
+            Ok(m) if !m.is_file() => {
+                return Err(format!("output.file: {}: not a regular file", p.display()));
+            }
+            Ok(_) => {
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(p)
+                    .map_err(|e| format!("output.file: {}: cannot open: {e}", p.display()))?;
+            }
+            Err(_) => writable_dir("output.file", p)?,
+        }
+    }
+    let sockets = [
+        ("control.socket", s.control.as_ref().map(|c| &c.socket)),
+        ("output.socket", s.output.socket.as_ref()),
+    ];
+    for (key, p) in sockets {
+        let Some(p) = p else { continue };
+        let held = running.is_some_and(|r| {
+            r.control.as_ref().map(|c| &c.socket) == Some(p) || r.output.socket.as_ref() == Some(p)
+        });
+        match std::fs::symlink_metadata(p) {
+            _ if held => {}
+            Ok(m) if !m.file_type().is_socket() => {
+                return Err(format!(
+                    "{key}: {}: exists and is not a socket",
+                    p.display()
+                ));
+            }
+            Ok(_) => {}
+            Err(_) => writable_dir(key, p)?,
+        }
+    }
+    if let Some(sn) = &s.snapshots
+        && sn.dir.exists()
+        && !sn.dir.is_dir()
+    {
+        return Err(format!(
+            "snapshots.dir: {}: not a directory",
+            sn.dir.display()
+        ));
+    }
+    Ok(())
+}
+
 /// Sockets and servers that live as long as one configuration.
 struct Endpoints {
     _control: Option<ControlServer>,
@@ -160,6 +240,8 @@ const COMMANDS: &str =
     "status, ping, reload, list, install, stage, activate, deactivate, rollback, remove";
 /// How long an adapter command waits for the swap thread (a build takes about a second).
 const SWAP_REPLY: Duration = Duration::from_secs(120);
+/// How long a `reload` request waits for the new configuration to serve.
+const RELOAD_REPLY: Duration = Duration::from_secs(120);
 
 fn str_field<'a>(req: &'a Map<String, Value>, key: &str) -> Result<&'a str, String> {
     req.get(key)
@@ -179,7 +261,7 @@ fn scale_field(req: &Map<String, Value>) -> Result<f32, String> {
 }
 
 /// The control socket's command handler.
-fn control_handler(metrics: Arc<Metrics>, reload: Sender<()>, swap: SwapLink) -> Handler {
+fn control_handler(metrics: Arc<Metrics>, reload: Sender<ReloadReply>, swap: SwapLink) -> Handler {
     let reload = Mutex::new(reload);
     Arc::new(move |cmd, req, payload| match cmd {
         "ping" => Ok(Map::new()),
@@ -188,11 +270,22 @@ fn control_handler(metrics: Arc<Metrics>, reload: Sender<()>, swap: SwapLink) ->
             serde_json::to_value(metrics.status()).expect("status serialises"),
         )])),
         "reload" => {
-            let _ = reload.lock().expect("reload sender lock").send(());
-            Ok(Map::from_iter([(
-                "reload".to_string(),
-                Value::from("requested"),
-            )]))
+            let (tx, rx) = std::sync::mpsc::channel();
+            let _ = reload.lock().expect("reload sender lock").send(Some(tx));
+            match rx.recv_timeout(RELOAD_REPLY) {
+                Ok(Ok(())) => Ok(Map::from_iter([(
+                    "reload".to_string(),
+                    Value::from("applied"),
+                )])),
+                Ok(Err(e)) => Err(format!("reload rejected: {e}")),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+                    "reload not finished after {} s; see status",
+                    RELOAD_REPLY.as_secs()
+                )),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    Err("the service stopped before the reload was applied".into())
+                }
+            }
         }
         "list" => swap::ask(&swap, |reply| Job::List { reply }, SWAP_REPLY),
         "install" => {
@@ -243,7 +336,7 @@ fn control_handler(metrics: Arc<Metrics>, reload: Sender<()>, swap: SwapLink) ->
 fn start_endpoints(
     s: &Settings,
     metrics: &Arc<Metrics>,
-    reload: &Sender<()>,
+    reload: &Sender<ReloadReply>,
     swap: &SwapLink,
     payload_limit: &Arc<AtomicU64>,
 ) -> Result<Endpoints, ServiceError> {
@@ -489,15 +582,29 @@ fn selection_change(current: &Settings, next: &Settings) -> Option<(String, f32)
     (wanted != pick(current)).then_some(wanted).flatten()
 }
 
-fn try_reload(inv: &Invocation, current: &Settings, metrics: &Arc<Metrics>) -> Option<Event> {
+/// Where a reload request came from: a control client waiting for the outcome (`Ok` once the
+/// new configuration serves, or why it was rejected), or a signal (nobody to answer).
+pub type ReloadReply = Option<Sender<Result<(), String>>>;
+
+fn answer_reload(reply: ReloadReply, r: Result<(), String>) {
+    if let Some(tx) = reply {
+        let _ = tx.send(r);
+    }
+}
+
+fn try_reload(
+    inv: &Invocation,
+    current: &Settings,
+    metrics: &Arc<Metrics>,
+) -> Result<Event, String> {
     let Some(path) = &inv.config_path else {
         log::warn!("reload requested, but perch runs without a configuration file");
-        return None;
+        return Err("perch runs without a configuration file".into());
     };
     let fail = |e: String| {
         log::error!("reload rejected, keeping the running configuration: {e}");
         metrics.update(|s| s.last_error = Some(format!("reload rejected: {e}")));
-        None
+        Err(e)
     };
     let mut next = match config::load(path) {
         Ok(s) => s,
@@ -506,11 +613,17 @@ fn try_reload(inv: &Invocation, current: &Settings, metrics: &Arc<Metrics>) -> O
     (inv.overrides)(&mut next);
     let (plain_next, plain_current) = (without_selection(&next), without_selection(current));
     if plain_next == plain_current && selection_change(current, &next).is_some() {
-        return Some(Event::Adopt(Box::new(next)));
+        return Ok(Event::Adopt(Box::new(next)));
+    }
+    if let Err(e) = check_paths(&next, Some(current)) {
+        return fail(e);
     }
     // File sources are checked now; a camera is busy (held by the running pipeline) and will
-    // be retried by the new pipeline anyway.
-    if let Err(e) = camera::open(&next.source, Arc::new(AtomicBool::new(false)))
+    // be retried by the new pipeline anyway, and reading a FIFO's header here would take it
+    // from the new pipeline.
+    let fifo = matches!(&next.source.kind, camera::SourceKind::Y4m(p) if camera::y4m::is_fifo(p));
+    if !fifo
+        && let Err(e) = camera::open(&next.source, Arc::new(AtomicBool::new(false)))
         && e.retry == Retry::Never
     {
         return fail(e.to_string());
@@ -523,37 +636,38 @@ fn try_reload(inv: &Invocation, current: &Settings, metrics: &Arc<Metrics>) -> O
             Err(e) => return fail(e.to_string()),
         }
     };
-    Some(Event::Reload(Box::new((next, core))))
+    Ok(Event::Reload(Box::new((next, core))))
 }
 
 fn wait_event(
     signals: &mut signal_hook::iterator::Signals,
-    reload: &Receiver<()>,
+    reload: &Receiver<ReloadReply>,
     pipeline: &Pipeline,
     inv: &Invocation,
     settings: &Settings,
     metrics: &Arc<Metrics>,
     notifier: &Notifier,
-) -> Event {
+) -> (Event, ReloadReply) {
     let mut last_status = Instant::now();
     loop {
         for sig in signals.pending() {
             match sig {
                 SIGHUP => {
-                    if let Some(ev) = try_reload(inv, settings, metrics) {
-                        return ev;
+                    if let Ok(ev) = try_reload(inv, settings, metrics) {
+                        return (ev, None);
                     }
                 }
-                _ => return Event::Stop,
+                _ => return (Event::Stop, None),
             }
         }
-        if reload.try_recv().is_ok()
-            && let Some(ev) = try_reload(inv, settings, metrics)
-        {
-            return ev;
+        if let Ok(reply) = reload.try_recv() {
+            match try_reload(inv, settings, metrics) {
+                Ok(ev) => return (ev, reply),
+                Err(e) => answer_reload(reply, Err(e)),
+            }
         }
         if pipeline.finished() {
-            return Event::Ended;
+            return (Event::Ended, None);
         }
         notifier.tick();
         if last_status.elapsed() >= Duration::from_secs(2) {
@@ -607,6 +721,7 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
     link_core(&core, &swap, &payload_limit, &settings);
     let mut seq = 0;
     let mut endpoints = start_endpoints(&settings, &metrics, &reload_tx, &swap, &payload_limit)?;
+    let mut pending_reply: ReloadReply = None;
     loop {
         let outputs = start_outputs(&settings, endpoints.latest.clone())?;
         let pipeline = Pipeline::start(
@@ -617,7 +732,8 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
             &core.mailbox,
             (&metrics, &notifier),
         )?;
-        let event = loop {
+        answer_reload(pending_reply.take(), Ok(()));
+        let (event, reply) = loop {
             match wait_event(
                 &mut signals,
                 &reload_rx,
@@ -627,16 +743,18 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
                 &metrics,
                 &notifier,
             ) {
-                Event::Adopt(next) => {
+                (Event::Adopt(next), reply) => {
                     metrics.update(|s| s.reloads += 1);
                     if let Some(t) = selection_change(&settings, &next) {
                         activate_async(&swap, t);
                     }
                     settings = *next;
+                    answer_reload(reply, Ok(()));
                 }
-                ev => break ev,
+                (ev, reply) => break (ev, reply),
             }
         };
+        pending_reply = reply;
         if matches!(event, Event::Stop) {
             notifier.stopping();
             metrics.update(|s| s.state = "stopping".into());
