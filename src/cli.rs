@@ -167,8 +167,8 @@ struct ModelArgs {
     /// Adapter merged into the model at load (a perch .safetensors adapter or a PEFT directory).
     #[arg(long, value_name = "X")]
     adapter: Option<PathBuf>,
-    /// Multiplier of the adapter's LoRA deltas.
-    #[arg(long, default_value_t = 1.0, requires = "adapter")]
+    /// Multiplier of the adapter's LoRA deltas (-10..=10).
+    #[arg(long, default_value_t = 1.0, requires = "adapter", value_parser = parse_scale)]
     adapter_scale: f32,
     /// Confidence threshold (0..1): keep boxes scoring strictly above it [default: 0.25; eval: 0.001].
     #[arg(long, value_parser = parse_unit)]
@@ -325,6 +325,15 @@ fn parse_imgsz(s: &str) -> Result<(usize, usize), String> {
         return Err(format!("'{s}': sizes must be 1..=8192"));
     }
     Ok(hw)
+}
+
+fn parse_scale(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    let max = perch::adapter::merge::MAX_STRENGTH;
+    if !(v.is_finite() && v.abs() <= max) {
+        return Err(format!("{v} is outside -{max}..={max}"));
+    }
+    Ok(v)
 }
 
 fn parse_unit(s: &str) -> Result<f32, String> {

@@ -350,6 +350,15 @@ fn bad_adapters_are_rejected_with_a_reason() {
     let ok = raw_adapter(&header, &as_refs(&good));
     let x = Adapter::from_bytes(&ok, "good.safetensors").unwrap();
     merged_weights(&base, &x, 1.0).unwrap();
+    // A scale that is not finite is refused for the adapter, not blamed on the base model
+    // (the command line also refuses finite ones beyond ±10: tests/robustness.rs).
+    for s in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+        let e = merged_weights(&base, &x, s).unwrap_err().to_string();
+        assert!(
+            e.contains("good.safetensors") && e.contains("scale"),
+            "{s}: {e}"
+        );
+    }
 
     let expect = |bytes: &[u8], needle: &str| {
         let e = Adapter::from_bytes(bytes, "bad.safetensors")
@@ -361,6 +370,10 @@ fn bad_adapters_are_rejected_with_a_reason() {
         );
     };
     expect(&ok[..ok.len() - 10], "not a safetensors file");
+    // A name that would bloat every detection record.
+    let mut long = header.clone();
+    long["name"] = serde_json::Value::from("n".repeat(100_000));
+    expect(&raw_adapter(&long, &as_refs(&good)), "name must be at most");
     expect(b"short", "shorter than a safetensors header");
     let mut huge = ok.clone();
     huge[..8].copy_from_slice(&(50u64 << 20).to_le_bytes());

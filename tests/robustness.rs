@@ -404,3 +404,25 @@ fn fifo_source_without_a_writer_neither_blocks_check_nor_stop() {
     assert!(matches!(code, Some(0)), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--adapter-scale` outside -10..=10 or not a number is a usage error naming the flag.
+#[test]
+fn adapter_scale_is_range_checked_on_the_command_line() {
+    for s in ["NaN", "inf", "1e38", "-11"] {
+        let out = perch(&[
+            "detect",
+            "--model",
+            &model(),
+            "--adapter",
+            "models/adapters/osbs-lora.safetensors",
+            &format!("--adapter-scale={s}"),
+            "tests/data/osbs_029.png",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{s}: {stderr}");
+        assert!(
+            stderr.contains("--adapter-scale") && stderr.contains("outside"),
+            "{s}: {stderr}"
+        );
+    }
+}

@@ -79,10 +79,15 @@ fn base_classes(base: &OnnxModel) -> Option<usize> {
     base.metadata().names.as_ref().map(Vec::len)
 }
 
+/// Largest adapter scale (strength) the command line, the configuration and the control socket
+/// accept, in absolute value.
+pub const MAX_STRENGTH: f32 = 10.0;
+
 /// Checks that `adapter` was made for `base` and computes the merged weights: the base's
 /// fingerprint must match, every target must exist with compatible shapes, class names must
 /// keep the class count. `strength` multiplies every LoRA delta (1 = as trained; replace
-/// targets ignore it). The base is not modified.
+/// targets ignore it) and must be finite ([`AdapterError::Invalid`] naming the adapter
+/// otherwise). The base is not modified.
 pub fn merged_weights(
     base: &OnnxModel,
     adapter: &Adapter,
@@ -93,6 +98,12 @@ pub fn merged_weights(
         base: base.path().to_path_buf(),
         reason,
     };
+    if !strength.is_finite() {
+        return Err(AdapterError::Invalid {
+            path: adapter.path().to_path_buf(),
+            reason: format!("scale {strength} is not a finite number"),
+        });
+    }
     let fp = base.fingerprint();
     if adapter.header.base_fingerprint != fp {
         return Err(mismatch(format!(

@@ -68,6 +68,9 @@ pub enum TargetKind {
     Replace,
 }
 
+/// Longest adapter name (`AdapterHeader::name`) accepted, in characters.
+pub const MAX_HEADER_NAME: usize = 128;
+
 /// One changed base initializer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Target {
@@ -322,6 +325,14 @@ impl Adapter {
         };
         if self.header.targets.is_empty() {
             return Err(invalid("no targets".into()));
+        }
+        // The name travels in every detection record: keep it short and printable.
+        let name = &self.header.name;
+        if name.chars().count() > MAX_HEADER_NAME || name.chars().any(char::is_control) {
+            return Err(invalid(format!(
+                "name must be at most {MAX_HEADER_NAME} printable characters (got {} characters)",
+                name.chars().count()
+            )));
         }
         if let Some(names) = &self.header.class_names
             && (names.is_empty() || names.iter().any(|n| n.trim().is_empty()))

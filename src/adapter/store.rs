@@ -114,8 +114,8 @@ pub fn check_name(name: &str) -> Result<(), StoreError> {
     if name.is_empty() || name.len() > MAX_NAME {
         return Err(bad(&format!("must be 1 to {MAX_NAME} characters")));
     }
-    if name.starts_with('.') {
-        return Err(bad("must not start with '.'"));
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(bad("must not start with '.' or '-'"));
     }
     if !name
         .bytes()
@@ -345,6 +345,8 @@ impl StoreState {
             Some("active")
         } else if self.last_good.as_ref().is_some_and(|s| s.name == name) {
             Some("the last known good adapter (the rollback target)")
+        } else if self.previous.as_ref().is_some_and(|s| s.name == name) {
+            Some("the previous adapter (what `rollback` returns to)")
         } else {
             None
         }
@@ -398,10 +400,34 @@ mod tests {
             "a/b",
             "a b",
             "é",
+            "-rf",
             &"x".repeat(MAX_NAME + 1),
         ] {
             assert!(check_name(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    /// `rollback` returns to `previous`: it is protected like the active and last good ones.
+    #[test]
+    fn the_rollback_targets_are_in_use() {
+        let sel = |n: &str| {
+            Some(Selection {
+                name: n.into(),
+                scale: 1.0,
+                sha256: "00".into(),
+            })
+        };
+        let state = StoreState {
+            version: 1,
+            active: sel("a"),
+            probation: false,
+            last_good: sel("b"),
+            previous: sel("c"),
+        };
+        for n in ["a", "b", "c"] {
+            assert!(state.role_of(n).is_some(), "{n}");
+        }
+        assert!(state.role_of("d").is_none());
     }
 
     #[test]

@@ -224,6 +224,10 @@ fn classify(line: &[u8], limit: u64) -> Parsed {
         Ok((cmd, m)) => match m.get("payload_bytes") {
             None => Parsed::Handle(cmd, m, 0),
             Some(v) => match v.as_u64() {
+                Some(_) if limit == 0 => Parsed::Refuse(
+                    "this service takes no uploads (no [adapters] store is configured)".into(),
+                    true,
+                ),
                 Some(n) if n <= limit => Parsed::Handle(cmd, m, n as usize),
                 Some(n) => Parsed::Refuse(
                     format!("payload of {n} bytes is over the {limit}-byte limit"),
@@ -307,8 +311,10 @@ fn serve(stream: UnixStream, handler: &Handler, stop: &AtomicBool, limit: &Atomi
                 if !text.is_empty() {
                     let (r, close) = match classify(text, limit.load(Ordering::Relaxed)) {
                         Parsed::Refuse(e, close) => (Err(e), close),
+                        // A request with a payload ends its connection: bytes sent past the
+                        // declared payload are not read as further requests.
                         Parsed::Handle(cmd, m, n) => match read_payload(&mut reader, n, stop) {
-                            Some(payload) => (handler(&cmd, &m, payload), false),
+                            Some(payload) => (handler(&cmd, &m, payload), n > 0),
                             None => return,
                         },
                     };
@@ -446,14 +452,15 @@ mod tests {
         s.write_all(b"{\"cmd\":\"len\",\"payload_bytes\":3}\nab\n{\"cmd\":\"ping\"}\n")
             .unwrap();
         let mut r = BufReader::new(s.try_clone().unwrap());
-        for want in [
-            json!({"ok": true, "len": 3}),
-            json!({"ok": true, "pong": true}),
-        ] {
-            let mut l = String::new();
-            r.read_line(&mut l).unwrap();
-            assert_eq!(serde_json::from_str::<Value>(&l).unwrap(), want);
-        }
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(&l).unwrap(),
+            json!({"ok": true, "len": 3})
+        );
+        // The connection ends with the payload request: the trailing ping is not run.
+        let mut rest = String::new();
+        assert_eq!(r.read_line(&mut rest).unwrap_or(0), 0, "{rest}");
         let over = request_with_payload(&p, &json!({"cmd": "len"}), &[0; 1001], t).unwrap();
         assert!(
             over["error"]
@@ -529,6 +536,12 @@ mod tests {
             }
         });
         assert_eq!(answered.load(Ordering::Relaxed), 200);
+        // This server takes no payloads (limit 0): the refusal says why.
+        let r = request_with_payload(&p, &json!({"cmd": "install"}), b"xyz", t).unwrap();
+        assert!(
+            r["error"].as_str().unwrap().contains("no [adapters] store"),
+            "{r}"
+        );
         drop(idle);
         drop(server);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -750,6 +750,7 @@ impl SwapCtx {
             engine,
             times,
         });
+        self.refresh_status();
         Ok(m)
     }
 
@@ -832,6 +833,7 @@ impl SwapCtx {
             }
             Job::List { reply } => answer(&reply, self.list()),
         }
+        self.refresh_status();
     }
 }
 
@@ -964,6 +966,7 @@ mod tests {
         assert!(ctx.state.probation);
         // Staging the next adapter meanwhile does not disturb the probation of this one.
         ctx.stage("soap".into(), 0.5).unwrap();
+        assert_eq!(ctx.status.staged.as_ref().unwrap().name, "soap");
         for _ in 0..3 {
             frame(&mb, &mut serving, None);
             ctx.check_probation();
