@@ -426,3 +426,105 @@ fn adapter_scale_is_range_checked_on_the_command_line() {
         );
     }
 }
+
+fn proc_count(pid: u32, what: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/{what}")).map_or(0, |d| d.count())
+}
+
+/// The short soak (scripts/soak.py runs the long one): 25 s at 15 fps with an adapter swap
+/// every 3 s and hostile control clients (silent, dripping, garbage, oversized, cut payloads)
+/// in parallel. The service keeps serving, answers, and ends with the file descriptors and
+/// threads it had after warm-up.
+#[test]
+fn short_soak_with_swaps_and_hostile_clients() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let dir = scratch("robust-soak");
+    let cfg = write_config(
+        &dir,
+        "[source]\nuri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 15\n\
+         [output]\nstdout = false\n[control]\nsocket = \"c.sock\"\n\
+         [adapters]\nstore = \"store\"\nprobation_frames = 5\n",
+    );
+    let control = dir.join("c.sock");
+    let child = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    let pid = child.0.id();
+    wait_for(60, "first frames", || {
+        try_status(&control).filter(|s| s["frames_processed"].as_u64().unwrap() >= 5)
+    });
+    for (name, file) in [("a", "osbs-lora"), ("b", "soap-lora")] {
+        let f = format!("models/adapters/{file}.safetensors");
+        let r = ctl_args(&control, &["install", &f, "--name", name]);
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    // Warm-up: one swap each way, so both engines have been built once.
+    for name in ["a", "b"] {
+        assert_eq!(ctl_args(&control, &["activate", name])["ok"], true);
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let (fds0, threads0) = (proc_count(pid, "fd"), proc_count(pid, "task"));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hostile = {
+        let (stop, control) = (stop.clone(), control.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let Ok(mut s) = UnixStream::connect(&control) else {
+                    continue;
+                };
+                let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(8)));
+                let mut buf = [0u8; 512];
+                match n % 5 {
+                    0 => std::thread::sleep(std::time::Duration::from_millis(1500)),
+                    1 => {
+                        for _ in 0..15 {
+                            let _ = s.write_all(b"{");
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                        }
+                    }
+                    2 => {
+                        let _ = s.write_all(&[0xff, 0x00, b'\n']);
+                        let _ = s.read(&mut buf);
+                    }
+                    3 => {
+                        let _ = s.write_all(&vec![b'x'; 70 * 1024]);
+                        let _ = s.read(&mut buf);
+                    }
+                    _ => {
+                        let _ = s.write_all(
+                            b"{\"cmd\":\"install\",\"name\":\"z\",\"payload_bytes\":900}\n",
+                        );
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                    }
+                }
+            }
+        })
+    };
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(25);
+    let mut swaps = 0;
+    while std::time::Instant::now() < end {
+        let name = if swaps % 2 == 0 { "a" } else { "b" };
+        let r = ctl_args(&control, &["activate", name]);
+        assert_eq!(r["ok"], true, "{r}");
+        swaps += 1;
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    hostile.join().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let st = status(&control);
+    let (fds1, threads1) = (proc_count(pid, "fd"), proc_count(pid, "task"));
+    eprintln!(
+        "short soak: {swaps} swaps, fds {fds0} -> {fds1}, threads {threads0} -> {threads1}, \
+         frames {} processed / {} dropped, latency p99 {} ms",
+        st["frames_processed"], st["frames_dropped"], st["latency_ms"]["p99"]
+    );
+    assert_eq!(st["inference_errors"], 0, "{st}");
+    assert!(fds1 <= fds0 + 2, "file descriptors {fds0} -> {fds1}");
+    assert!(threads1 <= threads0 + 1, "threads {threads0} -> {threads1}");
+    signal(&child, libc::SIGTERM);
+    let (code, _, stderr) = finish(child, 30);
+    assert_eq!(code, Some(0), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
