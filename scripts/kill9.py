@@ -108,8 +108,8 @@ def allowed_served(state):
 def fire(sock, rng, files, stop):
     """Random control traffic until `stop` is set or the service goes away."""
     while not stop.is_set():
-        op = rng.choice(["install", "install", "stage", "activate", "activate", "deactivate",
-                         "rollback", "remove", "list"])
+        op = rng.choice(["install", "install", "stage", "activate", "activate", "activate",
+                         "activate", "deactivate", "rollback", "rollback", "remove", "list"])
         name = rng.choice(["a", "b", "c"])
         try:
             if op == "install":
@@ -129,7 +129,7 @@ def main():
     ap.add_argument("--kills", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--serve-timeout", type=float, default=60.0)
-    ap.add_argument("--max-delay", type=float, default=3.0, help="longest time before a kill, s")
+    ap.add_argument("--max-delay", type=float, default=8.0, help="longest time before a kill, s")
     ap.add_argument("--perch", default=os.environ.get("PERCH_BIN", str(Path.home() / ".cache/perch/target/release/perch")))
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -144,12 +144,18 @@ def main():
         '[output]\nstdout = false\n[control]\nsocket = "c.sock"\n'
         '[adapters]\nstore = "store"\nprobation_frames = 5\n')
     violations, serve_times, served_counts = [], [], {}
+    # What the store said at each kill: a committed adapter, one in probation, the base.
+    at_kill = {"committed_adapter": 0, "probation": 0, "base": 0}
     restarts = 0
     t0 = time.time()
     for k in range(a.kills):
         # Before the restart: what the killed service left.
         bad, state = check_store(store, f"kill {k} (before restart)")
         violations += bad
+        if k > 0:
+            key = "probation" if state.get("probation") else \
+                "committed_adapter" if state.get("active") else "base"
+            at_kill[key] += 1
         log = open(work / "perch.log", "ab")
         p = subprocess.Popen([a.perch, "run", "--config", str(cfg)], cwd=work,
                              stdout=subprocess.DEVNULL, stderr=log)
@@ -178,7 +184,7 @@ def main():
                 violations.append(f"kill {k}: temporary files after restart: {leftovers}")
         stop = threading.Event()
         traffic = [threading.Thread(target=fire, args=(sock, random.Random(rng.random()), files, stop))
-                   for _ in range(2)]
+                   for _ in range(1)]
         for t in traffic:
             t.start()
         time.sleep(rng.uniform(0.0, a.max_delay))
@@ -200,6 +206,7 @@ def main():
             "p50": round(statistics.median(serve_times), 3) if serve_times else None,
             "max": round(max(serve_times), 3) if serve_times else None,
         },
+        "store_at_kill": at_kill,
         "restarts_serving_an_adapter": served_counts.get(True, 0),
         "restarts_serving_the_base": served_counts.get(False, 0),
         "seconds": round(time.time() - t0, 1),

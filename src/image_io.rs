@@ -89,11 +89,7 @@ pub fn list_images(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 /// Decodes a JPEG or PNG file (format sniffed from the bytes) to 8-bit RGB, applying the EXIF
 /// orientation as OpenCV's `imread` does. Alpha is dropped, grey is expanded, 16-bit is reduced.
 pub fn load_rgb(path: &Path) -> Result<RgbFrame, ImageError> {
-    let decode = |reason: String| ImageError::Decode {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let mut reader = ImageReader::open(path)
+    let reader = ImageReader::open(path)
         .map_err(|source| ImageError::Io {
             path: path.to_path_buf(),
             source,
@@ -103,6 +99,28 @@ pub fn load_rgb(path: &Path) -> Result<RgbFrame, ImageError> {
             path: path.to_path_buf(),
             source,
         })?;
+    decode(reader, path)
+}
+
+/// [`load_rgb`] on bytes in memory; `name` is used in errors.
+pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbFrame, ImageError> {
+    let reader = ImageReader::new(std::io::Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|source| ImageError::Io {
+            path: name.to_path_buf(),
+            source,
+        })?;
+    decode(reader, name)
+}
+
+fn decode<R: std::io::BufRead + std::io::Seek>(
+    mut reader: ImageReader<R>,
+    path: &Path,
+) -> Result<RgbFrame, ImageError> {
+    let decode = |reason: String| ImageError::Decode {
+        path: path.to_path_buf(),
+        reason,
+    };
     if reader.format().is_none() {
         return Err(decode("unrecognised format (expected JPEG or PNG)".into()));
     }
