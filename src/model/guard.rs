@@ -19,6 +19,15 @@ static ACTIVE: AtomicUsize = AtomicUsize::new(0);
 /// The last message recorded by the hook while a guard was active.
 static CAUGHT: Mutex<Option<String>> = Mutex::new(None);
 
+/// The message a panic was raised with (`panic!` carries a `&str` or a `String`).
+fn payload_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 fn install_hook() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -27,12 +36,7 @@ fn install_hook() {
             if ACTIVE.load(Ordering::SeqCst) == 0 {
                 return previous(info);
             }
-            let payload = info
-                .payload()
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| info.payload().downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let payload = payload_text(info.payload());
             let at = info
                 .location()
                 .map(|l| format!(" at {}:{}", l.file(), l.line()))
@@ -56,13 +60,7 @@ pub(super) fn guard<R>(
     ACTIVE.fetch_sub(1, Ordering::SeqCst);
     result.unwrap_or_else(|payload| {
         let recorded = CAUGHT.lock().ok().and_then(|mut c| c.take());
-        let reason = recorded.unwrap_or_else(|| {
-            payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into())
-        });
+        let reason = recorded.unwrap_or_else(|| payload_text(&*payload));
         Err(ModelError::Internal {
             path: path.to_path_buf(),
             reason,

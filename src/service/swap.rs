@@ -911,6 +911,19 @@ mod tests {
         }
     }
 
+    /// Settings for a fresh, empty store at `dir` (removed first), probation of 3 frames.
+    fn store_settings(dir: &std::path::Path) -> AdapterSettings {
+        let _ = std::fs::remove_dir_all(dir);
+        AdapterSettings {
+            store: dir.to_path_buf(),
+            max_bytes: 1 << 20,
+            active: None,
+            scale: 1.0,
+            probation_frames: 3,
+            health_images: None,
+        }
+    }
+
     #[test]
     fn mailbox_swaps_between_frames_and_tracks_progress() {
         let f = EngineFactory::new(&settings()).unwrap();
@@ -937,15 +950,7 @@ mod tests {
     #[test]
     fn probation_commits_or_rolls_back() {
         let dir = std::env::temp_dir().join(format!("perch-probation-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let adapters = AdapterSettings {
-            store: dir.clone(),
-            max_bytes: 1 << 20,
-            active: None,
-            scale: 1.0,
-            probation_frames: 3,
-            health_images: None,
-        };
+        let adapters = store_settings(&dir);
         let factory = Arc::new(EngineFactory::new(&settings()).unwrap());
         let mb = Arc::new(Mailbox::default());
         let metrics = Arc::new(Metrics::default());
@@ -1006,15 +1011,7 @@ mod tests {
     #[test]
     fn swapper_stops_while_a_sender_is_alive() {
         let dir = std::env::temp_dir().join(format!("perch-swapdrop-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let adapters = AdapterSettings {
-            store: dir.clone(),
-            max_bytes: 1 << 20,
-            active: None,
-            scale: 1.0,
-            probation_frames: 3,
-            health_images: None,
-        };
+        let adapters = store_settings(&dir);
         let factory = Arc::new(EngineFactory::new(&settings()).unwrap());
         let (ctx, _serving) = SwapCtx::start(
             factory,
