@@ -48,7 +48,7 @@ if [ "$setup" -eq 1 ]; then
   for t in "${targets[@]}"; do
     for p in $(pkgs_of "$t"); do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
   done
-  for p in qemu-user libclang-dev pkg-config; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
+  for p in qemu-user pkg-config; do dpkg -s "$p" >/dev/null 2>&1 || need+=("$p"); done
   if [ ${#need[@]} -gt 0 ]; then
     echo "cross: installing ${need[*]}"
     sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"

@@ -43,7 +43,9 @@ pub fn parse_header(line: &str) -> Result<Y4mHeader, String> {
     }
     let (mut w, mut h, mut fps, mut cs, mut full) = (None, None, None, "420jpeg", false);
     for t in tokens.filter(|t| !t.is_empty()) {
-        let (tag, val) = t.split_at(1);
+        // Tags are one character; split on a character boundary (a token may start with any).
+        let tag_len = t.chars().next().map_or(0, char::len_utf8);
+        let (tag, val) = t.split_at(tag_len);
         match tag {
             "W" => w = val.parse::<usize>().ok(),
             "H" => h = val.parse::<usize>().ok(),
@@ -342,6 +344,7 @@ mod tests {
             ("YUV4MPEG2 W4 H2 C420p10", "C420p10"),
             ("YUV4MPEG2 W100000 H100000", "too large"),
             ("YUV4MPEG2 W4 H2 Fx:1", "frame rate"),
+            ("YUV4MPEG2 \u{e9}W4 \u{1F600} H2", "W and H"),
         ] {
             let e = parse_header(bad).unwrap_err();
             assert!(e.contains(why), "{bad}: {e}");
