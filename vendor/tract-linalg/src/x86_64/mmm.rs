@@ -13,14 +13,14 @@ use super::amx::PackedAmxA;
 #[cfg(tract_amx_bf16)]
 use super::amx_bf16::{PackedAmxBf16A, PackedBf16K2};
 #[cfg(tract_avx512vnni)]
-use super::fma_width::has_dual_avx512_fma;
+use super::fma_width::wide_vnni_tile_pays;
 use super::madd::PackedI8K4Wide;
 
 /// The zmm 16x16 VNNI tile only out-throughputs the ymm 8x8 on cores with two 512-bit FMA
 /// ports; elsewhere it is pure tile-padding overhead, so there it must lose every tie to the
 /// 8x8. It stays runnable on every VNNI core, so that its tests run there too.
 #[cfg(tract_avx512vnni)]
-const AVX512VNNI_WIDE_TILE: fn() -> isize = || if has_dual_avx512_fma() { 50 } else { -1 };
+const AVX512VNNI_WIDE_TILE: fn() -> isize = || if wide_vnni_tile_pays() { 50 } else { -1 };
 
 /// The AMX bf16 kernel truncates its f32 operands to bf16 (~1/2^8 relative error per multiply),
 /// so it is opt-in through TRACT_AMX_BF16 and off by default even where the hardware has it.
@@ -187,7 +187,7 @@ MMMExternKernel! { x86_64; avx512vnni_mmm_i32_8x8<i32>(8,8)@(256,4) isa(X86_64Av
 // 2x work/iteration only turns into 2x throughput when the core has two
 // 512-bit FMA units to retire two VPDPBUSD/zmm per cycle; single-512-FMA
 // client cores (Ice Lake-U / Tiger Lake / Rocket Lake) get no gain and stay on
-// the 8x8 ymm kernel -- see `has_dual_avx512_fma()` in `fma_width.rs`.
+// the 8x8 ymm kernel -- see `wide_vnni_tile_pays()` in `fma_width.rs`.
 //
 // On dual-FMA cores the boost lifts it above the 8x8 VNNI kernel in the einsum
 // kernel-selection scorer for unknown shapes, while staying below the AMX 16x16
@@ -274,7 +274,8 @@ MMMExternKernel! { x86_64; avx512amx_mmm_f32_16x16<f32>(16,16)@(64,4) isa(X86_64
 /// Rocket Lake) one 512-bit VPDPBUSD/cycle delivers the same MAC/s as two 256-bit
 /// VPDPBUSD/cycle, so the wider tile is pure overhead (extra A-packing, the 16-column +128 bias
 /// correction, a bigger epilogue) and regresses real matmuls -- e.g. -4..-11% on int8 LLM/TDNN
-/// prefill on an i9-11900KB. So this tier names the 16x16 only on dual-FMA cores; the einsum
+/// prefill on an i9-11900KB. So this tier names the 16x16 only on dual-FMA cores (and on AMD Zen 4
+/// and later, where it measured faster: see `wide_vnni_tile_pays`); the einsum
 /// scorer is held off it by `AVX512VNNI_WIDE_TILE` going negative elsewhere.
 ///
 /// Where it does name the wide tile the dispatch is shape-adaptive, mirroring the AMX int8 path:
@@ -291,7 +292,7 @@ fn avx512vnni_preferred(
 ) -> Option<&'static str> {
     match (dt, query.n) {
         (DatumType::I32, Some(1)) => None,
-        (DatumType::I32, _) if !has_dual_avx512_fma() => Some(avx512vnni_mmm_i32_8x8.name.as_str()),
+        (DatumType::I32, _) if !wide_vnni_tile_pays() => Some(avx512vnni_mmm_i32_8x8.name.as_str()),
         (DatumType::I32, _) => {
             let big = |o: Option<usize>, t: usize| o.is_none_or(|v| v >= t);
             Some(if big(query.m, 16) && big(query.n, 16) {
