@@ -1351,6 +1351,47 @@ impl PackedI8K4 {
     ) -> KOut4Writer<'p, T> {
         KOut4Writer::with_k(pb, self.r, self.panel(k), mn, k)
     }
+    /// Packs one zeroed panel: `panel[(kk/4)*r*4 + lm*4 + kk%4] = src[kk*ks + (mn0+lm)*ms]` for
+    /// `kk < k`, `lm < pw`. Rows that are contiguous along mn (`ms == 1`, a 1x1 conv's
+    /// activations) go four at a time as a byte interleave the compiler vectorises.
+    ///
+    /// # Safety
+    /// `src` must be valid for those reads; `panel` holds `ceil(k/4)*4*r` bytes, `pw <= r`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pack_panel(
+        panel: &mut [u8],
+        r: usize,
+        src: *const i8,
+        k: usize,
+        ks: isize,
+        ms: isize,
+        mn0: isize,
+        pw: usize,
+    ) {
+        for (kb, block) in panel.chunks_exact_mut(r * 4).enumerate() {
+            let k0 = kb * 4;
+            let rows = 4.min(k - k0);
+            if ms == 1 && rows == 4 {
+                let row = |kr: usize| unsafe {
+                    std::slice::from_raw_parts(
+                        src.offset((k0 + kr) as isize * ks + mn0) as *const u8,
+                        pw,
+                    )
+                };
+                let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+                for (lm, d) in block[..pw * 4].chunks_exact_mut(4).enumerate() {
+                    d.copy_from_slice(&[r0[lm], r1[lm], r2[lm], r3[lm]]);
+                }
+            } else {
+                for kr in 0..rows {
+                    let srow = unsafe { src.offset((k0 + kr) as isize * ks + mn0 * ms) };
+                    for lm in 0..pw {
+                        block[lm * 4 + kr] = unsafe { *srow.offset(lm as isize * ms) } as u8;
+                    }
+                }
+            }
+        }
+    }
     // K=4-inner pack from a (possibly strided) view: out[(k/4)*r*4 + m*4 + (k%4)] = src[m,k].
     pub fn pack_view(
         &self,
@@ -1366,30 +1407,31 @@ impl PackedI8K4 {
         let panels = mn.div_ceil(self.r);
         let st = t.strides();
         let mut blob = unsafe { Blob::new_for_size_and_align(panels * pl, self.align) };
-        blob.as_bytes_mut().fill(0);
         let (ks, ms) = (st[k_axis], st[mn_axis]);
-        let kblocks = kp / 4;
-        unsafe {
-            let src = t.as_ptr_unchecked::<i8>();
-            let dst = blob.as_mut_ptr() as *mut i8;
-            for p in 0..panels {
-                let pw = self.r.min(mn - p * self.r);
-                let panel = dst.add(p * pl);
-                let mn0 = (p * self.r) as isize;
-                for kb in 0..kblocks {
-                    for kr in 0..4 {
-                        let kk = kb * 4 + kr;
-                        if kk >= k {
-                            break;
-                        }
-                        let srow = src.offset(kk as isize * ks + mn0 * ms);
-                        let dcol = panel.add(kb * self.r * 4 + kr);
-                        for lm in 0..pw {
-                            *dcol.add(lm * 4) = *srow.offset(lm as isize * ms);
-                        }
-                    }
-                }
+        let src = unsafe { t.as_ptr_unchecked::<i8>() } as usize;
+        // Whole panels are independent: split them over the pool when there is enough work.
+        // Each chunk zeroes its own panels (K and lane padding must read as zero).
+        let pack = |first: usize, chunk: &mut [u8]| -> TractResult<()> {
+            chunk.fill(0);
+            if pl == 0 {
+                return Ok(());
             }
+            let src = src as *const i8;
+            for (i, panel) in chunk.chunks_exact_mut(pl).enumerate() {
+                let p = first + i;
+                let pw = self.r.min(mn - p * self.r);
+                // SAFETY: the view holds k x mn i8 elements at strides (ks, ms); panel `p`
+                // reads columns p*r .. p*r + pw and rows 0 .. k of it.
+                unsafe {
+                    Self::pack_panel(panel, self.r, src, k, ks, ms, (p * self.r) as isize, pw)
+                };
+            }
+            Ok(())
+        };
+        if pl > 0 && should_parallel_pack(panels, k * mn, panels * pl) {
+            crate::multithread::par_chunks_mut(blob.as_bytes_mut(), pl, panels * pl, pack)?;
+        } else {
+            pack(0, blob.as_bytes_mut())?;
         }
         Ok(Box::new(EagerPackedInput {
             fact: PackedExoticFact { format: Box::new(self.clone()), mn: mn.to_dim(), k },

@@ -67,8 +67,7 @@ pub fn wide_vnni_tile_pays() -> bool {
 
 /// AMD, CPUID family 0x19 (Zen 3/4) or later; with AVX-512 present that is Zen 4 or later.
 fn amd_zen4_or_later() -> bool {
-    // SAFETY: CPUID leaves 0 and 1 exist on every x86_64 CPU.
-    let (l0, l1) = unsafe { (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1)) };
+    let (l0, l1) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
     let amd = (l0.ebx, l0.edx, l0.ecx) == (0x6874_7541, 0x6974_6e65, 0x444d_4163);
     let base = (l1.eax >> 8) & 0xf;
     let family = if base == 0xf { base + ((l1.eax >> 20) & 0xff) } else { base };
