@@ -10,9 +10,9 @@ decode stay float). It prints the CPU model and the flags that pick tract's kern
 kernel perch runs (`TRACT_X86_INT8_KERNEL` forces one on x86), latency percentiles, and the
 perch/onnxruntime ratio of median inference latency at equal precision and threads.
 
-The perch binary is the one `cargo build --release` makes with this repository's CI cache layout
-(~/.cache/perch/target/release/perch); pass --perch or PERCH_BIN for another, e.g.
-target/release/perch after a plain `cargo build --release` in the clone.
+The perch binary is the first of $CARGO_TARGET_DIR/release/perch, target/release/perch (a plain
+`cargo build --release` in the clone) and ~/.cache/perch/target/release/perch (CI's cache) that
+exists; pass --perch or PERCH_BIN for another. Without one it stops with a one-line message.
 
 Usage:
   PY=$(models/recipe/venv.sh)/bin/python
@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -162,6 +163,19 @@ def ort_bench(path, threads, x, a):
     return {"p50": pct(inf, .5), "p90": pct(inf, .9), "p99": pct(inf, .99)}
 
 
+def default_perch_bin():
+    """Where `cargo build --release` put perch: $CARGO_TARGET_DIR, the clone's target/, or the CI cache."""
+    cands = []
+    if os.environ.get("CARGO_TARGET_DIR"):
+        cands.append(Path(os.environ["CARGO_TARGET_DIR"]) / "release/perch")
+    cands += [ROOT / "target/release/perch", Path.home() / ".cache/perch/target/release/perch"]
+    for c in cands:
+        if c.is_file():
+            return str(c)
+    sys.exit("bench_ort.py: no perch binary in " + ", ".join(map(str, cands))
+             + "; run `cargo build --release` or pass --perch / PERCH_BIN")
+
+
 def main():
     import tempfile
 
@@ -176,7 +190,9 @@ def main():
     ap.add_argument("--calib-images", default=str(yell if yell.is_dir() else ROOT / "tests/data/eval/images/val"),
                     help="images for onnxruntime's calibration (default: the YELL training tiles perch's "
                          "demo calibration was made from, when models/recipe/prepare_data.py has built them)")
-    ap.add_argument("--perch", default=os.environ.get("PERCH_BIN", str(Path.home() / ".cache/perch/target/release/perch")))
+    ap.add_argument("--perch", default=os.environ.get("PERCH_BIN") or default_perch_bin(),
+                    help="perch binary (default: $CARGO_TARGET_DIR/release/perch, target/release/perch, "
+                         "then ~/.cache/perch/target/release/perch, the first that exists)")
     a = ap.parse_args()
     if a.calibration is None:
         a.calibration = str(Path(a.model).with_suffix(".calibration.json"))

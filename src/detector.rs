@@ -23,6 +23,9 @@ pub enum DetectorError {
     /// A labels file could not be used.
     #[error("{}: bad labels file: {reason}", path.display())]
     Labels { path: PathBuf, reason: String },
+    /// The class filter names a class the model does not have.
+    #[error("{}: bad class filter: {reason}", path.display())]
+    Classes { path: PathBuf, reason: String },
     /// The model produced NaN or infinite values (e.g. a broken adapter); the frame's
     /// detections would be meaningless.
     #[error("{}: output has a non-finite value ({value}) at index {index}", path.display())]
@@ -96,8 +99,9 @@ impl Detector {
     /// Prepares `model` for inference and resolves its layout and labels.
     ///
     /// Fails with [`DetectorError::NotDetector`] for non-detection tasks (per metadata) or
-    /// output shapes that match no supported layout, and with [`DetectorError::Labels`] when
-    /// given labels do not cover the model's classes.
+    /// output shapes that match no supported layout, with [`DetectorError::Labels`] when given
+    /// labels are not one per class of the model, and with [`DetectorError::Classes`] when the
+    /// class filter names a class id the model does not have (where the class count is known).
     pub fn new(model: &OnnxModel, opts: DetectorOptions) -> Result<Self, DetectorError> {
         let path = model.path().to_path_buf();
         let not_detector = |reason: String| DetectorError::NotDetector {
@@ -160,7 +164,7 @@ impl Detector {
                 .map_err(not_detector)?;
         let num_classes = spec.num_classes.max(meta_classes.unwrap_or(0));
         let labels = match opts.labels {
-            Some(l) if spec.layout != Layout::EndToEnd && l.len() < num_classes => {
+            Some(l) if num_classes > 0 && l.len() != num_classes => {
                 return Err(DetectorError::Labels {
                     path: path.clone(),
                     reason: format!(
@@ -172,6 +176,19 @@ impl Detector {
             Some(l) => l,
             None => meta.names.clone().unwrap_or_default(),
         };
+        if let Some(bad) = opts.params.classes.as_ref().and_then(|cs| {
+            cs.iter()
+                .find(|c| num_classes > 0 && **c >= num_classes)
+                .copied()
+        }) {
+            return Err(DetectorError::Classes {
+                path: path.clone(),
+                reason: format!(
+                    "class {bad} requested, but the model has {num_classes} classes (0..={})",
+                    num_classes - 1
+                ),
+            });
+        }
         let format = match spec.layout {
             Layout::Yolox => InputFormat::YOLOX,
             _ => InputFormat::ULTRALYTICS,

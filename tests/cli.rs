@@ -175,6 +175,33 @@ fn class_filter_max_det_and_labels_file() {
         "v8-t160-op11.onnx",
         "1 labels given for a model with 3 classes",
     );
+    std::fs::write(&labels, "pine\noak\nbirch\nwillow\n").unwrap();
+    let out = perch(&[
+        "detect",
+        "--model",
+        FIXTURE,
+        "--labels",
+        labels.to_str().unwrap(),
+        "tests/data/chelsea.png",
+    ]);
+    assert_bad_input(
+        &out,
+        "v8-t160-op11.onnx",
+        "4 labels given for a model with 3 classes",
+    );
+    let out = perch(&[
+        "detect",
+        "--model",
+        FIXTURE,
+        "--classes",
+        "1,3",
+        "tests/data/chelsea.png",
+    ]);
+    assert_bad_input(
+        &out,
+        "v8-t160-op11.onnx",
+        "class 3 requested, but the model has 3 classes (0..=2)",
+    );
 }
 
 #[test]
