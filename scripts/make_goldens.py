@@ -8,9 +8,10 @@ Every golden comes from an independent implementation:
                     ultralytics/yolov5 `non_max_suppression` (v5), YOLOX `demo_postprocess` (decode).
   letterbox/*.png   Ultralytics `LetterBox` on OpenCV-decoded photos (the model input, as RGB).
   detect/*.json     Ultralytics' predictor (`YOLO(onnx).predict`, onnxruntime backend) with the
-                    trained demo model on aerial images, default thresholds.
+                    trained demo model on aerial images, default thresholds; and on the dynamic
+                    fixture export with non-square photos, rect (its default) and square.
   eval/*.json       Ultralytics `val` of the demo model on tests/data/eval (conf 0.001, IoU 0.7).
-Run: PY=$(models/recipe/venv.sh)/bin/python; $PY scripts/make_goldens.py [--only raw,letterbox,detect,eval]
+Run: PY=$(models/recipe/venv.sh)/bin/python; $PY scripts/make_goldens.py [--only raw,letterbox,detect,detect_dynamic,eval]
 """
 import argparse
 import json
@@ -136,6 +137,11 @@ def make_letterbox():
         out.parent.mkdir(parents=True, exist_ok=True)
         cv2.imwrite(str(out), lb)  # stored as the BGR image OpenCV wrote; PNG holds it as RGB
         print("wrote", out.relative_to(ROOT))
+    # The predictor's rect letterbox of a dynamic export (auto=True): 451x300 -> 128x160.
+    lb = LetterBox(new_shape=(160, 160), auto=True, stride=32)(image=cv2.imread(str(DATA / "chelsea.png")))
+    out = GOLD / "letterbox" / "chelsea-rect160.png"
+    cv2.imwrite(str(out), lb)
+    print("wrote", out.relative_to(ROOT))
 
 
 DETECT_MODEL = ROOT / "models/tree-yolo11n-320.onnx"
@@ -160,6 +166,39 @@ def make_detect():
         })
     dump(GOLD / "detect" / "tree-yolo11n-320.json", {
         "model": str(DETECT_MODEL.relative_to(ROOT)), "conf": 0.25, "iou": 0.7, "records": records})
+
+
+DYNAMIC_MODEL = FIX / "v8-dyn-op17.onnx"
+# (image, conf): a non-square photo. This random-weight export saturates some scores at 1.0 on
+# other photos (ties that NMS may break either way) and amplifies JPEG decoder differences; on
+# this PNG it does neither, and it stays under max_det at this conf.
+DYNAMIC_IMAGES = [("chelsea.png", 0.001)]
+
+
+def make_detect_dynamic():
+    """Ultralytics' predictor on a dynamic export: rect (LetterBox(auto=True), its default for
+    dynamic ONNX) and square (rect=False), at the export's imgsz 160."""
+    from ultralytics import YOLO
+
+    for rect, name in [(True, "v8-dyn-op17-rect.json"), (False, "v8-dyn-op17-square.json")]:
+        model = YOLO(str(DYNAMIC_MODEL), task="detect")
+        records = []
+        for image, conf in DYNAMIC_IMAGES:
+            r = model.predict(str(DATA / image), imgsz=160, conf=conf, iou=0.7, max_det=300,
+                              rect=rect, verbose=False)[0]
+            b = r.boxes
+            assert len(b) < 300, f"{image}: {len(b)} detections reach max_det"
+            records.append({
+                "image": f"tests/data/{image}", "conf": conf,
+                "width": r.orig_shape[1], "height": r.orig_shape[0],
+                "detections": [
+                    {"class_id": int(c), "score": float(s), "box": [float(v) for v in xyxy]}
+                    for xyxy, s, c in zip(b.xyxy.numpy(), b.conf.numpy(), b.cls.numpy())
+                ],
+            })
+        dump(GOLD / "detect" / name, {
+            "model": str(DYNAMIC_MODEL.relative_to(ROOT)), "imgsz": 160, "rect": rect,
+            "iou": 0.7, "records": records})
 
 
 def make_aerial_samples():
@@ -227,7 +266,7 @@ def make_eval_golden():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="raw,letterbox,detect")
+    ap.add_argument("--only", default="raw,letterbox,detect,detect_dynamic")
     only = set(ap.parse_args().only.split(","))
     if "raw" in only or "nms" in only:
         make_crops()
@@ -237,6 +276,8 @@ def main():
     if "detect" in only:
         make_aerial_samples()
         make_detect()
+    if "detect_dynamic" in only:
+        make_detect_dynamic()
     if "eval" in only:
         make_eval_set()
         make_eval_golden()

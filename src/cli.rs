@@ -204,6 +204,10 @@ struct DetectArgs {
     /// Write annotated images into this directory (created if missing).
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
+    /// Dynamic models: letterbox every image into a square imgsz x imgsz input instead of the
+    /// smallest stride-aligned rectangle that holds it (Ultralytics' predictor default).
+    #[arg(long)]
+    square: bool,
     /// Images, or directories of .jpg/.jpeg/.png images.
     #[arg(required = true, value_name = "IMAGE_OR_DIR")]
     inputs: Vec<PathBuf>,
@@ -456,10 +460,6 @@ const PREDICT_CONF: f32 = 0.25;
 /// Default confidence of `eval` (Ultralytics val).
 const VAL_CONF: f32 = 0.001;
 
-fn build_detector(a: &ModelArgs) -> anyhow::Result<(Detector, Option<Adapter>)> {
-    build_detector_timed(a, PREDICT_CONF, &mut LoadTimes::default())
-}
-
 fn build_detector_timed(
     a: &ModelArgs,
     default_conf: f32,
@@ -592,29 +592,75 @@ enum Failure {
     Output(anyhow::Error),
     /// Nobody reads stdout any more (or it is full): stop.
     StdoutClosed(StdoutError),
+    /// The model (with its options) cannot become a detector: exit code BAD_INPUT, stop.
+    Model(anyhow::Error),
+}
+
+/// `detect`'s detectors, one per input size: a dynamic model letterboxed as Ultralytics'
+/// predictor does it (`LetterBox(auto=True)`) runs at a size that depends on each image.
+struct DetectorCache<'a> {
+    args: &'a ModelArgs,
+    model: OnnxModel,
+    adapter: Option<Adapter>,
+    /// Fit each image (dynamic models without `--square`).
+    rect: bool,
+    built: Vec<((usize, usize), Detector)>,
+}
+
+impl DetectorCache<'_> {
+    /// Prepared sizes kept at once; the oldest is dropped beyond this.
+    const MAX: usize = 4;
+
+    /// The detector for a `width` x `height` image, built on first use of its input size.
+    fn for_image(&mut self, width: usize, height: usize) -> anyhow::Result<&mut Detector> {
+        let rect_for = self.rect.then_some((width, height));
+        let hw = perch::detector::input_size(&self.model, self.args.imgsz, rect_for);
+        let i = match self.built.iter().position(|(k, _)| *k == hw) {
+            Some(i) => i,
+            None => {
+                if self.built.len() >= Self::MAX {
+                    self.built.remove(0);
+                }
+                let det = detector_for(
+                    self.args,
+                    &self.model,
+                    self.adapter.as_ref(),
+                    PREDICT_CONF,
+                    &mut LoadTimes::default(),
+                    rect_for,
+                )?;
+                self.built.push((hw, det));
+                self.built.len() - 1
+            }
+        };
+        Ok(&mut self.built[i].1)
+    }
 }
 
 fn detect_one(
-    det: &mut Detector,
+    dets: &mut DetectorCache,
     adapter: Option<&AdapterRef>,
     path: &Path,
     out_dir: Option<&Path>,
     used: &mut std::collections::HashSet<PathBuf>,
 ) -> Result<(), Failure> {
     let mut frame = load_rgb(path).map_err(|e| Failure::Input(e.into()))?;
-    let (dets, timings) = det.detect(&frame).map_err(|e| Failure::Input(e.into()))?;
+    let det = dets
+        .for_image(frame.width(), frame.height())
+        .map_err(Failure::Model)?;
+    let (found, timings) = det.detect(&frame).map_err(|e| Failure::Input(e.into()))?;
     let record = ImageRecord {
         source: path.display().to_string(),
         width: frame.width(),
         height: frame.height(),
-        detections: det.records(&dets),
+        detections: det.records(&found),
         timings_ms: timings.into(),
         adapter: adapter.cloned(),
     };
     let line = serde_json::to_string(&record).map_err(|e| Failure::Output(e.into()))?;
     out_line(line).map_err(Failure::StdoutClosed)?;
     if let Some(dir) = out_dir {
-        let _ = draw_detections(&mut RgbCanvas::new(&mut frame), &dets, det.labels());
+        let _ = draw_detections(&mut RgbCanvas::new(&mut frame), &found, det.labels());
         let dst = annotated_path(dir, path, used);
         save_rgb(&frame, &dst).map_err(|e| Failure::Output(e.into()))?;
     }
@@ -625,10 +671,24 @@ fn detect(a: DetectArgs) -> u8 {
     if let Err(e) = check_stdout_open() {
         return report_error(&e.into(), exit::FAILURE);
     }
-    let (mut det, adapter) = match build_detector(&a.model) {
-        Ok(d) => d,
+    let (model, adapter) = match load_model(&a.model, &mut LoadTimes::default()) {
+        Ok(m) => m,
         Err(e) => return report_error(&e, exit::BAD_INPUT),
     };
+    let rect = !a.square && model.input_shape().is_dynamic();
+    let adapter_ref = adapter.as_ref().map(|x| x.reference(a.model.adapter_scale));
+    let mut dets = DetectorCache {
+        args: &a.model,
+        model,
+        adapter,
+        rect,
+        built: Vec::new(),
+    };
+    // A model that cannot become a detector is one error before any image (with rect, the
+    // first image's size is built then instead).
+    if !rect && let Err(e) = dets.for_image(0, 0) {
+        return report_error(&e, exit::BAD_INPUT);
+    }
     if let Some(dir) = &a.out
         && let Err(e) = std::fs::create_dir_all(dir)
     {
@@ -637,11 +697,10 @@ fn detect(a: DetectArgs) -> u8 {
     }
     let mut code = exit::OK;
     let mut used = std::collections::HashSet::new();
-    let adapter_ref = adapter.as_ref().map(|x| x.reference(a.model.adapter_scale));
     for input in expand_inputs(&a.inputs) {
         let result = input.map_err(Failure::Input).and_then(|path| {
             detect_one(
-                &mut det,
+                &mut dets,
                 adapter_ref.as_ref(),
                 &path,
                 a.out.as_deref(),
@@ -651,6 +710,7 @@ fn detect(a: DetectArgs) -> u8 {
         match result {
             Ok(()) => {}
             Err(Failure::StdoutClosed(e)) => return report_error(&e.into(), exit::FAILURE),
+            Err(Failure::Model(e)) => return report_error(&e, exit::BAD_INPUT),
             Err(Failure::Input(e)) => code = code.max(report_error(&e, exit::BAD_INPUT)),
             Err(Failure::Output(e)) => code = code.max(report_error(&e, exit::FAILURE)),
         }

@@ -95,6 +95,31 @@ pub struct Detector {
     params: PostprocessParams,
 }
 
+/// The input (height, width) a [`Detector`] built with these options runs at: a static model's
+/// own size; for a dynamic one `imgsz`, else its `imgsz` metadata, else [`DEFAULT_IMGSZ`], and
+/// with `rect_for = Some((frame_width, frame_height))` the smallest stride-aligned input that
+/// holds that frame letterboxed at that size (Ultralytics' `LetterBox(auto=True)`).
+pub fn input_size(
+    model: &OnnxModel,
+    imgsz: Option<(usize, usize)>,
+    rect_for: Option<(usize, usize)>,
+) -> (usize, usize) {
+    let meta = model.metadata();
+    let shape = model.input_shape();
+    let input_hw = match (imgsz, shape.height, shape.width) {
+        (Some(hw), _, _) => hw,
+        (None, Some(h), Some(w)) => (h, w),
+        (None, _, _) => meta.imgsz.unwrap_or((DEFAULT_IMGSZ, DEFAULT_IMGSZ)),
+    };
+    match rect_for {
+        Some((fw, fh)) if fw > 0 && fh > 0 && shape.is_dynamic() => {
+            let stride = meta.stride.filter(|s| *s > 0).unwrap_or(32);
+            crate::preprocess::rect_input(fw, fh, input_hw.1, input_hw.0, stride)
+        }
+        _ => input_hw,
+    }
+}
+
 impl Detector {
     /// Prepares `model` for inference and resolves its layout and labels.
     ///
@@ -116,31 +141,18 @@ impl Detector {
                 "metadata task is '{task}'; perch runs 'detect' models"
             )));
         }
-        let shape = model.input_shape();
-        let input_hw = match (opts.imgsz, shape.height, shape.width) {
-            (Some(hw), _, _) => hw,
-            (None, Some(h), Some(w)) => (h, w),
-            (None, _, _) => meta.imgsz.unwrap_or((DEFAULT_IMGSZ, DEFAULT_IMGSZ)),
-        };
-        let input_hw = match opts.rect_for {
-            Some((fw, fh)) if fw > 0 && fh > 0 && shape.is_dynamic() => {
-                let stride = meta.stride.filter(|s| *s > 0).unwrap_or(32);
-                crate::preprocess::rect_input(fw, fh, input_hw.1, input_hw.0, stride)
-            }
-            Some(_) if !shape.is_dynamic() => {
-                log::warn!(
-                    "{}: rectangular input needs a dynamic export; running at {}x{}",
-                    path.display(),
-                    input_hw.0,
-                    input_hw.1
-                );
-                input_hw
-            }
-            _ => input_hw,
-        };
+        let input_hw = input_size(model, opts.imgsz, opts.rect_for);
+        if opts.rect_for.is_some() && !model.input_shape().is_dynamic() {
+            log::warn!(
+                "{}: rectangular input needs a dynamic export; running at {}x{}",
+                path.display(),
+                input_hw.0,
+                input_hw.1
+            );
+        }
         if let Some(stride) = meta.stride
             && stride > 0
-            && (input_hw.0 % stride != 0 || input_hw.1 % stride != 0)
+            && (!input_hw.0.is_multiple_of(stride) || !input_hw.1.is_multiple_of(stride))
         {
             log::warn!(
                 "{}: input {}x{} is not a multiple of the model stride {stride}",

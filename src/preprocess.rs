@@ -84,7 +84,11 @@ pub struct Letterbox {
     pub top: usize,
     /// `min(dst_w / src_w, dst_h / src_h)`.
     pub gain: f64,
-    /// Offsets subtracted before dividing by `gain` when mapping back (model pixels).
+    /// Per-axis gains that map boxes back (model pixels per frame pixel): `new_w / src_w` and
+    /// `new_h / src_h` for the centred letterbox (the resize rounds each side), `gain` otherwise.
+    pub gain_x: f64,
+    pub gain_y: f64,
+    /// Offsets subtracted before dividing by the gains when mapping back (model pixels).
     pub unpad_x: f64,
     pub unpad_y: f64,
 }
@@ -112,16 +116,18 @@ impl Letterbox {
         match placement {
             Placement::Center => {
                 // Ultralytics LetterBox: Python round() (half to even), split padding with a
-                // -0.1/+0.1 bias; scale_boxes() recomputes the pad from the unrounded size.
+                // -0.1/+0.1 bias. Its scale_boxes() (8.4) maps back with the rounded size: a
+                // gain per axis and the pad of the rounded size, which is where the image is.
                 let new_w = ((src_w as f64 * gain).round_ties_even() as usize).clamp(1, dst_w);
                 let new_h = ((src_h as f64 * gain).round_ties_even() as usize).clamp(1, dst_h);
-                let unpad_x = ((dst_w as f64 - src_w as f64 * gain) / 2.0 - 0.1).round_ties_even();
-                let unpad_y = ((dst_h as f64 - src_h as f64 * gain) / 2.0 - 0.1).round_ties_even();
+                let lb = Letterbox::with_resized(src_w, src_h, dst_w, dst_h, new_w, new_h);
                 Letterbox {
                     gain,
-                    unpad_x,
-                    unpad_y,
-                    ..Letterbox::with_resized(src_w, src_h, dst_w, dst_h, new_w, new_h)
+                    gain_x: new_w as f64 / src_w as f64,
+                    gain_y: new_h as f64 / src_h as f64,
+                    unpad_x: lb.left as f64,
+                    unpad_y: lb.top as f64,
+                    ..lb
                 }
             }
             Placement::TopLeft => {
@@ -138,6 +144,8 @@ impl Letterbox {
                     left: 0,
                     top: 0,
                     gain,
+                    gain_x: gain,
+                    gain_y: gain,
                     unpad_x: 0.0,
                     unpad_y: 0.0,
                 }
@@ -171,6 +179,8 @@ impl Letterbox {
             left,
             top,
             gain,
+            gain_x: gain,
+            gain_y: gain,
             unpad_x: left as f64,
             unpad_y: top as f64,
         }
@@ -179,10 +189,12 @@ impl Letterbox {
     /// Maps an `[x1, y1, x2, y2]` box from model-input pixels to source-frame pixels and clips it
     /// to the frame.
     pub fn box_to_source(&self, b: [f32; 4]) -> [f32; 4] {
-        let fx =
-            |x: f32| (((x as f64 - self.unpad_x) / self.gain).clamp(0.0, self.src_w as f64)) as f32;
-        let fy =
-            |y: f32| (((y as f64 - self.unpad_y) / self.gain).clamp(0.0, self.src_h as f64)) as f32;
+        let fx = |x: f32| {
+            (((x as f64 - self.unpad_x) / self.gain_x).clamp(0.0, self.src_w as f64)) as f32
+        };
+        let fy = |y: f32| {
+            (((y as f64 - self.unpad_y) / self.gain_y).clamp(0.0, self.src_h as f64)) as f32
+        };
         [fx(b[0]), fy(b[1]), fx(b[2]), fy(b[3])]
     }
 }

@@ -398,6 +398,52 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 /// on aerial images. Lossless (PNG) input: same classes, boxes within 1 px, scores within 0.01
 /// (the bar). JPEG input: within 2 px and 0.02, because the decoders differ
 /// (libjpeg-turbo in OpenCV, zune-jpeg here; up to 2 levels per pixel, see the letterbox golden).
+/// A dynamic export on non-square photos: by default perch letterboxes as Ultralytics'
+/// predictor does for dynamic ONNX models (the smallest stride-aligned rectangle), and
+/// `--square` as its `rect=False`. Tolerance 1 px / 0.0005 score (same decoded pixels; this
+/// random-weight export scores 0.001-0.007 on the photo).
+#[test]
+fn dynamic_export_matches_ultralytics_rect_and_square() {
+    for (golden, extra) in [
+        ("tests/goldens/detect/v8-dyn-op17-rect.json", None),
+        (
+            "tests/goldens/detect/v8-dyn-op17-square.json",
+            Some("--square"),
+        ),
+    ] {
+        let g = json(golden);
+        let model = g["model"].as_str().unwrap();
+        let mut total = 0;
+        for rec in g["records"].as_array().unwrap() {
+            let image = rec["image"].as_str().unwrap();
+            let conf = rec["conf"].as_f64().unwrap();
+            let tol = (1.0, 0.0005);
+            let conf_arg = conf.to_string();
+            let mut args = vec!["detect", "--model", model, "--conf", &conf_arg];
+            args.extend(extra);
+            args.push(image);
+            let out = perch(&args);
+            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+            let got = &stdout_records(&out)[0];
+            let (want, have) = (
+                rec["detections"].as_array().unwrap(),
+                got["detections"].as_array().unwrap(),
+            );
+            let ctx = format!("{golden} {image}");
+            let (n, px, ds) =
+                assert_covered(want, have, conf, tol, &format!("{ctx}: golden -> perch"));
+            assert_covered(have, want, conf, tol, &format!("{ctx}: perch -> golden"));
+            eprintln!(
+                "{ctx}: {} reference / {} perch detections, {n} compared, worst {px:.3} px, {ds:.5} score",
+                want.len(),
+                have.len()
+            );
+            total += n;
+        }
+        assert!(total >= 20, "{golden}: only {total} detections compared");
+    }
+}
+
 #[test]
 fn trained_model_matches_ultralytics_predictor() {
     let g = json("tests/goldens/detect/tree-yolo11n-320.json");

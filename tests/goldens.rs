@@ -209,37 +209,36 @@ fn yolox_decode_matches_reference() {
 /// (libjpeg-turbo vs zune-jpeg).
 #[test]
 fn letterbox_matches_ultralytics() {
-    for (image, size, max_diff, max_mean) in [
-        ("chelsea.png", 320, 1, 0.002),
-        ("coffee.png", 160, 1, 0.002),
-        ("rocket.jpg", 320, 2, 0.02),
+    // (image, golden, input height x width, tolerances); "rect" is LetterBox(auto=True).
+    for (image, golden, (h, w), max_diff, max_mean) in [
+        ("chelsea.png", "chelsea-320", (320, 320), 1, 0.002),
+        ("coffee.png", "coffee-160", (160, 160), 1, 0.002),
+        ("rocket.jpg", "rocket-320", (320, 320), 2, 0.02),
+        ("chelsea.png", "chelsea-rect160", (128, 160), 1, 0.002),
     ] {
         let frame = load_rgb(&path(&format!("tests/data/{image}"))).unwrap();
-        let stem = image.split('.').next().unwrap();
-        let golden =
-            load_rgb(&path(&format!("tests/goldens/letterbox/{stem}-{size}.png"))).unwrap();
-        assert_eq!((golden.width(), golden.height()), (size, size));
-        let lb = Letterbox::new(frame.width(), frame.height(), size, size, Placement::Center);
+        let golden = load_rgb(&path(&format!("tests/goldens/letterbox/{golden}.png"))).unwrap();
+        assert_eq!((golden.width(), golden.height()), (w, h));
+        let lb = Letterbox::new(frame.width(), frame.height(), w, h, Placement::Center);
         let fmt = InputFormat {
             scale: 1.0,
             ..InputFormat::ULTRALYTICS
         };
-        let mut out = vec![0.0; 3 * size * size];
+        let mut out = vec![0.0; 3 * h * w];
         letterbox_into(&frame, &lb, &fmt, &mut out);
         let (mut worst, mut sum) = (0i32, 0i64);
-        for y in 0..size {
+        for y in 0..h {
             let row = golden.row(y);
-            for x in 0..size {
+            for x in 0..w {
                 for c in 0..3 {
-                    let d =
-                        (out[c * size * size + y * size + x] as i32 - row[x * 3 + c] as i32).abs();
+                    let d = (out[c * h * w + y * w + x] as i32 - row[x * 3 + c] as i32).abs();
                     worst = worst.max(d);
                     sum += d as i64;
                 }
             }
         }
-        let mean = sum as f64 / (3 * size * size) as f64;
-        eprintln!("{image} -> {size}: max diff {worst}, mean {mean:.4}");
+        let mean = sum as f64 / (3 * h * w) as f64;
+        eprintln!("{image} -> {h}x{w}: max diff {worst}, mean {mean:.4}");
         assert!(
             worst <= max_diff && mean <= max_mean,
             "{image}: max {worst} mean {mean}"
