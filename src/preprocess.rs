@@ -88,9 +88,6 @@ pub struct Letterbox {
     /// `new_h / src_h` for the centred letterbox (the resize rounds each side), `gain` otherwise.
     pub gain_x: f64,
     pub gain_y: f64,
-    /// Offsets subtracted before dividing by the gains when mapping back (model pixels).
-    pub unpad_x: f64,
-    pub unpad_y: f64,
 }
 
 impl Letterbox {
@@ -125,8 +122,6 @@ impl Letterbox {
                     gain,
                     gain_x: new_w as f64 / src_w as f64,
                     gain_y: new_h as f64 / src_h as f64,
-                    unpad_x: lb.left as f64,
-                    unpad_y: lb.top as f64,
                     ..lb
                 }
             }
@@ -146,8 +141,6 @@ impl Letterbox {
                     gain,
                     gain_x: gain,
                     gain_y: gain,
-                    unpad_x: 0.0,
-                    unpad_y: 0.0,
                 }
             }
         }
@@ -181,19 +174,17 @@ impl Letterbox {
             gain,
             gain_x: gain,
             gain_y: gain,
-            unpad_x: left as f64,
-            unpad_y: top as f64,
         }
     }
 
-    /// Maps an `[x1, y1, x2, y2]` box from model-input pixels to source-frame pixels and clips it
-    /// to the frame.
+    /// Maps an `[x1, y1, x2, y2]` box from model-input pixels to source-frame pixels (remove the
+    /// padding, divide by the axis gain) and clips it to the frame.
     pub fn box_to_source(&self, b: [f32; 4]) -> [f32; 4] {
         let fx = |x: f32| {
-            (((x as f64 - self.unpad_x) / self.gain_x).clamp(0.0, self.src_w as f64)) as f32
+            (((x as f64 - self.left as f64) / self.gain_x).clamp(0.0, self.src_w as f64)) as f32
         };
         let fy = |y: f32| {
-            (((y as f64 - self.unpad_y) / self.gain_y).clamp(0.0, self.src_h as f64)) as f32
+            (((y as f64 - self.top as f64) / self.gain_y).clamp(0.0, self.src_h as f64)) as f32
         };
         [fx(b[0]), fy(b[1]), fx(b[2]), fy(b[3])]
     }
