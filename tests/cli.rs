@@ -161,45 +161,25 @@ fn class_filter_max_det_and_labels_file() {
             ["pine", "oak", "birch"][d["class_id"].as_u64().unwrap() as usize]
         );
     }
+    let refused = |args: &[&str], reason: &str| {
+        let mut all = vec!["detect", "--model", FIXTURE];
+        all.extend(args);
+        all.push("tests/data/chelsea.png");
+        assert_bad_input(&perch(&all), "v8-t160-op11.onnx", reason);
+    };
+    let labels_arg = labels.to_str().unwrap();
     std::fs::write(&labels, "pine\n").unwrap();
-    let out = perch(&[
-        "detect",
-        "--model",
-        FIXTURE,
-        "--labels",
-        labels.to_str().unwrap(),
-        "tests/data/chelsea.png",
-    ]);
-    assert_bad_input(
-        &out,
-        "v8-t160-op11.onnx",
+    refused(
+        &["--labels", labels_arg],
         "1 labels given for a model with 3 classes",
     );
     std::fs::write(&labels, "pine\noak\nbirch\nwillow\n").unwrap();
-    let out = perch(&[
-        "detect",
-        "--model",
-        FIXTURE,
-        "--labels",
-        labels.to_str().unwrap(),
-        "tests/data/chelsea.png",
-    ]);
-    assert_bad_input(
-        &out,
-        "v8-t160-op11.onnx",
+    refused(
+        &["--labels", labels_arg],
         "4 labels given for a model with 3 classes",
     );
-    let out = perch(&[
-        "detect",
-        "--model",
-        FIXTURE,
-        "--classes",
-        "1,3",
-        "tests/data/chelsea.png",
-    ]);
-    assert_bad_input(
-        &out,
-        "v8-t160-op11.onnx",
+    refused(
+        &["--classes", "1,3"],
         "class 3 requested, but the model has 3 classes (0..=2)",
     );
 }
@@ -417,31 +397,46 @@ fn dynamic_export_matches_ultralytics_rect_and_square() {
         for rec in g["records"].as_array().unwrap() {
             let image = rec["image"].as_str().unwrap();
             let conf = rec["conf"].as_f64().unwrap();
-            let tol = (1.0, 0.0005);
             let conf_arg = conf.to_string();
             let mut args = vec!["detect", "--model", model, "--conf", &conf_arg];
             args.extend(extra);
             args.push(image);
-            let out = perch(&args);
-            assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-            let got = &stdout_records(&out)[0];
-            let (want, have) = (
-                rec["detections"].as_array().unwrap(),
-                got["detections"].as_array().unwrap(),
-            );
-            let ctx = format!("{golden} {image}");
-            let (n, px, ds) =
-                assert_covered(want, have, conf, tol, &format!("{ctx}: golden -> perch"));
-            assert_covered(have, want, conf, tol, &format!("{ctx}: perch -> golden"));
-            eprintln!(
-                "{ctx}: {} reference / {} perch detections, {n} compared, worst {px:.3} px, {ds:.5} score",
-                want.len(),
-                have.len()
-            );
-            total += n;
+            total += matches_predictor_record(&args, rec, conf, (1.0, 0.0005), golden);
         }
         assert!(total >= 20, "{golden}: only {total} detections compared");
     }
+}
+
+/// Runs perch with `args` (one image) and checks its record against `rec`, one record of a
+/// golden from Ultralytics' predictor: same image size, and every detection scoring above
+/// `conf` has a partner within `tol` (pixels, score) both ways. Returns how many were compared.
+fn matches_predictor_record(
+    args: &[&str],
+    rec: &Value,
+    conf: f64,
+    tol: (f64, f64),
+    golden: &str,
+) -> usize {
+    let out = perch(args);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let got = &stdout_records(&out)[0];
+    assert_eq!(
+        (&got["width"], &got["height"]),
+        (&rec["width"], &rec["height"])
+    );
+    let (want, have) = (
+        rec["detections"].as_array().unwrap(),
+        got["detections"].as_array().unwrap(),
+    );
+    let ctx = format!("{golden} {}", rec["image"].as_str().unwrap());
+    let (n, px, ds) = assert_covered(want, have, conf, tol, &format!("{ctx}: golden -> perch"));
+    assert_covered(have, want, conf, tol, &format!("{ctx}: perch -> golden"));
+    eprintln!(
+        "{ctx}: {} reference / {} perch detections, {n} compared, worst {px:.3} px, {ds:.5} score",
+        want.len(),
+        have.len()
+    );
+    n
 }
 
 #[test]
@@ -457,26 +452,13 @@ fn trained_model_matches_ultralytics_predictor() {
         } else {
             (2.0, 0.02)
         };
-        let out = perch(&["detect", "--model", model, image]);
-        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-        let got = &stdout_records(&out)[0];
-        assert_eq!(
-            (&got["width"], &got["height"]),
-            (&rec["width"], &rec["height"])
+        total += matches_predictor_record(
+            &["detect", "--model", model, image],
+            rec,
+            conf,
+            tol,
+            "tree-yolo11n-320.json",
         );
-        let (want, have) = (
-            rec["detections"].as_array().unwrap(),
-            got["detections"].as_array().unwrap(),
-        );
-        let (n, px, ds) =
-            assert_covered(want, have, conf, tol, &format!("{image}: golden -> perch"));
-        assert_covered(have, want, conf, tol, &format!("{image}: perch -> golden"));
-        eprintln!(
-            "{image}: {} reference / {} perch detections, {n} compared, worst {px:.3} px, {ds:.4} score",
-            want.len(),
-            have.len()
-        );
-        total += n;
     }
     assert!(
         total >= 20,
