@@ -148,6 +148,19 @@ DETECT_MODEL = ROOT / "models/tree-yolo11n-320.onnx"
 DETECT_IMAGES = ["osbs_029.png", "yell_val_480x320.png", "osbs_029.jpg"]
 
 
+def predictor_record(image, r, **extra):
+    """One predictor result as a golden record: the image, its size and every detection."""
+    b = r.boxes
+    return {
+        "image": f"tests/data/{image}", **extra,
+        "width": r.orig_shape[1], "height": r.orig_shape[0],
+        "detections": [
+            {"class_id": int(c), "score": float(s), "box": [float(v) for v in xyxy]}
+            for xyxy, s, c in zip(b.xyxy.numpy(), b.conf.numpy(), b.cls.numpy())
+        ],
+    }
+
+
 def make_detect():
     from ultralytics import YOLO
 
@@ -155,15 +168,7 @@ def make_detect():
     records = []
     for image in DETECT_IMAGES:
         r = model.predict(str(DATA / image), imgsz=320, conf=0.25, iou=0.7, max_det=300, verbose=False)[0]
-        b = r.boxes
-        records.append({
-            "image": f"tests/data/{image}",
-            "width": r.orig_shape[1], "height": r.orig_shape[0],
-            "detections": [
-                {"class_id": int(c), "score": float(s), "box": [float(v) for v in xyxy]}
-                for xyxy, s, c in zip(b.xyxy.numpy(), b.conf.numpy(), b.cls.numpy())
-            ],
-        })
+        records.append(predictor_record(image, r))
     dump(GOLD / "detect" / "tree-yolo11n-320.json", {
         "model": str(DETECT_MODEL.relative_to(ROOT)), "conf": 0.25, "iou": 0.7, "records": records})
 
@@ -186,16 +191,8 @@ def make_detect_dynamic():
         for image, conf in DYNAMIC_IMAGES:
             r = model.predict(str(DATA / image), imgsz=160, conf=conf, iou=0.7, max_det=300,
                               rect=rect, verbose=False)[0]
-            b = r.boxes
-            assert len(b) < 300, f"{image}: {len(b)} detections reach max_det"
-            records.append({
-                "image": f"tests/data/{image}", "conf": conf,
-                "width": r.orig_shape[1], "height": r.orig_shape[0],
-                "detections": [
-                    {"class_id": int(c), "score": float(s), "box": [float(v) for v in xyxy]}
-                    for xyxy, s, c in zip(b.xyxy.numpy(), b.conf.numpy(), b.cls.numpy())
-                ],
-            })
+            assert len(r.boxes) < 300, f"{image}: {len(r.boxes)} detections reach max_det"
+            records.append(predictor_record(image, r, conf=conf))
         dump(GOLD / "detect" / name, {
             "model": str(DYNAMIC_MODEL.relative_to(ROOT)), "imgsz": 160, "rect": rect,
             "iou": 0.7, "records": records})
