@@ -190,10 +190,11 @@ def main():
     ap.add_argument("--calib-images", default=str(yell if yell.is_dir() else ROOT / "tests/data/eval/images/val"),
                     help="images for onnxruntime's calibration (default: the YELL training tiles perch's "
                          "demo calibration was made from, when models/recipe/prepare_data.py has built them)")
-    ap.add_argument("--perch", default=os.environ.get("PERCH_BIN") or default_perch_bin(),
+    ap.add_argument("--perch", default=os.environ.get("PERCH_BIN"),
                     help="perch binary (default: $CARGO_TARGET_DIR/release/perch, target/release/perch, "
                          "then ~/.cache/perch/target/release/perch, the first that exists)")
     a = ap.parse_args()
+    a.perch = a.perch or default_perch_bin()
     if a.calibration is None:
         a.calibration = str(Path(a.model).with_suffix(".calibration.json"))
 
