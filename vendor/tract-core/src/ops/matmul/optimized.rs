@@ -60,6 +60,14 @@ impl MatMulOperand {
     }
 }
 
+crate::declare_knob!(
+    scopable TRACT_DISABLE_DEQUANT_EPILOGUE,
+    bool,
+    false,
+    "Keep an integer product's Cast to f32 and the Mul/Add after it as separate ops instead of \
+     folding them into the product's dequantizing store."
+);
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ProtoFusedSpec {
     AddMatMul {
@@ -75,6 +83,14 @@ pub enum ProtoFusedSpec {
     AddRowColProducts(usize, usize),
     AddUnicast(OutputStoreSpec, usize, MapOutputAxisToInput),
     Scaler(Scaler),
+    /// Dequantizing store of the `i32` accumulator into an `f32` output: inputs `scale` and
+    /// `bias` hold one `f32` scale and one `f32` bias per row, or per column if `per_col`
+    /// (`c = acc as f32 * scale + bias`). Always the micro-op just before the final `Store`.
+    Dequant {
+        scale: usize,
+        bias: usize,
+        per_col: bool,
+    },
     Store(Vec<OutputStoreSpec>),
 }
 
@@ -93,6 +109,9 @@ impl ProtoFusedSpec {
             AddRowColProducts(_, _) => "add_row_col_product".to_string(),
             AddUnicast(_, _, _) => "add_to_matrix".to_string(),
             Scaler(s) => format!("scale({})", 1f32 * *s),
+            Dequant { per_col, .. } => {
+                format!("dequant(per {})", if *per_col { "col" } else { "row" })
+            }
             Store(_oss) => "store".to_string(),
         }
     }
@@ -162,6 +181,11 @@ impl ProtoFusedSpec {
             ProtoFusedSpec::AddRowColProducts(row, col) => {
                 FusedSpec::AddRowColProducts(&inputs[*row], &inputs[*col])
             }
+            ProtoFusedSpec::Dequant { scale, bias, per_col } => FusedSpec::Dequant {
+                scale: &inputs[*scale],
+                bias: &inputs[*bias],
+                per_col: *per_col,
+            },
             ProtoFusedSpec::AddUnicast(store, v, map) => unsafe {
                 let mut view = inputs[*v].view();
                 map.translate_view(output_coords, &mut view);
@@ -228,6 +252,11 @@ impl ProtoFusedSpec {
             ProtoFusedSpec::AddRowColProducts(row, col) => {
                 FusedSpec::AddRowColProducts(&inputs[*row], &inputs[*col])
             }
+            ProtoFusedSpec::Dequant { scale, bias, per_col } => FusedSpec::Dequant {
+                scale: &inputs[*scale],
+                bias: &inputs[*bias],
+                per_col: *per_col,
+            },
             ProtoFusedSpec::AddUnicast(store, v, _) => unsafe {
                 let view = inputs[*v].view();
                 FusedSpec::AddUnicast(store.wrap(&view))
@@ -284,6 +313,10 @@ impl ProtoFusedSpec {
                 ensure!(inputs[*row].datum_type.is_number());
                 ensure!(inputs[*col].datum_type.is_number());
             }
+            Dequant { scale, bias, .. } => {
+                ensure!(inputs[*scale].datum_type == f32::datum_type());
+                ensure!(inputs[*bias].datum_type == f32::datum_type());
+            }
             _ => (),
         };
         Ok(())
@@ -312,7 +345,12 @@ impl ProtoFusedSpec {
             BinPerRow(_, _, map) | BinPerCol(_, _, map) | AddUnicast(_, _, map) => {
                 out.extend(map.0.iter().map(|(c, _)| *c));
             }
-            BinScalar(..) | Scaler(..) | AddRowColProducts(_, _) | LeakyRelu(_) | Store(..) => {}
+            BinScalar(..)
+            | Scaler(..)
+            | AddRowColProducts(_, _)
+            | Dequant { .. }
+            | LeakyRelu(_)
+            | Store(..) => {}
         }
     }
 
@@ -323,7 +361,11 @@ impl ProtoFusedSpec {
                 geo.c_to_a_axis_mapping.rm_c_axis(axis);
                 geo.c_to_b_axis_mapping.rm_c_axis(axis);
             }
-            BinScalar(..) | Scaler(..) | AddRowColProducts(_, _) | LeakyRelu(_) => {}
+            BinScalar(..)
+            | Scaler(..)
+            | AddRowColProducts(_, _)
+            | Dequant { .. }
+            | LeakyRelu(_) => {}
             BinPerRow(_, _, map) | BinPerCol(_, _, map) => map.rm_c_axis(axis),
             AddUnicast(_, _, map) => {
                 map.rm_c_axis(axis);
@@ -597,9 +639,22 @@ impl TypedOp for OptMatMul {
         rule_if!(node.outputs[0].successors.len() == 1);
         rule_if!(!model.output_outlets()?.contains(&node.id.into()));
         let succ = model.node(node.outputs[0].successors[0].node);
+        // Past a Dequant the output type is no longer the accumulator's: the rules that fuse
+        // arithmetic or a cast in the accumulator type are off, the dequant folds its own
+        // successors, and the pure shape rules still apply.
+        let dequant = self.dequant_ixs().is_some();
+        if dequant {
+            if let Some(patch) = self.fuse_into_dequant(model, node)? {
+                return Ok(Some(patch));
+            }
+        } else if let Some(patch) = self.fuse_dequantizing_cast(model, node, succ)? {
+            return Ok(Some(patch));
+        }
         let mut patch = TypedModelPatch::new(format!("fusing {succ}"));
 
-        if let Some(op) = succ.op_as::<ops::binary::TypedBinOp>() {
+        if let Some(op) = succ.op_as::<ops::binary::TypedBinOp>()
+            && !dequant
+        {
             rule_if_some!(mut binop = op.0.as_linalg_binop());
             let flipped = succ.inputs[0].node == node.id;
             if flipped {
@@ -608,7 +663,9 @@ impl TypedOp for OptMatMul {
             let other_outlet = succ.inputs[flipped as usize];
             return self.fuse_binary(model, node, patch, other_outlet, binop);
         }
-        if let Some(op) = succ.op_as::<ops::binary::OptBinByScalar>() {
+        if let Some(op) = succ.op_as::<ops::binary::OptBinByScalar>()
+            && !dequant
+        {
             rule_if_some!(mut binop = op.binop.as_linalg_binop());
             let flipped = succ.inputs[0].node == node.id;
             if flipped {
@@ -618,7 +675,9 @@ impl TypedOp for OptMatMul {
             return self.fuse_binary(model, node, patch, other_outlet, binop);
         }
 
-        if let Some(op) = succ.op_as::<ops::element_wise::ElementWiseOp>().map(|ew| ew.0.as_ref()) {
+        if let Some(op) = succ.op_as::<ops::element_wise::ElementWiseOp>().map(|ew| ew.0.as_ref())
+            && !dequant
+        {
             if let Some(op) = op.downcast_ref::<ops::math::QScale>() {
                 return self.fuse_op(
                     model,
@@ -648,6 +707,7 @@ impl TypedOp for OptMatMul {
             }
         }
         if let Some(cast_to) = succ.op_as::<ops::cast::Cast>().map(|cast| cast.to)
+            && !dequant
             && (((cast_to.unquantized() == i8::datum_type()
                 || cast_to.unquantized() == u8::datum_type())
                 && self.c_fact.datum_type == i32::datum_type())
@@ -742,7 +802,9 @@ impl TypedOp for OptMatMul {
                 }
             }
         }
-        if let Some(op) = succ.op_as::<ops::binary::OptBinUnicast>() {
+        if let Some(op) = succ.op_as::<ops::binary::OptBinUnicast>()
+            && !dequant
+        {
             let in_1_fact = model.outlet_fact(succ.inputs[0])?;
             let in_2_fact = model.outlet_fact(succ.inputs[1])?;
             if op.binop.is::<ops::math::Add>()
@@ -970,6 +1032,11 @@ impl OptMatMul {
                     }
                     AddUnicast(s, v, m) => AddUnicast(*s, remap[*v].unwrap(), m.clone()),
                     Scaler(s) => Scaler(*s),
+                    Dequant { scale, bias, per_col } => Dequant {
+                        scale: remap[*scale].unwrap(),
+                        bias: remap[*bias].unwrap(),
+                        per_col: *per_col,
+                    },
                     Store(o) => Store(o.clone()),
                 })
             })
@@ -981,6 +1048,201 @@ impl OptMatMul {
         let taps = patch.taps(model, &kept)?;
         let output = patch.wire_node(&node.name, new_op, &taps)?;
         patch.shunt_outside(model, node.id.into(), output[0])?;
+        Ok(Some(patch))
+    }
+
+    /// Input slots of the scale and bias of this op's [`ProtoFusedSpec::Dequant`] and whether
+    /// they are per column, if it has one.
+    fn dequant_ixs(&self) -> Option<(usize, usize, bool)> {
+        let len = self.micro_ops.len();
+        match self.micro_ops.get(len.wrapping_sub(2)) {
+            Some(ProtoFusedSpec::Dequant { scale, bias, per_col }) => {
+                Some((*scale, *bias, *per_col))
+            }
+            _ => None,
+        }
+    }
+
+    /// An `i32` product followed by a `Cast` to `f32` becomes a product with a
+    /// [`ProtoFusedSpec::Dequant`] of unit scale and zero bias (exactly the cast), so the
+    /// conversion runs tile by tile inside the product, and the `Mul`/`Add` that usually follow
+    /// can fold into it ([`Self::fuse_into_dequant`]).
+    fn fuse_dequantizing_cast(
+        &self,
+        model: &TypedModel,
+        node: &TypedNode,
+        succ: &TypedNode,
+    ) -> TractResult<Option<TypedModelPatch>> {
+        rule_if!(!TRACT_DISABLE_DEQUANT_EPILOGUE.get());
+        rule_if!(succ.op_as::<Cast>().is_some_and(|c| c.to == f32::datum_type()));
+        rule_if!(self.c_fact.datum_type == i32::datum_type());
+        rule_if!(self.mmm.iter().all(|m| m.internal_type() == i32::datum_type()));
+        rule_if_let!(Some(ProtoFusedSpec::Store(stores)) = self.micro_ops.last());
+        rule_if!(stores.iter().all(|s| matches!(s, OutputStoreSpec::View { .. })));
+        rule_if_some!(m = self.m().as_i64());
+        rule_if!(self.c_m_axis.is_some() && self.c_n_axis.is_some());
+        let m = m as usize;
+        let mut patch = TypedModelPatch::new(format!("dequantizing {succ} into {node}"));
+        let scale = format!("{}.dequant_scale", node.name);
+        let scale = patch.add_const(scale, tensor1(&vec![1f32; m]))?;
+        let bias = format!("{}.dequant_bias", node.name);
+        let bias = patch.add_const(bias, tensor1(&vec![0f32; m]))?;
+        let n = node.inputs.len();
+        let dequant = ProtoFusedSpec::Dequant { scale: n, bias: n + 1, per_col: false };
+        self.fuse_op(model, node, patch, vec![dequant], &[scale, bias])
+    }
+
+    /// Folds the `f32` `Mul` and `Add` (plain binary ops, their optimised forms, or a chain of
+    /// them) that follow a [`ProtoFusedSpec::Dequant`] into its scale and bias, also across a
+    /// reshape that keeps the M and N axes' items in place. Each operand must be a constant
+    /// scalar or a constant vector along M or along N (per row or per column). A `Mul` folds
+    /// while the scale is all ones and the bias all zeros, an `Add` while the bias is all
+    /// zeros: the cases where `acc * scale + bias`, rounded after the product and after the
+    /// sum, is bit for bit the unfused chain.
+    fn fuse_into_dequant(
+        &self,
+        model: &TypedModel,
+        node: &TypedNode,
+    ) -> TractResult<Option<TypedModelPatch>> {
+        use crate::ops::binary::{OptBinByScalar, OptBinChain, OptBinUnicast, TypedBinOp};
+        use crate::ops::math::{Add, Mul};
+        rule_if_some!((s_ix, b_ix, mut per_col) = self.dequant_ixs());
+        rule_if_some!(c_shape = self.c_fact.shape.as_concrete());
+        rule_if_some!(m_axis = self.c_m_axis);
+        rule_if_some!(n_axis = self.c_n_axis);
+        let (m, n) = (c_shape[m_axis], c_shape[n_axis]);
+        let konst = |outlet: OutletId| -> TractResult<Option<Arc<Tensor>>> {
+            Ok(model.outlet_fact(outlet)?.konst.clone())
+        };
+        rule_if_some!(scale = konst(node.inputs[s_ix])?);
+        rule_if_some!(bias = konst(node.inputs[b_ix])?);
+        let plain = |t: &Tensor| -> TractResult<Vec<f32>> {
+            Ok(t.cast_to::<f32>()?.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+        };
+        let (mut scale, mut bias) = (plain(&scale)?, plain(&bias)?);
+
+        let succ = model.node(node.outputs[0].successors[0].node);
+        // Only shape ops that keep the items' linear order (no transposition).
+        let is_shape_op = |n: &TypedNode| {
+            n.op_as::<IntoShape>().is_some_and(|op| op.strides == Tensor::natural_strides(&op.dims))
+                || n.op_as::<AxisOp>().is_some_and(|op| {
+                    matches!(op, AxisOp::Add(_) | AxisOp::Rm(_) | AxisOp::Reshape(..))
+                })
+        };
+        let (reshape, target) = if is_shape_op(succ) {
+            rule_if!(succ.outputs.len() == 1);
+            rule_if_let!(&[next] = &*succ.outputs[0].successors);
+            rule_if!(!model.output_outlets()?.contains(&succ.id.into()));
+            (Some(succ), model.node(next.node))
+        } else {
+            (None, succ)
+        };
+        rule_if!(target.outputs.len() == 1);
+        let producer = reshape.map(|r| r.id).unwrap_or(node.id);
+        rule_if_some!(target_in = target.inputs.iter().position(|i| i.node == producer));
+        let t_fact = model.outlet_fact(target.inputs[target_in])?;
+        rule_if_some!(t_shape = t_fact.shape.as_concrete());
+        // Where an axis of C lands in the target's input: the axis of the same extent with as
+        // many items before it.
+        let landing = |axis: usize| {
+            let before: usize = c_shape[..axis].iter().product();
+            (0..t_shape.len()).find(|&j| {
+                t_shape[j] == c_shape[axis] && t_shape[..j].iter().product::<usize>() == before
+            })
+        };
+        let (t_m_axis, t_n_axis) = (landing(m_axis), landing(n_axis));
+
+        // (is_mul, operand) in application order.
+        let mut steps: TVec<(bool, OutletId)> = tvec!();
+        let kind = |binop: &dyn crate::ops::binary::BinMiniOp| {
+            if binop.is::<Mul>() {
+                Some(true)
+            } else if binop.is::<Add>() {
+                Some(false)
+            } else {
+                None
+            }
+        };
+        if let Some(op) = target.op_as::<TypedBinOp>() {
+            rule_if_some!(is_mul = kind(&*op.0));
+            steps.push((is_mul, target.inputs[1 - target_in]));
+        } else if let Some(op) = target.op_as::<OptBinUnicast>() {
+            rule_if_some!(is_mul = kind(&*op.binop));
+            steps.push((is_mul, target.inputs[1 - target_in]));
+        } else if let Some(op) = target.op_as::<OptBinByScalar>() {
+            rule_if_some!(is_mul = kind(&*op.binop));
+            steps.push((is_mul, target.inputs[1 - target_in]));
+        } else if let Some(op) = target.op_as::<OptBinChain>() {
+            rule_if!(target_in == 0);
+            for (ix, step) in op.steps.iter().enumerate() {
+                rule_if_some!(is_mul = kind(&*step.binop));
+                steps.push((is_mul, target.inputs[ix + 1]));
+            }
+        } else {
+            return Ok(None);
+        }
+        rule_if!(t_fact.datum_type == f32::datum_type());
+        rule_if!(target.outputs[0].fact.datum_type == f32::datum_type());
+        rule_if!(target.outputs[0].fact.shape == t_fact.shape);
+
+        let ones = |v: &[f32]| v.iter().all(|x| *x == 1.0);
+        let zeros = |v: &[f32]| v.iter().all(|x| *x == 0.0);
+        for (is_mul, operand) in steps {
+            let fact = model.outlet_fact(operand)?;
+            rule_if!(fact.datum_type == f32::datum_type());
+            rule_if_some!(value = fact.konst.clone());
+            let data = plain(&value)?;
+            // The operand as a vector: None for a scalar, Some(per_col) for a vector along N
+            // or M.
+            let along = if data.len() == 1 {
+                None
+            } else {
+                rule_if!(value.rank() == t_shape.len());
+                rule_if_some!(axis = (0..value.rank()).find(|&ax| value.shape()[ax] != 1));
+                rule_if!(value.shape().iter().filter(|d| **d != 1).count() == 1);
+                if Some(axis) == t_n_axis && value.shape()[axis] == n {
+                    Some(true)
+                } else if Some(axis) == t_m_axis && value.shape()[axis] == m {
+                    Some(false)
+                } else {
+                    return Ok(None);
+                }
+            };
+            // Re-orient a still-uniform dequant to the operand's axis.
+            if let Some(op_per_col) = along
+                && op_per_col != per_col
+            {
+                let uniform = |v: &[f32]| v.iter().all(|x| *x == v[0]);
+                rule_if!(uniform(&scale) && uniform(&bias));
+                let len = if op_per_col { n } else { m };
+                scale = vec![scale[0]; len];
+                bias = vec![bias[0]; len];
+                per_col = op_per_col;
+            }
+            let len = scale.len();
+            let vector = if data.len() == 1 { vec![data[0]; len] } else { data };
+            if is_mul {
+                rule_if!(ones(&scale) && zeros(&bias));
+                scale = vector;
+            } else {
+                rule_if!(zeros(&bias));
+                bias = vector;
+            }
+        }
+
+        let mut patch = TypedModelPatch::new(format!("folding {target} into {node}'s dequant"));
+        let mut inputs = patch.taps(model, &node.inputs)?;
+        inputs[s_ix] =
+            patch.add_const(format!("{}.dequant_scale", target.name), tensor1(&scale))?;
+        inputs[b_ix] = patch.add_const(format!("{}.dequant_bias", target.name), tensor1(&bias))?;
+        let mut new_op = self.clone();
+        let len = new_op.micro_ops.len();
+        new_op.micro_ops[len - 2] = ProtoFusedSpec::Dequant { scale: s_ix, bias: b_ix, per_col };
+        let mut wire = patch.wire_node(&node.name, new_op, &inputs)?[0];
+        if let Some(reshape) = reshape {
+            wire = patch.wire_node(&reshape.name, reshape.op.clone(), &[wire])?[0];
+        }
+        patch.shunt_outside(model, target.id.into(), wire)?;
         Ok(Some(patch))
     }
 

@@ -46,6 +46,15 @@ pub enum FusedSpec<'t> {
     QScale(isize, RoundingPolicy, i32),
     RoundingShiftRight(usize, RoundingPolicy),
     ShiftLeft(usize),
+    /// Dequantizing store of an `i32` accumulator: `c[m, n] = (acc[m, n] as f32) * scale[i] +
+    /// bias[i]` with `i = n` if `per_col`, else `i = m`, rounded after the product and again
+    /// after the sum (no fused multiply-add). `scale` and `bias` are contiguous `f32` tensors
+    /// of at least N (per column) or M (per row) items. It must be immediately followed by the
+    /// `Store` of the `f32` destination, which ends the spec list. The kernel stores its tile
+    /// into scratch, laid out along the destination's contiguous axis; the framework converts
+    /// it, tile by tile and on the thread that computed it, so no separate pass over C is
+    /// needed.
+    Dequant { scale: &'t Tensor, bias: &'t Tensor, per_col: bool },
     Store(OutputStore),
     AddMatMul { a: AsInputValue<'t>, b: AsInputValue<'t>, packing: usize },
 }

@@ -76,6 +76,11 @@ pub struct ScratchSpaceImpl<TI: LADatum> {
     remnant_down: usize,
     valid_right_tiles: usize,
     remnant_right: usize,
+    // A `Dequant` spec is present: every tile goes through a scratch tile and is converted
+    // into the destination after the kernel (`postprocess_tile`).
+    dequant: bool,
+    // That scratch tile is column-major (the destination is contiguous along M).
+    dequant_col_major: bool,
 }
 
 #[derive(Debug, new)]
@@ -158,6 +163,8 @@ impl<TI: LADatum> ScratchSpaceImpl<TI> {
         self.remnant_down = m % ker.mr();
         self.valid_right_tiles = n / ker.nr();
         self.remnant_right = n % ker.nr();
+        self.dequant = false;
+        self.dequant_col_major = false;
         let mut offset = 0;
         let mut align = std::mem::size_of::<*const ()>();
         fn ld(spec: usize, uspec: usize, loc: usize) -> LocDependent {
@@ -197,6 +204,30 @@ impl<TI: LADatum> ScratchSpaceImpl<TI> {
                     offset += TI::datum_type().size_of() * ker.mr() * ker.nr();
                     FusedKerSpec::Done
                 }
+                FS::Dequant { .. } => {
+                    ensure!(
+                        TI::datum_type() == i32::datum_type(),
+                        "Dequant needs an i32 accumulator, {} has {:?}",
+                        ker.name(),
+                        TI::datum_type()
+                    );
+                    ensure!(
+                        ix + 2 == specs.len()
+                            && matches!(&specs[ix + 1], FS::Store(s) if s.item_size == 4),
+                        "Dequant must be followed by the final Store of an f32 destination"
+                    );
+                    self.dequant = true;
+                    self.dequant_col_major = matches!(&specs[ix + 1],
+                        FS::Store(s) if s.row_byte_stride == 4 && s.col_byte_stride != 4);
+                    align = align.lcm(&64);
+                    offset = Integer::next_multiple_of(&offset, &64);
+                    self.loc_dependent.push(ld(ix, self.ker_specs.len(), offset));
+                    offset += dequant_tile_bytes(ker, self.dequant_col_major);
+                    FusedKerSpec::Done
+                }
+                // With a Dequant before it, the kernel stores into the Dequant's scratch tile
+                // and this destination is written by `postprocess_tile`.
+                FS::Store(_) if self.dequant => FusedKerSpec::Done,
                 FS::Store(store) => {
                     // Only worth a row-major tile when the destination is itself
                     // n-contiguous: set_from_tile then copies without transposing
@@ -297,6 +328,9 @@ impl<TI: LADatum> ScratchSpaceImpl<TI> {
                 self.for_valid_tile(ker, specs, tls, down, right)?;
                 let err = ker.kernel(tls.ker_specs());
                 ensure!(err == 0, "Kernel {} returned error {err}", ker.name());
+                if self.dequant {
+                    self.postprocess_tile(ker, specs, tls, down, right, ker.mr(), ker.nr())?;
+                }
             } else {
                 let remnant_down =
                     if down < self.valid_down_tiles { ker.mr() } else { self.remnant_down };
@@ -314,7 +348,15 @@ impl<TI: LADatum> ScratchSpaceImpl<TI> {
                 let err = ker.kernel(tls.ker_specs());
                 ensure!(err == 0, "Kernel {} returned error {err}", ker.name());
                 if !direct {
-                    self.postprocess_tile(specs, tls, down, right, remnant_down, remnant_right)?;
+                    self.postprocess_tile(
+                        ker,
+                        specs,
+                        tls,
+                        down,
+                        right,
+                        remnant_down,
+                        remnant_right,
+                    )?;
                 }
             }
             Ok(())
@@ -367,6 +409,11 @@ impl<TI: LADatum> ScratchSpaceImpl<TI> {
                     }
                     FS::AddUnicast(store) => FKS::AddUnicast(store.tile_c(down, right)),
                     FS::Store(c_store) => FKS::Store(c_store.tile_c(down, right)),
+                    FS::Dequant { .. } => FKS::Store(dequant_tile_store(
+                        ker,
+                        tls.blob.as_mut_ptr().add(*loc),
+                        self.dequant_col_major,
+                    )),
                     FS::AddMatMul { a, b, packing } => {
                         let scratch = (tls.blob.as_mut_ptr().add(*loc) as *mut AddMatMulTemp)
                             .as_mut()
@@ -544,6 +591,9 @@ impl<TI: LADatum> ScratchSpaceImpl<TI> {
                             item_size: std::mem::size_of::<TI>(),
                         })
                     }
+                    FS::Dequant { .. } => {
+                        FKS::Store(dequant_tile_store(ker, loc, self.dequant_col_major))
+                    }
                     FS::Store(c_store) => {
                         if direct {
                             FKS::Store(c_store.tile_c(down, right))
@@ -605,8 +655,10 @@ impl<TI: LADatum> ScratchSpaceImpl<TI> {
         &self.ker_specs
     }
 
+    #[allow(clippy::too_many_arguments)]
     unsafe fn postprocess_tile(
         &self,
+        ker: &impl MatMatMulKer<Acc = TI>,
         specs: &[FusedSpec],
         tls: &mut TLSScratch,
         down: usize,
@@ -618,14 +670,60 @@ impl<TI: LADatum> ScratchSpaceImpl<TI> {
         TI: LADatum,
     {
         unsafe {
-            for LocDependent { spec, ker_spec: uspec, .. } in self.loc_dependent.iter() {
-                let spec = specs.get_unchecked(*spec);
+            for LocDependent { spec: spec_ix, ker_spec: uspec, .. } in self.loc_dependent.iter() {
+                let spec = specs.get_unchecked(*spec_ix);
                 let ker_spec = tls.ker_specs::<TI>().get_unchecked(*uspec);
-                if let (FusedSpec::Store(c_store), FusedKerSpec::Store(tmp)) = (spec, ker_spec) {
-                    c_store.set_from_tile(down, right, m_remnant, n_remnant, tmp)
+                match (spec, ker_spec) {
+                    (FusedSpec::Store(c_store), FusedKerSpec::Store(tmp)) => {
+                        c_store.set_from_tile(down, right, m_remnant, n_remnant, tmp)
+                    }
+                    (FusedSpec::Dequant { scale, bias, per_col }, FusedKerSpec::Store(tmp)) => {
+                        let FusedSpec::Store(c_store) = specs.get_unchecked(*spec_ix + 1) else {
+                            std::hint::unreachable_unchecked()
+                        };
+                        let first = if *per_col { right * ker.nr() } else { down * ker.mr() };
+                        c_store.dequant_from_tile(
+                            down,
+                            right,
+                            m_remnant,
+                            n_remnant,
+                            tmp,
+                            scale.as_ptr_unchecked::<f32>().add(first),
+                            bias.as_ptr_unchecked::<f32>().add(first),
+                            *per_col,
+                        )
+                    }
+                    _ => (),
                 }
             }
             Ok(())
         }
     }
+}
+
+/// Bytes per row of a row-major i32 scratch tile for a `Dequant` spec (the conversion then
+/// reads along N contiguously); kernels that store row-major tiles get the 128-byte row padding
+/// their bulk-store path expects.
+fn dequant_tile_row_bytes<TI: LADatum>(ker: &impl MatMatMulKer<Acc = TI>) -> usize {
+    let row = 4 * ker.nr();
+    if ker.stores_row_major_tile() { Integer::next_multiple_of(&row, &128) } else { row }
+}
+
+/// Size of the i32 scratch tile of a `Dequant` spec: row-major, or column-major (contiguous
+/// along M) where the destination is.
+fn dequant_tile_bytes<TI: LADatum>(ker: &impl MatMatMulKer<Acc = TI>, col_major: bool) -> usize {
+    if col_major { 4 * ker.mr() * ker.nr() } else { dequant_tile_row_bytes(ker) * ker.mr() }
+}
+
+fn dequant_tile_store<TI: LADatum>(
+    ker: &impl MatMatMulKer<Acc = TI>,
+    ptr: *mut u8,
+    col_major: bool,
+) -> OutputStoreKer {
+    let (row_byte_stride, col_byte_stride) = if col_major {
+        (4, 4 * ker.mr() as isize)
+    } else {
+        (dequant_tile_row_bytes(ker) as isize, 4)
+    };
+    OutputStoreKer { ptr, row_byte_stride, col_byte_stride, item_size: 4 }
 }

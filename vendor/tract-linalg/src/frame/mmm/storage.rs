@@ -247,6 +247,76 @@ impl OutputStore {
         }
     }
 
+    /// Writes `height`×`width` items of the i32 `tile` into this f32 store at tile
+    /// (`down`, `right`) as `(acc as f32) * scale[i] + bias[i]`, `i` the column within the tile
+    /// if `per_col`, else the row; `scale`/`bias` point at the tile's first column or row. The
+    /// tile is row-major or column-major (one of its strides is 4 bytes); it is walked along
+    /// that contiguous axis.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn dequant_from_tile(
+        &self,
+        down: usize,
+        right: usize,
+        height: usize,
+        width: usize,
+        tile: &OutputStoreKer,
+        scale: *const f32,
+        bias: *const f32,
+        per_col: bool,
+    ) {
+        unsafe {
+            debug_assert!(self.item_size == 4 && tile.item_size == 4);
+            let dst = self.ptr.add(
+                self.panel_row_byte_stride as usize * down
+                    + self.panel_col_byte_stride as usize * right,
+            );
+            // Walk the tile's contiguous axis innermost: (outer extent, inner extent, tile and
+            // destination strides along outer, destination stride along inner).
+            let col_major = tile.row_byte_stride == 4;
+            let (outer, inner, tile_outer, dst_outer, dst_inner) = if col_major {
+                (width, height, tile.col_byte_stride, self.col_byte_stride, self.row_byte_stride)
+            } else {
+                (height, width, tile.row_byte_stride, self.row_byte_stride, self.col_byte_stride)
+            };
+            // The vectors run along the inner axis when they are per column of a row-major tile
+            // or per row of a column-major one; otherwise one value holds for a whole line.
+            let along_inner = per_col != col_major;
+            for o in 0..outer {
+                let src = std::slice::from_raw_parts(
+                    tile.ptr.offset(o as isize * tile_outer) as *const i32,
+                    inner,
+                );
+                let line = dst.offset(o as isize * dst_outer);
+                if along_inner {
+                    let s = std::slice::from_raw_parts(scale, inner);
+                    let b = std::slice::from_raw_parts(bias, inner);
+                    if dst_inner == 4 {
+                        let line = std::slice::from_raw_parts_mut(line as *mut f32, inner);
+                        for (((d, a), s), b) in line.iter_mut().zip(src).zip(s).zip(b) {
+                            *d = *a as f32 * s + b;
+                        }
+                    } else {
+                        for (i, ((a, s), b)) in src.iter().zip(s).zip(b).enumerate() {
+                            *(line.offset(i as isize * dst_inner) as *mut f32) = *a as f32 * s + b;
+                        }
+                    }
+                } else {
+                    let (s, b) = (*scale.add(o), *bias.add(o));
+                    if dst_inner == 4 {
+                        let line = std::slice::from_raw_parts_mut(line as *mut f32, inner);
+                        for (d, a) in line.iter_mut().zip(src) {
+                            *d = *a as f32 * s + b;
+                        }
+                    } else {
+                        for (i, a) in src.iter().enumerate() {
+                            *(line.offset(i as isize * dst_inner) as *mut f32) = *a as f32 * s + b;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     #[inline]
     unsafe fn set_from_tile_t<T: Datum + Copy>(
         &self,

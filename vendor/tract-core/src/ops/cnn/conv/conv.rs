@@ -1991,6 +1991,127 @@ mod test {
         Ok((model, (*out[0]).clone()))
     }
 
+    /// A quantized conv's `Cast` to f32 and the per-channel `Mul` and `Add` after it fold into
+    /// the product's dequantizing store, bit for bit what the separate ops compute; a `Mul`
+    /// after the `Add` (not exactly foldable) stays a separate op, and so do the per-channel
+    /// ones of a grouped conv (a batch of products, whose rows are channels within a group).
+    #[test]
+    fn quant_conv_dequant_epilogue_is_bit_exact() -> TractResult<()> {
+        use crate::ops::binary::{OptBinByScalar, OptBinChain, OptBinUnicast, TypedBinOp};
+        use crate::ops::cast::Cast;
+        use crate::ops::matmul::optimized::{OptMatMul, ProtoFusedSpec};
+        // ic, oc, h, w, kernel, stride, group, ops ("m" mul, "a" add), ops left unfused (MAX:
+        // any). 1×1 kernels take the einsum path (channels on N, one product per image row).
+        let cases: &[(usize, usize, usize, usize, usize, usize, usize, &str, usize)] = &[
+            (3, 16, 20, 20, 3, 2, 1, "ma", 0),
+            (16, 24, 11, 13, 3, 1, 1, "ma", 0),
+            (16, 24, 11, 13, 3, 2, 1, "m", 0),
+            (5, 7, 6, 17, 3, 1, 1, "am", 1),
+            (32, 64, 20, 20, 3, 1, 1, "ma", 0),
+            (48, 64, 10, 12, 1, 1, 1, "ma", 0),
+            (20, 33, 7, 9, 1, 1, 1, "m", 0),
+            (8, 8, 9, 9, 3, 1, 2, "ma", 1),
+        ];
+        for &(ic, oc, h, w, ks, stride, group, ops, left) in cases {
+            let case = format!("ic{ic} oc{oc} {h}x{w} k{ks} s{stride} g{group} {ops}");
+            let pad = ks / 2;
+            let input = Tensor::from_shape(
+                &[1, ic, h, w],
+                &(0..ic * h * w).map(|i| ((i * 37 % 251) as i32 - 125) as i8).collect::<Vec<_>>(),
+            )?;
+            let kernel = Tensor::from_shape(
+                &[oc, ic / group, ks, ks],
+                &(0..oc * ic / group * ks * ks)
+                    .map(|i| ((i * 53 % 255) as i32 - 127) as i8)
+                    .collect::<Vec<_>>(),
+            )?;
+            let scale: Vec<f32> = (0..oc).map(|c| 0.37e-3 * (c as f32 + 1.3)).collect();
+            let bias: Vec<f32> = (0..oc).map(|c| 0.11 * c as f32 - 0.7).collect();
+            let per_channel = |v: &[f32]| Tensor::from_shape(&[1, oc, 1, 1], v);
+
+            let mut model = TypedModel::default();
+            let x = model.add_source("input", i8::fact(input.shape().to_vec()))?;
+            let k = model.add_const("kernel", kernel.clone().into_arc_tensor())?;
+            let mut inputs = tvec!(x, k, model.add_const("bias", rctensor0(0i32))?);
+            for (name, t) in [
+                ("x0", rctensor0(0i32)),
+                ("x_scale", rctensor0(1f32)),
+                ("k0", rctensor0(0i32)),
+                ("k_scale", rctensor0(1f32)),
+                ("y0", rctensor0(0i32)),
+                ("y_scale", rctensor0(1f32)),
+            ] {
+                inputs.push(model.add_const(name, t)?);
+            }
+            let op = Conv {
+                pool_spec: PoolSpec {
+                    data_format: NCHW,
+                    kernel_shape: tvec![ks, ks],
+                    padding: Explicit(tvec![pad, pad], tvec![pad, pad]),
+                    dilations: None,
+                    strides: Some(tvec![stride, stride]),
+                    input_channels: ic,
+                    output_channels: oc,
+                },
+                kernel_fmt: KernelFormat::OIHW,
+                group,
+                q_params: Some(i32::datum_type()),
+            };
+            let mut wire = model.wire_node("conv", op, &inputs)?[0];
+            wire = model.wire_node("cast", cast(f32::datum_type()), &[wire])?[0];
+            for (ix, o) in ops.chars().enumerate() {
+                let (op, v) = if o == 'm' {
+                    (ops::math::mul(), per_channel(&scale)?)
+                } else {
+                    (ops::math::add(), per_channel(&bias)?)
+                };
+                let v = model.add_const(format!("v{ix}"), v)?;
+                wire = model.wire_node(format!("op{ix}"), op, &[wire, v])?[0];
+            }
+            model.select_output_outlets(&[wire])?;
+
+            let acc = quant_reference(&input, &kernel, 0, pad, stride, group);
+            let acc = acc.try_as_plain_ram()?.as_slice::<i32>()?;
+            let plane = acc.len() / oc;
+            let want: Vec<f32> =
+                acc.iter()
+                    .enumerate()
+                    .map(|(i, a)| {
+                        let c = i / plane;
+                        ops.chars().fold(*a as f32, |y, o| {
+                            if o == 'm' { y * scale[c] } else { y + bias[c] }
+                        })
+                    })
+                    .collect();
+            let (oh, ow) = ((h + 2 * pad - ks) / stride + 1, (w + 2 * pad - ks) / stride + 1);
+            let want = Tensor::from_shape(&[1, oc, oh, ow], &want)?;
+
+            let optimized = model.into_optimized()?;
+            let got = optimized.clone().into_runnable()?.run(tvec!(input.into_tvalue()))?;
+            got[0].close_enough(&want, Approximation::Exact).with_context(|| case.clone())?;
+            let count =
+                |f: &dyn Fn(&TypedNode) -> bool| optimized.nodes().iter().filter(|n| f(n)).count();
+            let leftover = count(&|n| {
+                n.op_is::<Cast>()
+                    || n.op_is::<TypedBinOp>()
+                    || n.op_is::<OptBinUnicast>()
+                    || n.op_is::<OptBinByScalar>()
+                    || n.op_is::<OptBinChain>()
+            });
+            let dequants = count(&|n| {
+                n.op_as::<OptMatMul>().is_some_and(|op| {
+                    op.micro_ops.iter().any(|o| matches!(o, ProtoFusedSpec::Dequant { .. }))
+                })
+            });
+            ensure!(
+                left == usize::MAX || leftover == left,
+                "{case}: {leftover} ops left unfused, expected {left}"
+            );
+            ensure!(dequants == 1, "{case}: {dequants} dequantizing products");
+        }
+        Ok(())
+    }
+
     /// Integer reference: sum over taps of (x - x0) * w, the padding reading as x0.
     fn quant_reference(
         input: &Tensor,

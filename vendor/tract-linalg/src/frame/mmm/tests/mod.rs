@@ -1,5 +1,7 @@
 use crate::LADatum;
 
+#[cfg(test)]
+mod dequant;
 #[macro_use]
 pub mod fuse;
 #[macro_use]
