@@ -17,6 +17,14 @@ use crate::ops::matmul::quant::{
 };
 use crate::ops::nn::{Reduce, Reducer};
 
+crate::declare_knob!(
+    scopable TRACT_DISABLE_QUANT_AXES_MERGE,
+    bool,
+    false,
+    "Leave a quantized einsum's same-role axes separate (one product per outer index) instead \
+     of merging them into one larger product."
+);
+
 pub fn merge_consecutive_same_role_axes(model: &mut TypedModel) -> TractResult<()> {
     Rewriter::default()
         .with_rule_for("merge-same-role-axes", merge_same_role_axes_rule)
@@ -31,8 +39,10 @@ fn merge_same_role_axes_rule(
     node_name: &str,
     op: &EinSum,
 ) -> TractResult<Option<TypedModelPatch>> {
-    // Only handle 2-input EinSums (matmul-like)
-    rule_if!(node.inputs.len() == 2);
+    // Only handle matmul-like EinSums: two operands, or two operands plus the
+    // bias and the six quantization inputs of a quantized einsum.
+    let quantized = op.q_params.is_some() && node.inputs.len() == 9;
+    rule_if!(node.inputs.len() == 2 || (quantized && !TRACT_DISABLE_QUANT_AXES_MERGE.get()));
 
     // Compute role signature for each axis: (in_input_0, in_input_1, in_output)
     type Role = (bool, bool, bool);
@@ -134,7 +144,13 @@ fn merge_same_role_axes_rule(
         // Decline merges that combine fewer than two non-unit axes: they don't
         // shrink the matmul loop count, they only add reshapes / a MoveAxis.
         let worth_merging = group.iter().filter(|c| is_non_unit(c)).count() >= 2;
-        if !dims_match || !worth_merging {
+        // A quantized einsum's bias and quantization inputs may be broadcast
+        // along some axes (per-channel scales); the merge only reshapes the two
+        // operands, so none of those inputs may carry a merged axis.
+        let extras_untouched = group.iter().all(|c| {
+            op.axes.axis(*c).is_ok_and(|a| a.inputs[2..].iter().all(|pos| pos.is_empty()))
+        });
+        if !dims_match || !worth_merging || !extras_untouched {
             best_group = None;
         }
     }
@@ -191,11 +207,9 @@ fn merge_same_role_axes_rule(
         }
 
         // Rebuild EinSum formula with adjusted output and dropped axes
-        let in0: String = a_order.iter().collect();
-        let in1: String = b_order.iter().collect();
+        let (inputs, _) = op.axes.to_strs();
         let out: String = adjusted_c_order.iter().collect();
-        let expr = format!("{in0},{in1}->{out}");
-        let mut new_axes: AxesMapping = expr.parse()?;
+        let mut new_axes = AxesMapping::from_strs(&inputs, &[out])?;
         for &drop in &drop_set {
             new_axes = new_axes.remove_axis(drop)?;
         }
@@ -255,6 +269,7 @@ fn merge_same_role_axes_rule(
 
     // Second pass: look for same-role pairs separated by exactly one k-like axis
     // in a single input. Insert a MoveAxis to push the separator to the end.
+    rule_if!(!quantized);
     let k_role: Role = (true, true, false); // present in both inputs, absent from output
     let role_of = |c: char| axes.iter().find(|(ch, _)| *ch == c).map(|(_, r)| *r);
 

@@ -1951,6 +1951,21 @@ mod test {
         group: usize,
         lazy: bool,
     ) -> TractResult<(TypedModel, Tensor)> {
+        run_quant_with_knobs(input, kernel, x0, padding, stride, group, lazy, &[])
+    }
+
+    /// `run_quant`, optimised with the scopable `knobs` set as well.
+    #[allow(clippy::too_many_arguments)]
+    fn run_quant_with_knobs(
+        input: &Tensor,
+        kernel: &Tensor,
+        x0: i8,
+        padding: crate::ops::cnn::PaddingSpec,
+        stride: usize,
+        group: usize,
+        lazy: bool,
+        knobs: &[(&str, &str)],
+    ) -> TractResult<(TypedModel, Tensor)> {
         let (ic, oc) = (input.shape()[1], kernel.shape()[0]);
         let kernel_shape: TVec<usize> = kernel.shape()[2..].into();
         let mut model = TypedModel::default();
@@ -1984,8 +1999,9 @@ mod test {
         let wire = model.wire_node("conv", op, &inputs)?;
         model.select_output_outlets(&wire)?;
         let value = if lazy { "false" } else { "true" };
-        let scope =
-            tract_data::knobs::KnobScope::new([("TRACT_DISABLE_QUANT_LAZY_IM2COL", value)])?;
+        let scope = tract_data::knobs::KnobScope::new(
+            [("TRACT_DISABLE_QUANT_LAZY_IM2COL", value)].into_iter().chain(knobs.iter().copied()),
+        )?;
         let model = scope.enter(|| model.into_optimized())?;
         let out = model.clone().into_runnable()?.run(tvec!(input.clone().into_tvalue()))?;
         Ok((model, (*out[0]).clone()))
@@ -2194,6 +2210,70 @@ mod test {
             ensure!(!has_lazy(&eager_model), "{case}: knob did not disable lazy im2col");
             eager.close_enough(&want, Approximation::Exact).with_context(|| case.clone())?;
             lazy.close_enough(&want, Approximation::Exact).with_context(|| case.clone())?;
+        }
+        Ok(())
+    }
+
+    /// A quantized 1×1 conv's spatial axes merge into one product axis of H·W (one matrix
+    /// product per image, not one per image row), with the exact integer result, for zero
+    /// and non-zero input zero points, odd extents and a batch of two.
+    #[test]
+    fn quant_pointwise_conv_merges_spatial_axes() -> TractResult<()> {
+        use crate::ops::matmul::optimized::OptMatMul;
+        let cases: &[(usize, usize, usize, usize, usize, i8)] = &[
+            // n, ic, oc, h, w, x0
+            (1, 32, 16, 80, 80, 0),
+            (1, 16, 24, 11, 13, 5),
+            (1, 5, 7, 6, 17, -3),
+            (2, 8, 12, 9, 10, 2),
+        ];
+        for &(n, ic, oc, h, w, x0) in cases {
+            let case = format!("n{n} ic{ic} oc{oc} {h}x{w} x0={x0}");
+            let input = Tensor::from_shape(
+                &[n, ic, h, w],
+                &(0..n * ic * h * w)
+                    .map(|i| ((i * 37 % 251) as i32 - 125) as i8)
+                    .collect::<Vec<_>>(),
+            )?;
+            let kernel = Tensor::from_shape(
+                &[oc, ic, 1, 1],
+                &(0..oc * ic).map(|i| ((i * 53 % 255) as i32 - 127) as i8).collect::<Vec<_>>(),
+            )?;
+            let padding = Explicit(tvec![0, 0], tvec![0, 0]);
+            let (model, got) = run_quant(&input, &kernel, x0, padding.clone(), 1, 1, true)?;
+            let (unmerged_model, unmerged) = run_quant_with_knobs(
+                &input,
+                &kernel,
+                x0,
+                padding,
+                1,
+                1,
+                true,
+                &[("TRACT_DISABLE_QUANT_AXES_MERGE", "true")],
+            )?;
+            let plane = h * w;
+            let want: Vec<i32> = (0..n)
+                .flat_map(|b| {
+                    let one = input.slice(0, b, b + 1).unwrap();
+                    let acc = quant_reference(&one, &kernel, x0, 0, 1, 1);
+                    acc.try_as_plain_ram().unwrap().as_slice::<i32>().unwrap().to_vec()
+                })
+                .collect();
+            let want = Tensor::from_shape(&[n, oc, h, w], &want)?;
+            got.close_enough(&want, Approximation::Exact).with_context(|| case.clone())?;
+            unmerged.close_enough(&want, Approximation::Exact).with_context(|| case.clone())?;
+            let merged = |model: &TypedModel| {
+                model.nodes().iter().any(|node| {
+                    node.op_as::<OptMatMul>().is_some_and(|op| {
+                        [op.c_m_axis, op.c_n_axis]
+                            .iter()
+                            .flatten()
+                            .any(|ix| op.c_fact.shape[*ix] == plane.to_dim())
+                    })
+                })
+            };
+            ensure!(merged(&model), "{case}: no product over the merged {plane} spatial positions");
+            ensure!(!merged(&unmerged_model), "{case}: merged with the merge disabled");
         }
         Ok(())
     }
