@@ -426,6 +426,69 @@ impl TypedOp for TypedBinOp {
     as_op!();
 }
 
+/// Smallest innermost extent [`eval_in_a_by_rows`] takes: below it the per-row setup costs
+/// more than ndarray's broadcasting walk.
+const BY_ROWS_MIN_ROW: usize = 8;
+
+/// `a = cab(a, b)` for a `b` that broadcasts onto `a` along outer or middle axes while sharing
+/// `a`'s innermost axis (say `a` `[1, 2, 16, 2100]`, `b` `[1, 2, 1, 2100]`, as in a softmax over
+/// a middle axis): one contiguous pass per innermost row of `a`, against the row of `b` its
+/// index maps to, on the calling thread (split over threads it was slower at the sizes this
+/// serves, tens of thousands of items). The same `cab` on the same pairs as the broadcasting
+/// walk it replaces, so the result is identical. Returns `false`, having done nothing, unless
+/// both tensors are plain and compact (natural strides, ignoring the strides of unit axes), of
+/// rank 2 or more, with equal innermost extents of at least [`BY_ROWS_MIN_ROW`] and every other
+/// axis of `b` either `a`'s extent or 1.
+pub fn eval_in_a_by_rows<T: Datum, F: Fn(&mut T, &T, &T)>(
+    a: &mut Tensor,
+    b: &Tensor,
+    cab: F,
+) -> TractResult<bool> {
+    let rank = a.rank();
+    if rank < 2 || b.rank() != rank || a.datum_type() != b.datum_type() {
+        return Ok(false);
+    }
+    let (a_shape, b_shape) = (a.shape().to_vec(), b.shape().to_vec());
+    let row = a_shape[rank - 1];
+    if row < BY_ROWS_MIN_ROW || b_shape[rank - 1] != row {
+        return Ok(false);
+    }
+    if !a_shape.iter().zip(&b_shape).all(|(a, b)| a == b || *b == 1) || a_shape == b_shape {
+        return Ok(false);
+    }
+    // Natural strides where it matters: a unit axis is never stepped along.
+    let compact = |t: &Tensor| {
+        t.len() == t.shape().iter().product::<usize>()
+            && izip!(t.shape(), t.strides(), &*Tensor::natural_strides(t.shape()))
+                .all(|(d, s, n)| *d == 1 || s == n)
+    };
+    if !compact(a) || !compact(b) {
+        return Ok(false);
+    }
+    // b's stride (in items) along each outer axis of a, 0 where b broadcasts.
+    let b_strides: TVec<usize> = Tensor::natural_strides(&b_shape)
+        .iter()
+        .zip(&b_shape)
+        .map(|(s, b)| if *b == 1 { 0 } else { *s as usize })
+        .collect();
+    let outer = &a_shape[..rank - 1];
+    let b_plain = b.try_as_plain_ram()?;
+    let b_slice = b_plain.as_slice::<T>()?;
+    let mut a_plain = a.try_as_plain_ram_mut()?;
+    let a_slice = a_plain.as_slice_mut::<T>()?;
+    for (r, a_row) in a_slice.chunks_exact_mut(row).enumerate() {
+        let (mut rem, mut offset) = (r, 0);
+        for ax in (0..outer.len()).rev() {
+            offset += (rem % outer[ax]) * b_strides[ax];
+            rem /= outer[ax];
+        }
+        for (x, y) in a_row.iter_mut().zip(&b_slice[offset..offset + row]) {
+            cab(x, &x.clone(), y);
+        }
+    }
+    Ok(true)
+}
+
 /// `a[i*period + j] = op(a[i*period + j], b[i])` in one pass, for the float types
 /// that carry a short trailing broadcast. Returns false when the datum type has
 /// no typed path here, leaving the caller on the generic route.
@@ -1365,6 +1428,9 @@ macro_rules! bin_to_super_type {
                 }
                 $(
                     $(if b.datum_type() == $typ::datum_type() {
+                        if $crate::ops::binary::eval_in_a_by_rows::<$typ, _>(a, b, $cab)? {
+                            return Ok(())
+                        }
                         let cab: fn(&mut $typ, &$typ, &$typ) -> () = $cab;
                         let b = b.to_plain_array_view::<$typ>()?;
                         let mut a_plain = a.try_as_plain_ram_mut()?;
@@ -1569,6 +1635,87 @@ pub(crate) fn one_input_is_uniform(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A `b` broadcast along outer and middle axes, sharing `a`'s innermost axis, takes the
+    /// row path, and every element equals the op applied to the pair the broadcasting rules
+    /// pick; shapes the row path declines (innermost broadcast, short rows) still evaluate
+    /// correctly through the broadcasting walk, on one thread and inside a two-thread
+    /// executor.
+    #[test]
+    fn broadcast_along_middle_axes_by_rows() -> TractResult<()> {
+        use crate::ops::math::{Mul, Sub};
+        let cases: &[(&[usize], &[usize], bool)] = &[
+            (&[1, 2, 16, 2100], &[1, 2, 1, 2100], true),
+            (&[1, 16, 4, 300], &[1, 1, 4, 300], true),
+            (&[3, 5, 7, 9], &[3, 1, 7, 9], true),
+            (&[3, 5, 7, 9], &[1, 5, 1, 9], true),
+            (&[4, 33], &[1, 33], true),
+            (&[3, 5, 7, 9], &[3, 5, 7, 1], false),
+            (&[3, 5, 7, 4], &[3, 1, 7, 4], false),
+        ];
+        let pool = tract_linalg::multithread::Executor::multithread(2);
+        for &(a_shape, b_shape, by_rows) in cases {
+            let len = |s: &[usize]| s.iter().product::<usize>();
+            let a_data: Vec<f32> =
+                (0..len(a_shape)).map(|i| (i % 97) as f32 * 0.37 - 11.0).collect();
+            let b_data: Vec<f32> =
+                (0..len(b_shape)).map(|i| (i % 89) as f32 * 0.11 + 0.5).collect();
+            let a = Tensor::from_shape(a_shape, &a_data)?;
+            let b = Tensor::from_shape(b_shape, &b_data)?;
+            let b_strides = Tensor::natural_strides(b_shape);
+            for (name, op, f) in [
+                ("sub", Box::new(Sub) as Box<dyn BinMiniOp>, (|x, y| x - y) as fn(f32, f32) -> f32),
+                ("mul", Box::new(Mul), |x, y| x * y),
+            ] {
+                let want: Vec<f32> = (0..a_data.len())
+                    .map(|i| {
+                        let (mut rem, mut off) = (i, 0);
+                        for ax in (0..a_shape.len()).rev() {
+                            let ix = rem % a_shape[ax];
+                            rem /= a_shape[ax];
+                            if b_shape[ax] != 1 {
+                                off += ix * b_strides[ax] as usize;
+                            }
+                        }
+                        f(a_data[i], b_data[off])
+                    })
+                    .collect();
+                let want = Tensor::from_shape(a_shape, &want)?;
+                let mut probe = a.clone();
+                let cab: fn(&mut f32, &f32, &f32) =
+                    if name == "sub" { |c, a, b| *c = *a - *b } else { |c, a, b| *c = *a * *b };
+                ensure!(
+                    eval_in_a_by_rows::<f32, _>(&mut probe, &b, cab)? == by_rows,
+                    "{name} {a_shape:?} {b_shape:?}"
+                );
+                for threads in [1, 2] {
+                    let mut got = a.clone();
+                    if threads == 1 {
+                        op.eval_in_a(&mut got, &b)?;
+                    } else {
+                        tract_linalg::multithread::multithread_tract_scope(pool.clone(), || {
+                            op.eval_in_a(&mut got, &b)
+                        })?;
+                    }
+                    got.close_enough(&want, Approximation::Exact).with_context(|| {
+                        format!("{name} {a_shape:?} {b_shape:?} {threads} threads")
+                    })?;
+                }
+            }
+        }
+        // A unit axis may carry any stride (here from `insert_axis`): still the row path.
+        let a =
+            Tensor::from_shape(&[2, 16, 2100], &(0..67200).map(|i| i as f32).collect::<Vec<_>>())?;
+        let b = (0..4200).map(|i| i as f32).collect::<Vec<_>>();
+        let mut b = Tensor::from_shape(&[2, 2100], &b)?;
+        b.insert_axis(1)?;
+        let mut got = a.clone();
+        ensure!(eval_in_a_by_rows::<f32, _>(&mut got, &b, |c, a, b| *c = *a - *b)?);
+        let want: Vec<f32> =
+            (0..67200usize).map(|i| (i - (i / 33600) * 2100 - i % 2100) as f32).collect();
+        got.close_enough(&Tensor::from_shape(&[2, 16, 2100], &want)?, Approximation::Exact)?;
+        Ok(())
+    }
 
     /// Reproducer for the OptBinUnicast panic seen on Nemotron decoder CI
     /// (cuda-lovelace + Darwin). A 1-D tensor that goes through `insert_axis`
