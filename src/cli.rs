@@ -1,6 +1,7 @@
 //! Subcommands of the `perch` binary. Each returns a `perch::exit` code; errors are printed as
 //! one line `perch: error: <file>: <reason>` on stderr.
 
+use std::borrow::Cow;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -8,10 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use perch::adapter::{self, Adapter, StoredDtype, peft::ImportOptions};
-use perch::detector::{DetectorOptions, read_labels};
+use perch::config::ModelSettings;
+use perch::detector::read_labels;
+use perch::engine::{BuildTimings, CalibrationRole, EngineBuilder};
 use perch::exit;
 use perch::image_io::{IMAGE_EXTENSIONS, list_images, load_rgb, save_rgb};
-use perch::model::{Calibration, OnnxModel, Precision, PrepareOptions};
+use perch::model::{OnnxModel, Precision};
 use perch::overlay::{RgbCanvas, draw_detections};
 use perch::report::{AdapterRef, ImageRecord};
 use perch::{Detector, Layout, PostprocessParams, RgbFrame};
@@ -368,7 +371,7 @@ pub fn run(cli: Cli) -> u8 {
 /// Prints `e` and its causes on one line, skipping causes its message already includes
 /// (library errors embed their source's text), and returns `code`.
 fn report_error(e: &anyhow::Error, code: u8) -> u8 {
-    eprintln!("perch: error: {}", exit::one_line(e));
+    eprintln!("perch: error: {}", exit::one_line(&**e));
     code
 }
 
@@ -419,40 +422,31 @@ fn report_command_error(e: &anyhow::Error, code: u8) -> u8 {
     report_error(e, code)
 }
 
-/// Wall-clock milliseconds of the load stages, for `bench`.
-#[derive(Debug, Default)]
-struct LoadTimes {
-    read_ms: f64,
-    merge_ms: f64,
-    prepare_ms: f64,
-}
-
-fn ms_since(t: Instant) -> f64 {
-    t.elapsed().as_secs_f64() * 1e3
-}
-
-/// The model to run: the base, or the base with the adapter merged in.
-fn load_model(
-    a: &ModelArgs,
-    times: &mut LoadTimes,
-) -> anyhow::Result<(OnnxModel, Option<Adapter>)> {
-    let t = Instant::now();
-    let base = OnnxModel::load(&a.model)?;
-    let Some(p) = &a.adapter else {
-        times.read_ms = ms_since(t);
-        return Ok((base, None));
-    };
-    let adapter = Adapter::load_any(p, &base)?;
-    times.read_ms = ms_since(t);
-    let t = Instant::now();
-    let merged = adapter::merge::apply(&base, &adapter, a.adapter_scale)?;
-    times.merge_ms = ms_since(t);
-    log::info!(
-        "merged adapter {} in {:.1} ms",
-        adapter.id(),
-        times.merge_ms
-    );
-    Ok((merged, Some(adapter)))
+impl ModelArgs {
+    /// The engine settings these arguments describe; `default_conf` applies without `--conf`.
+    /// `--calibration` overrides the calibration an adapter carries.
+    fn settings(&self, default_conf: f32) -> ModelSettings {
+        ModelSettings {
+            path: self.model.clone(),
+            imgsz: self.imgsz,
+            layout: self.layout,
+            labels: self.labels.clone(),
+            adapter: self.adapter.clone(),
+            adapter_scale: self.adapter_scale,
+            params: PostprocessParams {
+                conf: self.conf.unwrap_or(default_conf),
+                iou: self.iou,
+                max_det: self.max_det as usize,
+                classes: self.classes.clone(),
+                agnostic: self.agnostic_nms,
+            },
+            precision: self.precision,
+            threads: self.threads as usize,
+            calibration: self.calibration.clone(),
+            calibration_role: CalibrationRole::Override,
+            rect: false,
+        }
+    }
 }
 
 /// Default confidence of `detect` and `bench` (Ultralytics predict).
@@ -460,74 +454,37 @@ const PREDICT_CONF: f32 = 0.25;
 /// Default confidence of `eval` (Ultralytics val).
 const VAL_CONF: f32 = 0.001;
 
-fn build_detector_timed(
+/// The builder over the base model `a` names, and the adapter it names (read and checked
+/// against the base; `BuildTimings::read_ms` covers both).
+fn load_engine(
     a: &ModelArgs,
     default_conf: f32,
-    times: &mut LoadTimes,
-) -> anyhow::Result<(Detector, Option<Adapter>)> {
-    build_detector_for(a, default_conf, times, None)
-}
-
-fn build_detector_for(
-    a: &ModelArgs,
-    default_conf: f32,
-    times: &mut LoadTimes,
-    rect_for: Option<(usize, usize)>,
-) -> anyhow::Result<(Detector, Option<Adapter>)> {
-    let (model, adapter) = load_model(a, times)?;
-    let det = detector_for(a, &model, adapter.as_ref(), default_conf, times, rect_for)?;
-    Ok((det, adapter))
-}
-
-/// A detector over `model` (the base with `adapter` merged, from [`load_model`]) as `a` asks;
-/// int8 takes `--calibration`, else the one the adapter carries.
-fn detector_for(
-    a: &ModelArgs,
-    model: &OnnxModel,
-    adapter: Option<&Adapter>,
-    default_conf: f32,
-    times: &mut LoadTimes,
-    rect_for: Option<(usize, usize)>,
-) -> anyhow::Result<Detector> {
-    let labels = a.labels.as_deref().map(read_labels).transpose()?;
-    let params = PostprocessParams {
-        conf: a.conf.unwrap_or(default_conf),
-        iou: a.iou,
-        max_det: a.max_det as usize,
-        classes: a.classes.clone(),
-        agnostic: a.agnostic_nms,
-    };
-    let calibration = match &a.calibration {
-        None => adapter
-            .and_then(|x| x.header.calibration.clone())
-            .map(std::sync::Arc::new),
-        Some(p) => {
-            let cal = Calibration::load(p)?;
-            if cal.model_fingerprint != model.fingerprint() {
-                log::warn!(
-                    "{}: measured on another model (or without this adapter); int8 ranges may not fit",
-                    p.display()
-                );
-            }
-            Some(std::sync::Arc::new(cal))
-        }
-    };
-    let opts = DetectorOptions {
-        imgsz: a.imgsz,
-        layout: a.layout,
-        labels,
-        params,
-        prepare: PrepareOptions {
-            precision: a.precision,
-            threads: a.threads as usize,
-            calibration,
-        },
-        rect_for,
-    };
+    times: &mut BuildTimings,
+) -> anyhow::Result<(EngineBuilder, Option<Adapter>)> {
     let t = Instant::now();
-    let det = Detector::new(model, opts)?;
-    times.prepare_ms = ms_since(t);
-    Ok(det)
+    let builder = EngineBuilder::load(&a.settings(default_conf))?;
+    let adapter = a
+        .adapter
+        .as_deref()
+        .map(|p| builder.load_adapter(p))
+        .transpose()?;
+    times.read_ms = t.elapsed().as_secs_f64() * 1e3;
+    Ok((builder, adapter))
+}
+
+/// A detector as `a` asks, built in one go (the input size fitted to `rect_for`, a frame's
+/// width and height, where given and the model is dynamic).
+fn build_detector(
+    a: &ModelArgs,
+    default_conf: f32,
+    times: &mut BuildTimings,
+    rect_for: Option<(usize, usize)>,
+) -> anyhow::Result<(Detector, Option<Adapter>)> {
+    let (builder, adapter) = load_engine(a, default_conf, times)?;
+    let scaled = adapter.as_ref().map(|x| (x, a.adapter_scale));
+    let model = builder.merged(scaled, Some(times))?;
+    let det = builder.detector(&model, adapter.as_ref(), rect_for, Some(times))?;
+    Ok((det, adapter))
 }
 
 /// Expands directories into their image files (sorted, non-recursive).
@@ -598,37 +555,39 @@ enum Failure {
 
 /// `detect`'s detectors, one per input size: a dynamic model letterboxed as Ultralytics'
 /// predictor does it (`LetterBox(auto=True)`) runs at a size that depends on each image.
-struct DetectorCache<'a> {
-    args: &'a ModelArgs,
-    model: OnnxModel,
+struct DetectorCache {
+    builder: EngineBuilder,
+    /// The base with the adapter merged (`None`: the base alone).
+    merged: Option<OnnxModel>,
     adapter: Option<Adapter>,
     /// Fit each image (dynamic models without `--square`).
     rect: bool,
     built: Vec<((usize, usize), Detector)>,
 }
 
-impl DetectorCache<'_> {
+impl DetectorCache {
     /// Prepared sizes kept at once; the oldest is dropped beyond this.
     const MAX: usize = 4;
+
+    /// The model every detector of the cache runs.
+    fn model(&self) -> &OnnxModel {
+        self.merged.as_ref().unwrap_or(self.builder.base())
+    }
 
     /// The detector for a `width` x `height` image, built on first use of its input size.
     fn for_image(&mut self, width: usize, height: usize) -> anyhow::Result<&mut Detector> {
         let rect_for = self.rect.then_some((width, height));
-        let hw = perch::detector::input_size(&self.model, self.args.imgsz, rect_for);
+        let imgsz = self.builder.settings().imgsz;
+        let hw = perch::detector::input_size(self.model(), imgsz, rect_for);
         let i = match self.built.iter().position(|(k, _)| *k == hw) {
             Some(i) => i,
             None => {
                 if self.built.len() >= Self::MAX {
                     self.built.remove(0);
                 }
-                let det = detector_for(
-                    self.args,
-                    &self.model,
-                    self.adapter.as_ref(),
-                    PREDICT_CONF,
-                    &mut LoadTimes::default(),
-                    rect_for,
-                )?;
+                let det =
+                    self.builder
+                        .detector(self.model(), self.adapter.as_ref(), rect_for, None)?;
                 self.built.push((hw, det));
                 self.built.len() - 1
             }
@@ -671,19 +630,25 @@ fn detect(a: DetectArgs) -> u8 {
     if let Err(e) = check_stdout_open() {
         return report_error(&e.into(), exit::FAILURE);
     }
-    let (model, adapter) = match load_model(&a.model, &mut LoadTimes::default()) {
+    let (builder, adapter) = match load_engine(&a.model, PREDICT_CONF, &mut Default::default()) {
         Ok(m) => m,
         Err(e) => return report_error(&e, exit::BAD_INPUT),
     };
-    let rect = !a.square && model.input_shape().is_dynamic();
+    let merged = match builder.merged(adapter.as_ref().map(|x| (x, a.model.adapter_scale)), None) {
+        Ok(Cow::Owned(m)) => Some(m),
+        Ok(Cow::Borrowed(_)) => None,
+        Err(e) => return report_error(&e.into(), exit::BAD_INPUT),
+    };
     let adapter_ref = adapter.as_ref().map(|x| x.reference(a.model.adapter_scale));
     let mut dets = DetectorCache {
-        args: &a.model,
-        model,
+        builder,
+        merged,
         adapter,
-        rect,
+        rect: false,
         built: Vec::new(),
     };
+    dets.rect = !a.square && dets.model().input_shape().is_dynamic();
+    let rect = dets.rect;
     // A model that cannot become a detector is one error before any image (with rect, the
     // first image's size is built then instead).
     if !rect && let Err(e) = dets.for_image(0, 0) {
@@ -722,16 +687,9 @@ fn calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
     let mut f32_args = a.model;
     f32_args.precision = Precision::F32;
     f32_args.calibration = None;
-    let mut times = LoadTimes::default();
-    let (model, adapter) = load_model(&f32_args, &mut times)?;
-    let mut det = detector_for(
-        &f32_args,
-        &model,
-        adapter.as_ref(),
-        PREDICT_CONF,
-        &mut times,
-        None,
-    )?;
+    let (builder, adapter) = load_engine(&f32_args, PREDICT_CONF, &mut Default::default())?;
+    let model = builder.merged(adapter.as_ref().map(|x| (x, f32_args.adapter_scale)), None)?;
+    let mut det = builder.detector(&model, adapter.as_ref(), None, None)?;
     let (h, w) = det.input_hw();
     let mut cal = model.calibrator(h, w)?;
     let mut used = 0usize;
@@ -775,13 +733,13 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 fn bench(a: BenchArgs) -> anyhow::Result<u8> {
-    let mut load = LoadTimes::default();
+    let mut load = BuildTimings::default();
     let image = a.image.as_deref().map(load_rgb).transpose()?;
     let rect_for = image
         .as_ref()
         .filter(|_| a.rect)
         .map(|f| (f.width(), f.height()));
-    let (mut det, adapter) = build_detector_for(&a.model, PREDICT_CONF, &mut load, rect_for)?;
+    let (mut det, adapter) = build_detector(&a.model, PREDICT_CONF, &mut load, rect_for)?;
     let frame = match image {
         Some(f) => f,
         None => {
@@ -1074,7 +1032,7 @@ fn read_vectors(p: &Path) -> anyhow::Result<std::collections::HashMap<String, Ve
 
 fn eval(a: EvalArgs) -> anyhow::Result<u8> {
     let data = perch::eval::Dataset::load(&a.data, &a.split)?;
-    let (mut det, adapter) = build_detector_timed(&a.model, VAL_CONF, &mut LoadTimes::default())?;
+    let (mut det, adapter) = build_detector(&a.model, VAL_CONF, &mut Default::default(), None)?;
     let report = perch::eval::evaluate(&mut det, &data, &a.split)?;
     let mut v = serde_json::to_value(&report)?;
     v["model"] = a.model.model.display().to_string().into();

@@ -38,8 +38,12 @@ pub struct ModelSettings {
     pub precision: Precision,
     /// Threads splitting each frame's matrix products (default 1).
     pub threads: usize,
-    /// int8 activation ranges from `perch calibrate`.
+    /// int8 activation ranges from `perch calibrate` (default for int8: `M.calibration.json`
+    /// beside the model, see [`crate::engine`]).
     pub calibration: Option<PathBuf>,
+    /// Whether `calibration` overrides the one an adapter carries (a per-run choice such as
+    /// `--calibration`) or is the base model's (`model.calibration`, the service's default).
+    pub calibration_role: crate::engine::CalibrationRole,
     /// Dynamic models: run at the smallest stride-aligned input holding the camera frame
     /// (`source.width` x `source.height`) instead of a square.
     pub rect: bool,
@@ -475,11 +479,12 @@ fn model(ctx: &Ctx, m: RawModel) -> Result<ModelSettings, ConfigError> {
     };
     if let (Some(p), None) = (&m.precision, &m.calibration)
         && precision == Precision::Int8
+        && !crate::engine::calibration_beside(&ctx.path(m.path.get_ref())).exists()
     {
         return Err(ctx.err(
             p,
             "model.precision",
-            "int8 needs model.calibration (perch calibrate)",
+            "int8 needs model.calibration, or M.calibration.json beside the model M.onnx (perch calibrate)",
         ));
     }
     Ok(ModelSettings {
@@ -496,6 +501,7 @@ fn model(ctx: &Ctx, m: RawModel) -> Result<ModelSettings, ConfigError> {
             .count(&m.threads, "model.threads", 1, 256)?
             .map_or(1, |n| n as usize),
         calibration: m.calibration.as_deref().map(|p| ctx.path(p)),
+        calibration_role: crate::engine::CalibrationRole::Base,
         rect: m.rect.as_ref().is_some_and(|r| *r.get_ref()),
     })
 }

@@ -2,12 +2,13 @@
 //! per-frame pipeline letterbox -> inference -> decode -> NMS -> frame coordinates.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::frame::RgbFrame;
 use crate::model::{ModelError, OnnxModel, PreparedModel, Session};
 use crate::postprocess::{self, Detection, Layout, OutputSpec, PostprocessParams};
 use crate::preprocess::{InputFormat, Letterbox, letterbox_into};
+use crate::report::{DetectionRecord, StageTimings};
 
 /// Input size used for dynamic models without `imgsz` metadata (Ultralytics' default).
 pub const DEFAULT_IMGSZ: usize = 640;
@@ -53,14 +54,6 @@ pub struct DetectorOptions {
     /// stride-aligned input holding the frame letterboxed at `imgsz` (see
     /// [`crate::preprocess::rect_input`]) instead of a square. Ignored by static models.
     pub rect_for: Option<(usize, usize)>,
-}
-
-/// Wall-clock time spent in each stage of one frame.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct StageTimings {
-    pub preprocess: Duration,
-    pub inference: Duration,
-    pub postprocess: Duration,
 }
 
 /// Reads class names from a text file, one per line; blank lines are ignored.
@@ -252,9 +245,9 @@ impl Detector {
     }
 
     /// Detections as printed in records, with their labels.
-    pub fn records(&self, dets: &[Detection]) -> Vec<crate::report::DetectionRecord> {
+    pub fn records(&self, dets: &[Detection]) -> Vec<DetectionRecord> {
         dets.iter()
-            .map(|d| crate::report::DetectionRecord {
+            .map(|d| DetectionRecord {
                 class_id: d.class_id,
                 label: self.label(d.class_id),
                 score: d.score,

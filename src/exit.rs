@@ -12,9 +12,11 @@ pub const CONFIG: u8 = 78;
 
 /// An error and its causes as one line, skipping causes whose text the line already holds
 /// (library errors embed their source's message) and folding multi-line third-party messages.
-pub fn one_line(e: &anyhow::Error) -> String {
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
     let mut line = String::new();
-    for cause in e.chain() {
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        next = cause.source();
         let text = cause
             .to_string()
             .split_whitespace()

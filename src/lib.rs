@@ -9,6 +9,7 @@
 //! - [`preprocess`]: letterbox geometry and its inverse, frame -> NCHW `f32`.
 //! - [`postprocess`]: output-layout inference, decoding per layout, NMS.
 //! - [`detector`]: ties the above into a per-thread [`detector::Detector`].
+//! - [`engine`]: the one way to build a detector: base -> merge adapter -> quantize -> prepare.
 //! - [`overlay`]: drawing detections on any `embedded-graphics` target.
 //! - [`image_io`], [`report`]: still images in, JSON records out.
 //! - [`camera`]: frame sources (V4L2, y4m, image files, synthetic) and pixel conversions.
@@ -49,6 +50,7 @@ pub mod adapter;
 pub mod camera;
 pub mod config;
 pub mod detector;
+pub mod engine;
 pub mod eval;
 pub mod exit;
 pub mod frame;

@@ -1,8 +1,16 @@
 //! The JSON records perch prints: one line per image (or frame).
 
+use std::time::Duration;
+
 use serde::Serialize;
 
-use crate::detector::StageTimings;
+/// Wall-clock time spent in each stage of one frame.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimings {
+    pub preprocess: Duration,
+    pub inference: Duration,
+    pub postprocess: Duration,
+}
 
 /// One detection as printed: box `[x1, y1, x2, y2]` in source-image pixels.
 #[derive(Debug, Clone, Serialize, PartialEq)]

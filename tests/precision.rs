@@ -224,6 +224,18 @@ fn calibrate_measures_every_quantized_input() {
     assert!(input > 0.5 && input <= 1.0, "{input}");
 }
 
+/// The detection records of a `detect` run, without their timings.
+fn records_of(out: &std::process::Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("timings_ms");
+            v
+        })
+        .collect()
+}
+
 fn fails_with(args: &[&str], code: i32, needles: &[&str]) {
     let out = perch(args);
     let err = String::from_utf8_lossy(&out.stderr);
@@ -253,10 +265,29 @@ fn bad_precision_inputs_fail_with_one_line() {
         v.push(img);
         v
     };
+    // Without --calibration, int8 takes M.calibration.json beside the model (the demo ships
+    // one): the same records as naming it. A model with none beside it names the ways out.
+    let beside = perch(&with(&["--precision", "int8"]));
+    let named = perch(&with(&[
+        "--precision",
+        "int8",
+        "--calibration",
+        CALIBRATION,
+    ]));
+    assert_eq!(beside.status.code(), Some(0), "{beside:?}");
+    assert_eq!(records_of(&beside), records_of(&named));
+    let lone = dir.join("lone.onnx");
+    std::fs::copy("models/tree-yolo11n-320.onnx", &lone).unwrap();
+    let lone = lone.to_str().unwrap().to_string();
     fails_with(
-        &with(&["--precision", "int8"]),
+        &["detect", "--model", &lone, "--precision", "int8", img],
         2,
-        &["int8 needs a calibration"],
+        &[
+            "int8 needs a calibration",
+            "--calibration",
+            "lone.calibration.json",
+            "perch calibrate",
+        ],
     );
     fails_with(&with(&["--precision", "int4"]), 2, &["not a precision"]);
     let missing = dir.join("missing.json");

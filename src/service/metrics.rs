@@ -66,7 +66,7 @@ pub struct Status {
     pub snapshots_written: u64,
     /// The adapter store, when one is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub adapters: Option<super::swap::AdapterStatus>,
+    pub adapters: Option<super::status::AdapterStatus>,
 }
 
 struct Inner {
@@ -332,7 +332,7 @@ mod tests {
         assert!(text.contains("perch_latency_ms{quantile=\"0.99\"}"));
         assert!(!text.contains("adapter"), "no store, no adapter metrics");
         m.update(|s| {
-            s.adapters = Some(crate::service::swap::AdapterStatus {
+            s.adapters = Some(crate::service::status::AdapterStatus {
                 swaps: 7,
                 rollbacks: 1,
                 probation: Some([3, 100]),

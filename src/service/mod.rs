@@ -12,6 +12,7 @@ pub mod control;
 pub mod metrics;
 pub mod notify;
 pub mod pipeline;
+pub mod status;
 pub mod swap;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use crate::adapter::Adapter;
 use crate::camera::{self, Retry};
 use crate::config::{self, ModelSettings, Settings};
 use crate::detector::Detector;
+use crate::engine::{EngineBuilder, EngineError};
 use crate::output::framebuffer::{FbSink, Framebuffer};
 use crate::output::http::{HttpServer, Latest, TextFn};
 use crate::output::jsonl::RotatingFile;
@@ -38,7 +40,7 @@ use control::{ControlServer, Handler};
 use metrics::Metrics;
 use notify::Notifier;
 use pipeline::{CaptureCtx, CaptureEnd, Handoff, InferenceCtx, Outputs};
-use swap::{EngineFactory, Job, Mailbox, SwapCtx, SwapLink, Swapper};
+use swap::{Job, Mailbox, SwapCtx, SwapLink, Swapper};
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -67,19 +69,36 @@ struct Core {
     swapper: Option<Swapper>,
 }
 
+impl Engine {
+    /// Merges `adapter` at its scale into a copy of `builder`'s base and prepares it;
+    /// `generation` identifies the result.
+    pub fn build(
+        builder: &EngineBuilder,
+        adapter: Option<(&Adapter, f32)>,
+        generation: u64,
+    ) -> Result<Engine, EngineError> {
+        Ok(Engine {
+            detector: builder.build(adapter, None)?,
+            model: builder.model_ref().clone(),
+            adapter: adapter.map(|(a, s)| a.reference(s)),
+            generation,
+        })
+    }
+}
+
 /// Builds the engine of a configuration without an adapter store: the base with the fixed
 /// `model.adapter`, if any, merged in.
-fn fixed_engine(factory: &EngineFactory, m: &ModelSettings) -> Result<Engine, ServiceError> {
-    let config = |e: String| ServiceError::Config(e);
+fn fixed_engine(builder: &EngineBuilder, m: &ModelSettings) -> Result<Engine, ServiceError> {
+    let config =
+        |e: &(dyn std::error::Error + 'static)| ServiceError::Config(crate::exit::one_line(e));
     let adapter = m
         .adapter
         .as_deref()
-        .map(|p| Adapter::load_any(p, factory.base()))
+        .map(|p| builder.load_adapter(p))
         .transpose()
-        .map_err(|e| config(e.to_string()))?;
-    factory
-        .build(adapter.as_ref().map(|a| (a, m.adapter_scale)), 0)
-        .map_err(|e| config(crate::exit::one_line(&e)))
+        .map_err(|e| config(&e))?;
+    Engine::build(builder, adapter.as_ref().map(|a| (a, m.adapter_scale)), 0)
+        .map_err(|e| config(&e))
 }
 
 /// Loads the base model and builds the engine to start with: the configured `model.adapter`,
@@ -87,7 +106,7 @@ fn fixed_engine(factory: &EngineFactory, m: &ModelSettings) -> Result<Engine, Se
 fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), ServiceError> {
     let config = |e: String| ServiceError::Config(e);
     let factory = Arc::new(
-        EngineFactory::new(&s.model)
+        EngineBuilder::load(&s.model)
             .map_err(|e| config(crate::exit::one_line(&e)))?
             .with_frame_size(s.source.size),
     );
@@ -120,7 +139,7 @@ fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), Se
 pub fn check(settings: &Settings) -> Result<String, ServiceError> {
     let config = |e: String| ServiceError::Config(e);
     check_paths(settings, None).map_err(config)?;
-    let factory = EngineFactory::new(&settings.model)
+    let factory = EngineBuilder::load(&settings.model)
         .map_err(|e| config(crate::exit::one_line(&e)))?
         .with_frame_size(settings.source.size);
     if let Some(a) = &settings.adapters {

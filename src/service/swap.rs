@@ -21,18 +21,17 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
 use serde_json::{Map, Value, json};
 
 use super::Engine;
 use super::metrics::Metrics;
+use super::status::{AdapterStatus, SwapTimes};
 use crate::adapter::store::{AdapterStore, Selection, StoreState};
 use crate::adapter::{self, Adapter};
-use crate::config::{AdapterSettings, ModelSettings};
-use crate::detector::{Detector, DetectorOptions, read_labels};
+use crate::config::AdapterSettings;
+use crate::engine::EngineBuilder;
 use crate::frame::RgbFrame;
-use crate::model::{Calibration, OnnxModel, PrepareOptions};
-use crate::report::{ModelRef, ms};
+use crate::report::ms;
 
 /// Poll period of the swap thread (probation checks, freeing retired engines).
 const POLL: Duration = Duration::from_millis(20);
@@ -40,103 +39,6 @@ const POLL: Duration = Duration::from_millis(20);
 const FIRST_FRAME_WAIT: Duration = Duration::from_secs(10);
 /// Health-check images read from a directory, at most.
 const MAX_HEALTH_IMAGES: usize = 8;
-
-/// Builds engines from one pristine base model, kept in memory for every swap.
-pub struct EngineFactory {
-    base: OnnxModel,
-    settings: ModelSettings,
-    labels: Option<Vec<String>>,
-    model: ModelRef,
-    calibration: Option<Arc<Calibration>>,
-    frame_size: Option<(usize, usize)>,
-}
-
-impl EngineFactory {
-    /// Loads the base model and the labels file named by `m`.
-    pub fn new(m: &ModelSettings) -> anyhow::Result<Self> {
-        let base = OnnxModel::load(&m.path)?;
-        let labels = m.labels.as_deref().map(read_labels).transpose()?;
-        let calibration = m
-            .calibration
-            .as_deref()
-            .map(Calibration::load)
-            .transpose()?
-            .map(Arc::new);
-        let model = ModelRef {
-            path: m.path.display().to_string(),
-            fingerprint: base.fingerprint(),
-        };
-        Ok(EngineFactory {
-            base,
-            settings: m.clone(),
-            labels,
-            model,
-            calibration,
-            frame_size: None,
-        })
-    }
-
-    /// The camera frame size (width, height), used when the model settings ask for a
-    /// rectangular input (`rect`).
-    pub fn with_frame_size(mut self, size: Option<(usize, usize)>) -> Self {
-        self.frame_size = size;
-        self
-    }
-
-    /// The pristine base model.
-    pub fn base(&self) -> &OnnxModel {
-        &self.base
-    }
-
-    /// Merges `adapter` at `scale` into a copy of the base (the base itself is never changed)
-    /// and prepares a detector; `generation` identifies the result.
-    pub fn build(
-        &self,
-        adapter: Option<(&Adapter, f32)>,
-        generation: u64,
-    ) -> anyhow::Result<Engine> {
-        let t = Instant::now();
-        let merged;
-        let model = match adapter {
-            Some((a, scale)) => {
-                merged = adapter::merge::apply(&self.base, a, scale)?;
-                &merged
-            }
-            None => &self.base,
-        };
-        let opts = DetectorOptions {
-            imgsz: self.settings.imgsz,
-            layout: self.settings.layout,
-            labels: self.labels.clone(),
-            params: self.settings.params.clone(),
-            prepare: PrepareOptions {
-                precision: self.settings.precision,
-                threads: self.settings.threads,
-                calibration: adapter
-                    .and_then(|(a, _)| a.header.calibration.clone())
-                    .map(Arc::new)
-                    .or_else(|| self.calibration.clone()),
-            },
-            rect_for: self.frame_size.filter(|_| self.settings.rect),
-        };
-        let detector = Detector::new(model, opts)?;
-        log::info!(
-            "model {} ready in {:.0} ms{}",
-            self.settings.path.display(),
-            ms(t.elapsed()),
-            adapter.map_or(String::new(), |(a, s)| format!(
-                " with adapter {} (scale {s})",
-                a.id()
-            ))
-        );
-        Ok(Engine {
-            detector,
-            model: self.model.clone(),
-            adapter: adapter.map(|(a, s)| a.reference(s)),
-            generation,
-        })
-    }
-}
 
 /// The one-slot mailbox between the swap thread and the inference thread, plus the progress
 /// of the serving engine (for probation and swap timing).
@@ -230,36 +132,6 @@ impl Mailbox {
         }
         n
     }
-}
-
-/// Swap timings of the last activation, in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
-pub struct SwapTimes {
-    /// Load, merge and prepare.
-    pub build_ms: f64,
-    pub health_ms: f64,
-    /// From the command to the end of the first frame on the new engine.
-    pub command_to_first_frame_ms: Option<f64>,
-}
-
-/// The adapter part of the status report.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct AdapterStatus {
-    pub store: String,
-    /// The selection running now (`null`: the base model alone).
-    pub active: Option<Selection>,
-    /// Frames processed cleanly / needed while the active selection is on probation.
-    pub probation: Option<[u64; 2]>,
-    pub last_good: Option<Selection>,
-    pub generation: u64,
-    pub swaps: u64,
-    pub rollbacks: u64,
-    pub rejected: u64,
-    pub last_swap: Option<SwapTimes>,
-    /// The selection being built, if a swap is in progress.
-    pub building: Option<String>,
-    /// Built and checked ahead of its activation.
-    pub staged: Option<Selection>,
 }
 
 type Reply = Sender<Result<Map<String, Value>, String>>;
@@ -397,7 +269,7 @@ struct Staged {
 pub struct SwapCtx {
     staged: Option<Staged>,
     first_frame_wait: Duration,
-    pub factory: Arc<EngineFactory>,
+    pub factory: Arc<EngineBuilder>,
     pub store: AdapterStore,
     pub settings: AdapterSettings,
     pub health: Vec<RgbFrame>,
@@ -422,7 +294,7 @@ impl SwapCtx {
     /// that no longer builds or passes the health check falls back to the last known good one,
     /// then to the base model.
     pub fn start(
-        factory: Arc<EngineFactory>,
+        factory: Arc<EngineBuilder>,
         settings: &AdapterSettings,
         mailbox: Arc<Mailbox>,
         metrics: Arc<Metrics>,
@@ -534,10 +406,12 @@ impl SwapCtx {
             None => None,
         };
         let generation = self.next_generation();
-        let mut engine = self
-            .factory
-            .build(adapter.as_ref().zip(target.map(|(_, s)| s)), generation)
-            .map_err(|e| crate::exit::one_line(&e))?;
+        let mut engine = Engine::build(
+            &self.factory,
+            adapter.as_ref().zip(target.map(|(_, s)| s)),
+            generation,
+        )
+        .map_err(|e| crate::exit::one_line(&e))?;
         let build_ms = ms(t.elapsed());
         let t = Instant::now();
         health_check(&mut engine, &self.health)?;
@@ -895,6 +769,8 @@ mod tests {
     use super::*;
     use crate::postprocess::PostprocessParams;
 
+    use crate::config::ModelSettings;
+
     fn settings() -> ModelSettings {
         ModelSettings {
             path: "models/tree-yolo11n-320.onnx".into(),
@@ -907,6 +783,7 @@ mod tests {
             precision: Default::default(),
             threads: 1,
             calibration: None,
+            calibration_role: Default::default(),
             rect: false,
         }
     }
@@ -926,14 +803,14 @@ mod tests {
 
     #[test]
     fn mailbox_swaps_between_frames_and_tracks_progress() {
-        let f = EngineFactory::new(&settings()).unwrap();
+        let f = EngineBuilder::load(&settings()).unwrap();
         let mb = Mailbox::default();
-        let mut serving = f.build(None, 1).unwrap();
+        let mut serving = Engine::build(&f, None, 1).unwrap();
         mb.frame_done(1, None);
         assert_eq!(mb.progress(1), Some((1, 0)));
         assert!(mb.swap_in(&mut serving).is_none(), "nothing published");
-        mb.publish(f.build(None, 2).unwrap());
-        mb.publish(f.build(None, 3).unwrap());
+        mb.publish(Engine::build(&f, None, 2).unwrap());
+        mb.publish(Engine::build(&f, None, 3).unwrap());
         let old = mb.swap_in(&mut serving).unwrap();
         assert_eq!(old.generation, 1);
         assert_eq!(serving.generation, 3, "the newest publication wins");
@@ -951,7 +828,7 @@ mod tests {
     fn probation_commits_or_rolls_back() {
         let dir = std::env::temp_dir().join(format!("perch-probation-{}", std::process::id()));
         let adapters = store_settings(&dir);
-        let factory = Arc::new(EngineFactory::new(&settings()).unwrap());
+        let factory = Arc::new(EngineBuilder::load(&settings()).unwrap());
         let mb = Arc::new(Mailbox::default());
         let metrics = Arc::new(Metrics::default());
         let (mut ctx, mut serving) =
@@ -1012,7 +889,7 @@ mod tests {
     fn swapper_stops_while_a_sender_is_alive() {
         let dir = std::env::temp_dir().join(format!("perch-swapdrop-{}", std::process::id()));
         let adapters = store_settings(&dir);
-        let factory = Arc::new(EngineFactory::new(&settings()).unwrap());
+        let factory = Arc::new(EngineBuilder::load(&settings()).unwrap());
         let (ctx, _serving) = SwapCtx::start(
             factory,
             &adapters,
@@ -1039,14 +916,14 @@ mod tests {
 
     #[test]
     fn health_check_rejects_non_finite_output() {
-        let f = EngineFactory::new(&settings()).unwrap();
+        let f = EngineBuilder::load(&settings()).unwrap();
         let frames = health_frames(None).unwrap();
-        let mut ok = f.build(None, 1).unwrap();
+        let mut ok = Engine::build(&f, None, 1).unwrap();
         health_check(&mut ok, &frames).unwrap();
         // A replace adapter that puts NaN into the first conv passes no file check (loading
         // refuses non-finite values), so build the broken model through a huge finite scale.
         let a = Adapter::load("models/adapters/osbs-lora-all.safetensors").unwrap();
-        let mut bad = f.build(Some((&a, 1e30)), 2).unwrap();
+        let mut bad = Engine::build(&f, Some((&a, 1e30)), 2).unwrap();
         let e = health_check(&mut bad, &frames).unwrap_err();
         assert!(e.contains("non-finite"), "{e}");
     }

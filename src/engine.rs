@@ -1,0 +1,277 @@
+//! The one way to get a runnable detector: a pristine base model, kept in memory, -> merge an
+//! adapter into a copy -> quantize (int8) -> prepare (tract) -> [`Detector`].
+//!
+//! `detect`, `eval`, `bench`, `calibrate` and the service's swap thread all build through
+//! [`EngineBuilder`]; they differ only in the [`ModelSettings`] they pass and in whether they
+//! ask for [`BuildTimings`].
+//!
+//! int8 needs activation ranges. The ones a build uses, by precedence:
+//! 1. a calibration file chosen for this run (`--calibration`: [`CalibrationRole::Override`]);
+//! 2. the one the merged adapter carries (`perch calibrate --into-adapter`);
+//! 3. the base model's: `model.calibration` in the service ([`CalibrationRole::Base`]), else
+//!    `M.calibration.json` beside `M.onnx` ([`calibration_beside`]).
+//!
+//! Without any, an int8 build fails with [`EngineError::NoCalibration`], which names the flag,
+//! the file it looked for and `perch calibrate`.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::adapter::{self, Adapter, AdapterError};
+use crate::config::ModelSettings;
+use crate::detector::{Detector, DetectorError, DetectorOptions, read_labels};
+use crate::model::{Calibration, ModelError, OnnxModel, Precision, PrepareOptions};
+use crate::report::{ModelRef, ms};
+
+/// Why an engine could not be built. Every message names the file at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The base model or a calibration file is unusable.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The adapter is unreadable or does not fit the base.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    /// The (merged) model is not a detector perch can run with these options, or the labels
+    /// file is unusable.
+    #[error(transparent)]
+    Detector(#[from] DetectorError),
+    /// int8 was asked for and no calibration applies.
+    #[error(
+        "{}: int8 needs a calibration: pass --calibration FILE (service: model.calibration), \
+         or put {} beside the model; `perch calibrate` makes one",
+        model.display(),
+        beside.display()
+    )]
+    NoCalibration { model: PathBuf, beside: PathBuf },
+}
+
+/// Where a calibration file named in [`ModelSettings::calibration`] stands in the precedence
+/// (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CalibrationRole {
+    /// Chosen for this run (`--calibration`): used whatever adapter is merged.
+    Override,
+    /// The base model's (`model.calibration`): used unless the merged adapter carries its own.
+    #[default]
+    Base,
+}
+
+/// The calibration file perch looks for beside a model: `M.calibration.json` for `M.onnx`.
+pub fn calibration_beside(model: &Path) -> PathBuf {
+    model.with_extension("calibration.json")
+}
+
+/// Wall-clock milliseconds of the stages of one build.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct BuildTimings {
+    /// Reading and parsing the base model and the adapter file.
+    pub read_ms: f64,
+    /// Merging the adapter into a copy of the base (0 without an adapter).
+    pub merge_ms: f64,
+    /// Quantizing (int8), typing, optimising and making the model runnable.
+    pub prepare_ms: f64,
+}
+
+/// A pristine base model and the settings every engine built from it shares.
+pub struct EngineBuilder {
+    base: OnnxModel,
+    settings: ModelSettings,
+    labels: Option<Vec<String>>,
+    /// The settings' calibration file, or the one beside the model for int8, and its path.
+    calibration: Option<(PathBuf, Arc<Calibration>)>,
+    model: ModelRef,
+    frame_size: Option<(usize, usize)>,
+    read_ms: f64,
+}
+
+impl EngineBuilder {
+    /// Reads the base model, the labels file and, for int8, the calibration the settings name
+    /// (else the one beside the model, if present). `settings.adapter` is not read here: see
+    /// [`EngineBuilder::load_adapter`].
+    pub fn load(settings: &ModelSettings) -> Result<Self, EngineError> {
+        let t = Instant::now();
+        let base = OnnxModel::load(&settings.path)?;
+        let labels = settings.labels.as_deref().map(read_labels).transpose()?;
+        let file = match &settings.calibration {
+            Some(p) => Some(p.clone()),
+            None if settings.precision == Precision::Int8 => {
+                Some(calibration_beside(&settings.path)).filter(|p| p.exists())
+            }
+            None => None,
+        };
+        let calibration = match file {
+            Some(p) => Some((p.clone(), Arc::new(Calibration::load(&p)?))),
+            None => None,
+        };
+        let model = ModelRef {
+            path: settings.path.display().to_string(),
+            fingerprint: base.fingerprint(),
+        };
+        Ok(EngineBuilder {
+            base,
+            settings: settings.clone(),
+            labels,
+            calibration,
+            model,
+            frame_size: None,
+            read_ms: ms(t.elapsed()),
+        })
+    }
+
+    /// The camera frame size (width, height), used by builds when the settings ask for a
+    /// rectangular input (`rect`).
+    pub fn with_frame_size(mut self, size: Option<(usize, usize)>) -> Self {
+        self.frame_size = size;
+        self
+    }
+
+    /// The pristine base model (never changed by a build).
+    pub fn base(&self) -> &OnnxModel {
+        &self.base
+    }
+
+    /// The settings this builder was loaded with.
+    pub fn settings(&self) -> &ModelSettings {
+        &self.settings
+    }
+
+    /// The identity stamped on records: the base model's path and weight fingerprint.
+    pub fn model_ref(&self) -> &ModelRef {
+        &self.model
+    }
+
+    /// Milliseconds spent reading the base model (and labels and calibration) at load.
+    pub fn read_ms(&self) -> f64 {
+        self.read_ms
+    }
+
+    /// Reads an adapter (perch file or PEFT directory) and checks that it fits the base.
+    pub fn load_adapter(&self, path: &Path) -> Result<Adapter, EngineError> {
+        Ok(Adapter::load_any(path, &self.base)?)
+    }
+
+    /// The base with `adapter` merged at its scale into a copy, or the base itself.
+    pub fn merged(
+        &self,
+        adapter: Option<(&Adapter, f32)>,
+        timings: Option<&mut BuildTimings>,
+    ) -> Result<Cow<'_, OnnxModel>, EngineError> {
+        let Some((a, scale)) = adapter else {
+            return Ok(Cow::Borrowed(&self.base));
+        };
+        let t = Instant::now();
+        let merged = adapter::merge::apply(&self.base, a, scale)?;
+        let merge_ms = ms(t.elapsed());
+        log::info!("merged adapter {} in {merge_ms:.1} ms", a.id());
+        if let Some(timings) = timings {
+            timings.merge_ms = merge_ms;
+        }
+        Ok(Cow::Owned(merged))
+    }
+
+    /// The calibration a build of `model` with `adapter` merged uses (module documentation).
+    fn calibration_for(
+        &self,
+        model: &OnnxModel,
+        adapter: Option<&Adapter>,
+    ) -> Result<Option<Arc<Calibration>>, EngineError> {
+        if self.settings.precision != Precision::Int8 {
+            return Ok(None);
+        }
+        let carried = adapter.and_then(|a| a.header.calibration.clone().map(Arc::new));
+        let file = self.calibration.as_ref();
+        let use_file = match self.settings.calibration_role {
+            CalibrationRole::Override => file.is_some(),
+            CalibrationRole::Base => carried.is_none() && file.is_some(),
+        };
+        if let (true, Some((path, cal))) = (use_file, file) {
+            if adapter.is_none() && cal.model_fingerprint != model.fingerprint() {
+                log::warn!(
+                    "{}: measured on another model (or with an adapter merged); int8 ranges may not fit {}",
+                    path.display(),
+                    self.settings.path.display()
+                );
+            }
+            return Ok(Some(cal.clone()));
+        }
+        match carried {
+            Some(cal) => Ok(Some(cal)),
+            None => Err(EngineError::NoCalibration {
+                model: self.settings.path.clone(),
+                beside: calibration_beside(&self.settings.path),
+            }),
+        }
+    }
+
+    /// A detector for `model` (the base, or [`EngineBuilder::merged`] with `adapter`), at the
+    /// input size `rect_for` asks for (see [`crate::detector::input_size`]).
+    pub fn detector(
+        &self,
+        model: &OnnxModel,
+        adapter: Option<&Adapter>,
+        rect_for: Option<(usize, usize)>,
+        timings: Option<&mut BuildTimings>,
+    ) -> Result<Detector, EngineError> {
+        let opts = DetectorOptions {
+            imgsz: self.settings.imgsz,
+            layout: self.settings.layout,
+            labels: self.labels.clone(),
+            params: self.settings.params.clone(),
+            prepare: PrepareOptions {
+                precision: self.settings.precision,
+                threads: self.settings.threads,
+                calibration: self.calibration_for(model, adapter)?,
+            },
+            rect_for,
+        };
+        let t = Instant::now();
+        let detector = Detector::new(model, opts)?;
+        if let Some(timings) = timings {
+            timings.prepare_ms = ms(t.elapsed());
+        }
+        Ok(detector)
+    }
+
+    /// Merges `adapter` (if any) into a copy of the base and prepares a detector at the
+    /// configured input size (fitted to the frame size when the settings ask for `rect`).
+    pub fn build(
+        &self,
+        adapter: Option<(&Adapter, f32)>,
+        mut timings: Option<&mut BuildTimings>,
+    ) -> Result<Detector, EngineError> {
+        let t = Instant::now();
+        let model = self.merged(adapter, timings.as_deref_mut())?;
+        let rect_for = self.frame_size.filter(|_| self.settings.rect);
+        let detector = self.detector(&model, adapter.map(|(a, _)| a), rect_for, timings)?;
+        log::info!(
+            "model {} ready in {:.0} ms{}",
+            self.settings.path.display(),
+            ms(t.elapsed()),
+            adapter.map_or(String::new(), |(a, s)| format!(
+                " with adapter {} (scale {s})",
+                a.id()
+            ))
+        );
+        Ok(detector)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibration_sits_beside_the_model() {
+        assert_eq!(
+            calibration_beside(Path::new("models/tree-yolo11n-320.onnx")),
+            PathBuf::from("models/tree-yolo11n-320.calibration.json")
+        );
+        assert_eq!(
+            calibration_beside(Path::new("/m/yolo")),
+            PathBuf::from("/m/yolo.calibration.json")
+        );
+    }
+}
