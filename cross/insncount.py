@@ -168,7 +168,7 @@ def main():
                 top = sorted(per_fn.items(), key=lambda kv: -kv[1])[: a.top]
                 for name, n in top:
                     print(f"  {n / 1e6:9.2f} M  {100 * n / total:5.1f} %  {name}")
-                report.append({"config": cfg[0], "cpu": cfg[3], "precision": bench["precision"],
+                report.append({"config": cfg[0], "cpu": cfg[3], "precision": bench["inference_precision"],
                                "kernels": kernels, "per_frame": total,
                                "top": [{"symbol": k, "per_frame": v} for k, v in top]})
             if "f32" in frame and "int8" in frame:

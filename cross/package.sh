@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds Debian packages from a built perch binary, with dpkg-deb (no extra tools):
 #
-#   cross/package.sh --bin PATH --arch arm64|armhf|amd64 [--out DIR]
+#   cross/package.sh --bin PATH --arch arm64|armhf|amd64 [--output-dir DIR]
 #
 # Writes DIR/perch_<version>_<arch>.deb (binary, systemd unit, example configuration as a
 # conffile, maintainer scripts creating the `perch` system user) and
@@ -15,7 +15,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin=$2; shift 2 ;;
     --arch) arch=$2; shift 2 ;;
-    --out) out=$2; shift 2 ;;
+    --output-dir|--out) out=$2; shift 2 ;;
     -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     *) echo "package.sh: unknown argument $1" >&2; exit 2 ;;
   esac

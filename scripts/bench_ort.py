@@ -61,7 +61,7 @@ def perch_bench(a, threads, precision, iterations=None):
     if precision == "int8":
         cmd += ["--calibration", a.calibration]
     r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    return r if r["precision"] == precision else None
+    return r if r["inference_precision"] == precision else None
 
 
 # Activations that mark a Conv as an inner layer: perch quantizes exactly these Convs (one group,
@@ -199,7 +199,7 @@ def main():
         a.calibration = str(Path(a.model).with_suffix(".calibration.json"))
 
     probe = perch_bench(a, 1, "f32")
-    h, w = probe["input"]
+    h, w = probe["imgsz"]
     img = cv2.imread(a.image)
     x = letterbox(img, (h, w))
     pre = []

@@ -28,10 +28,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for store in ("--f32", None):
             adapter = Path(tmp) / "head.safetensors"
-            cmd = [a.perch, "adapter", "import", "--peft", str(ROOT / g["peft"]), "--base", str(ROOT / g["base"]), "-o", str(adapter)]
+            cmd = [a.perch, "adapter", "import", "--peft", str(ROOT / g["peft"]), "--model", str(ROOT / g["base"]), "-o", str(adapter)]
             subprocess.run(cmd + ([store] if store else []), check=True, capture_output=True)
             merged = Path(tmp) / "merged.onnx"
-            subprocess.run([a.perch, "adapter", "merge", "--base", str(ROOT / g["base"]), "--adapter", str(adapter),
+            subprocess.run([a.perch, "adapter", "merge", "--model", str(ROOT / g["base"]), "--adapter", str(adapter),
                             "-o", str(merged)], check=True, capture_output=True)
             s = ort.InferenceSession(str(merged), providers=["CPUExecutionProvider"])
             got = s.run(None, {s.get_inputs()[0].name: x})[0]

@@ -60,7 +60,7 @@ def request(sock, req, payload=b"", timeout=30.0):
 def status(sock):
     try:
         r = request(sock, {"cmd": "status"}, timeout=2.0)
-        return r["status"] if r and r.get("ok") else None
+        return r if r and r.get("ok") else None
     except (OSError, ValueError):
         return None
 

@@ -38,6 +38,9 @@ enum Command {
     Bench(BenchArgs),
     /// Accuracy (mAP50, mAP50-95, precision, recall per class) on a YOLO-format dataset, as
     /// Ultralytics `val` computes it; prints one JSON object.
+    #[command(mut_arg("conf", |a| a.help(
+        "Confidence threshold (0..1): keep boxes scoring strictly above it [default: 0.001, as Ultralytics val]"
+    )))]
     Eval(EvalArgs),
     /// Run as a service: frames from a camera or replay source to detections, until stopped.
     Run(RunArgs),
@@ -54,13 +57,14 @@ enum Command {
 #[derive(Args, Debug)]
 struct CalibrateArgs {
     #[command(flatten)]
-    model: ModelArgs,
+    model: ModelSource,
     /// Images or directories of images like the ones the model will see.
     #[arg(long, required = true, num_args = 1.., value_name = "IMAGE_OR_DIR")]
     images: Vec<PathBuf>,
     /// Use at most this many images.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     max_images: u32,
+    /// Where to write the calibration (JSON).
     #[arg(short, long, value_name = "FILE.json")]
     output: PathBuf,
     /// Also write a copy of --adapter that carries this calibration, so that int8 uses it
@@ -74,32 +78,38 @@ enum AdapterCommand {
     /// Print a JSON summary of an adapter file (validates it; no base needed).
     Inspect {
         /// Adapter file (.safetensors).
+        #[arg(value_name = "X.safetensors")]
         adapter: PathBuf,
         /// Also check it against this base model.
-        #[arg(long)]
+        #[arg(long = "model", alias = "base", value_name = "M.onnx")]
         base: Option<PathBuf>,
     },
     /// Merge an adapter into a base model and write the merged ONNX (for QA or other runtimes).
     Merge {
-        #[arg(long)]
+        /// Base model (ONNX).
+        #[arg(long = "model", alias = "base", value_name = "M.onnx")]
         base: PathBuf,
         /// Adapter file, or a PEFT directory imported on the fly.
-        #[arg(long)]
+        #[arg(long, value_name = "X")]
         adapter: PathBuf,
-        /// Multiplier of the LoRA deltas.
-        #[arg(long, default_value_t = 1.0)]
+        /// Multiplier of the adapter's LoRA deltas (-10..=10).
+        #[arg(long = "adapter-scale", alias = "scale", default_value_t = 1.0,
+              value_parser = parse_scale, allow_negative_numbers = true)]
         scale: f32,
-        #[arg(short, long)]
+        /// Where to write the merged model (ONNX).
+        #[arg(short, long, value_name = "OUT.onnx")]
         output: PathBuf,
     },
     /// Convert a Hugging Face PEFT LoRA directory into a perch adapter for a base model.
     Import {
         /// Directory with adapter_config.json and adapter_model.safetensors.
-        #[arg(long)]
+        #[arg(long, value_name = "DIR")]
         peft: PathBuf,
-        #[arg(long)]
+        /// Base model the LoRA was trained on (ONNX export).
+        #[arg(long = "model", alias = "base", value_name = "M.onnx")]
         base: PathBuf,
-        #[arg(short, long)]
+        /// Where to write the perch adapter.
+        #[arg(short, long, value_name = "X.safetensors")]
         output: PathBuf,
         /// Adapter name (default: the PEFT directory name).
         #[arg(long)]
@@ -130,12 +140,14 @@ struct StoreArgs {
 
 #[derive(Args, Debug)]
 struct DiffArgs {
-    #[arg(long)]
+    /// Base model (ONNX export before fine-tuning).
+    #[arg(long = "model", alias = "base", value_name = "M.onnx")]
     base: PathBuf,
     /// The fine-tuned export of the same architecture.
-    #[arg(long)]
+    #[arg(long, value_name = "T.onnx")]
     tuned: PathBuf,
-    #[arg(short, long)]
+    /// Where to write the adapter.
+    #[arg(short, long, value_name = "X.safetensors")]
     output: PathBuf,
     /// Layers 0..N-1 were frozen (Ultralytics freeze=N): refuse if any of them changed.
     #[arg(long)]
@@ -153,8 +165,9 @@ struct DiffArgs {
     store: StoreArgs,
 }
 
+/// The model to load: a base export, its input size, and an adapter merged into it.
 #[derive(Args, Debug)]
-struct ModelArgs {
+struct ModelSource {
     /// ONNX detector (Ultralytics YOLOv5/v8/v10/11/26 or YOLOX export).
     #[arg(long, value_name = "M.onnx")]
     model: PathBuf,
@@ -164,20 +177,31 @@ struct ModelArgs {
     /// Force the output layout instead of inferring it.
     #[arg(long, value_parser = |s: &str| s.parse::<Layout>())]
     layout: Option<Layout>,
-    /// Class names, one per line, overriding the model metadata.
-    #[arg(long, value_name = "FILE")]
-    labels: Option<PathBuf>,
     /// Adapter merged into the model at load (a perch .safetensors adapter or a PEFT directory).
     #[arg(long, value_name = "X")]
     adapter: Option<PathBuf>,
     /// Multiplier of the adapter's LoRA deltas (-10..=10).
-    #[arg(long, default_value_t = 1.0, requires = "adapter", value_parser = parse_scale)]
+    #[arg(long, default_value_t = 1.0, requires = "adapter", value_parser = parse_scale,
+          allow_negative_numbers = true)]
     adapter_scale: f32,
-    /// Confidence threshold (0..1): keep boxes scoring strictly above it [default: 0.25; eval: 0.001].
-    #[arg(long, value_parser = parse_unit)]
+    /// Threads that split each matrix product of one frame.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    threads: u32,
+}
+
+/// A model to run: what to load, how to post-process, at which precision.
+#[derive(Args, Debug)]
+struct ModelArgs {
+    #[command(flatten)]
+    source: ModelSource,
+    /// Class names, one per line, overriding the model metadata.
+    #[arg(long, value_name = "FILE")]
+    labels: Option<PathBuf>,
+    /// Confidence threshold (0..1): keep boxes scoring strictly above it [default: 0.25].
+    #[arg(long, value_parser = parse_unit, allow_negative_numbers = true)]
     conf: Option<f32>,
     /// NMS IoU threshold (0..1).
-    #[arg(long, default_value_t = 0.7, value_parser = parse_unit)]
+    #[arg(long, default_value_t = 0.7, value_parser = parse_unit, allow_negative_numbers = true)]
     iou: f32,
     /// Maximum detections per image.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..))]
@@ -189,15 +213,13 @@ struct ModelArgs {
     #[arg(long)]
     agnostic_nms: bool,
     /// Numeric precision: f32, f16 (CPUs with native half arithmetic; f32 elsewhere) or int8
-    /// (needs --calibration).
+    /// (activation ranges from --calibration, the adapter's own, or M.calibration.json beside
+    /// the model).
     #[arg(long, default_value = "f32", value_parser = |s: &str| s.parse::<Precision>())]
     precision: Precision,
-    /// Activation ranges for int8, from `perch calibrate`.
+    /// Activation ranges for int8, from `perch calibrate` (overrides the adapter's own).
     #[arg(long, value_name = "FILE.json")]
     calibration: Option<PathBuf>,
-    /// Threads that split each matrix product of one frame.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
-    threads: u32,
 }
 
 #[derive(Args, Debug)]
@@ -205,7 +227,7 @@ struct DetectArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Write annotated images into this directory (created if missing).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long = "output-dir", alias = "out", value_name = "DIR")]
     out: Option<PathBuf>,
     /// Dynamic models: letterbox every image into a square imgsz x imgsz input instead of the
     /// smallest stride-aligned rectangle that holds it (Ultralytics' predictor default).
@@ -256,8 +278,9 @@ struct BenchArgs {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// Service configuration (TOML); see deploy/perch.toml.
-    #[arg(long, value_name = "FILE", required_unless_present_all = ["model", "source"])]
+    /// Service configuration (TOML); see deploy/perch.toml. Without it, --model and --source
+    /// run with the defaults of an empty configuration.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Validate the configuration, load the model and open the source, then exit.
     #[arg(long)]
@@ -265,7 +288,8 @@ struct RunArgs {
     /// Model to run (overrides the configuration; enough with --source for a quick start).
     #[arg(long, value_name = "M.onnx")]
     model: Option<PathBuf>,
-    /// Frame source URI: v4l2:/dev/videoN, y4m:FILE, images:DIR_OR_GLOB, synthetic.
+    /// Frame source URI: v4l2:/dev/videoN, y4m:FILE, images:DIR_OR_GLOB, synthetic, or
+    /// nokhwa:N (camera index; builds with the `nokhwa` feature only).
     #[arg(long, value_name = "URI")]
     source: Option<String>,
     /// Stop after this many frames.
@@ -298,6 +322,8 @@ enum CtlCommand {
     /// Copies an adapter file into the service's store after checking it against the running
     /// base model.
     Install {
+        /// Adapter file to upload (.safetensors).
+        #[arg(value_name = "X.safetensors")]
         file: PathBuf,
         /// Store name [default: the file name without extension].
         #[arg(long)]
@@ -306,16 +332,20 @@ enum CtlCommand {
     /// Builds and health-checks an installed adapter ahead of time, so that activating it
     /// later only waits for the next frame.
     Stage {
+        /// Store name of an installed adapter.
         name: String,
-        /// LoRA delta scale.
-        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+        /// Multiplier of the adapter's LoRA deltas (-10..=10).
+        #[arg(long = "adapter-scale", alias = "scale", default_value_t = 1.0,
+              value_parser = parse_scale, allow_negative_numbers = true)]
         scale: f32,
     },
     /// Builds, health-checks and swaps in an installed adapter while frames keep flowing.
     Activate {
+        /// Store name of an installed adapter.
         name: String,
-        /// LoRA delta scale.
-        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+        /// Multiplier of the adapter's LoRA deltas (-10..=10).
+        #[arg(long = "adapter-scale", alias = "scale", default_value_t = 1.0,
+              value_parser = parse_scale, allow_negative_numbers = true)]
         scale: f32,
     },
     /// Runs the base model alone.
@@ -323,7 +353,10 @@ enum CtlCommand {
     /// Returns to the last known good adapter (or the one before the current one).
     Rollback,
     /// Deletes an installed adapter that is neither active nor the rollback target.
-    Remove { name: String },
+    Remove {
+        /// Store name of an installed adapter.
+        name: String,
+    },
 }
 
 fn parse_imgsz(s: &str) -> Result<(usize, usize), String> {
@@ -422,17 +455,35 @@ fn report_command_error(e: &anyhow::Error, code: u8) -> u8 {
     report_error(e, code)
 }
 
+impl ModelSource {
+    /// The engine settings for this model at f32 with Ultralytics' predict thresholds.
+    fn settings(&self) -> ModelSettings {
+        ModelSettings {
+            path: self.model.clone(),
+            imgsz: self.imgsz,
+            layout: self.layout,
+            labels: None,
+            adapter: self.adapter.clone(),
+            adapter_scale: self.adapter_scale,
+            params: PostprocessParams {
+                conf: PREDICT_CONF,
+                ..Default::default()
+            },
+            precision: Precision::F32,
+            threads: self.threads as usize,
+            calibration: None,
+            calibration_role: CalibrationRole::Override,
+            rect: false,
+        }
+    }
+}
+
 impl ModelArgs {
     /// The engine settings these arguments describe; `default_conf` applies without `--conf`.
     /// `--calibration` overrides the calibration an adapter carries.
     fn settings(&self, default_conf: f32) -> ModelSettings {
         ModelSettings {
-            path: self.model.clone(),
-            imgsz: self.imgsz,
-            layout: self.layout,
             labels: self.labels.clone(),
-            adapter: self.adapter.clone(),
-            adapter_scale: self.adapter_scale,
             params: PostprocessParams {
                 conf: self.conf.unwrap_or(default_conf),
                 iou: self.iou,
@@ -441,10 +492,8 @@ impl ModelArgs {
                 agnostic: self.agnostic_nms,
             },
             precision: self.precision,
-            threads: self.threads as usize,
             calibration: self.calibration.clone(),
-            calibration_role: CalibrationRole::Override,
-            rect: false,
+            ..self.source.settings()
         }
     }
 }
@@ -454,16 +503,15 @@ const PREDICT_CONF: f32 = 0.25;
 /// Default confidence of `eval` (Ultralytics val).
 const VAL_CONF: f32 = 0.001;
 
-/// The builder over the base model `a` names, and the adapter it names (read and checked
+/// The builder over the base model `settings` names, and the adapter they name (read and checked
 /// against the base; `BuildTimings::read_ms` covers both).
 fn load_engine(
-    a: &ModelArgs,
-    default_conf: f32,
+    settings: &ModelSettings,
     times: &mut BuildTimings,
 ) -> anyhow::Result<(EngineBuilder, Option<Adapter>)> {
     let t = Instant::now();
-    let builder = EngineBuilder::load(&a.settings(default_conf))?;
-    let adapter = a
+    let builder = EngineBuilder::load(settings)?;
+    let adapter = settings
         .adapter
         .as_deref()
         .map(|p| builder.load_adapter(p))
@@ -472,16 +520,15 @@ fn load_engine(
     Ok((builder, adapter))
 }
 
-/// A detector as `a` asks, built in one go (the input size fitted to `rect_for`, a frame's
+/// A detector as `settings` ask, built in one go (the input size fitted to `rect_for`, a frame's
 /// width and height, where given and the model is dynamic).
 fn build_detector(
-    a: &ModelArgs,
-    default_conf: f32,
+    settings: &ModelSettings,
     times: &mut BuildTimings,
     rect_for: Option<(usize, usize)>,
 ) -> anyhow::Result<(Detector, Option<Adapter>)> {
-    let (builder, adapter) = load_engine(a, default_conf, times)?;
-    let scaled = adapter.as_ref().map(|x| (x, a.adapter_scale));
+    let (builder, adapter) = load_engine(settings, times)?;
+    let scaled = adapter.as_ref().map(|x| (x, settings.adapter_scale));
     let model = builder.merged(scaled, Some(times))?;
     let det = builder.detector(&model, adapter.as_ref(), rect_for, Some(times))?;
     Ok((det, adapter))
@@ -630,16 +677,19 @@ fn detect(a: DetectArgs) -> u8 {
     if let Err(e) = check_stdout_open() {
         return report_error(&e.into(), exit::FAILURE);
     }
-    let (builder, adapter) = match load_engine(&a.model, PREDICT_CONF, &mut Default::default()) {
+    let settings = a.model.settings(PREDICT_CONF);
+    let (builder, adapter) = match load_engine(&settings, &mut Default::default()) {
         Ok(m) => m,
         Err(e) => return report_error(&e, exit::BAD_INPUT),
     };
-    let merged = match builder.merged(adapter.as_ref().map(|x| (x, a.model.adapter_scale)), None) {
+    let merged = match builder.merged(adapter.as_ref().map(|x| (x, settings.adapter_scale)), None) {
         Ok(Cow::Owned(m)) => Some(m),
         Ok(Cow::Borrowed(_)) => None,
         Err(e) => return report_error(&e.into(), exit::BAD_INPUT),
     };
-    let adapter_ref = adapter.as_ref().map(|x| x.reference(a.model.adapter_scale));
+    let adapter_ref = adapter
+        .as_ref()
+        .map(|x| x.reference(settings.adapter_scale));
     let mut dets = DetectorCache {
         builder,
         merged,
@@ -684,11 +734,9 @@ fn detect(a: DetectArgs) -> u8 {
 }
 
 fn calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
-    let mut f32_args = a.model;
-    f32_args.precision = Precision::F32;
-    f32_args.calibration = None;
-    let (builder, adapter) = load_engine(&f32_args, PREDICT_CONF, &mut Default::default())?;
-    let model = builder.merged(adapter.as_ref().map(|x| (x, f32_args.adapter_scale)), None)?;
+    let settings = a.model.settings();
+    let (builder, adapter) = load_engine(&settings, &mut Default::default())?;
+    let model = builder.merged(adapter.as_ref().map(|x| (x, settings.adapter_scale)), None)?;
     let mut det = builder.detector(&model, adapter.as_ref(), None, None)?;
     let (h, w) = det.input_hw();
     let mut cal = model.calibrator(h, w)?;
@@ -739,7 +787,8 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         .as_ref()
         .filter(|_| a.rect)
         .map(|f| (f.width(), f.height()));
-    let (mut det, adapter) = build_detector(&a.model, PREDICT_CONF, &mut load, rect_for)?;
+    let (mut det, adapter) = build_detector(&a.model.settings(PREDICT_CONF), &mut load, rect_for)?;
+    let scale = a.model.source.adapter_scale;
     let frame = match image {
         Some(f) => f,
         None => {
@@ -779,15 +828,18 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     let (float_kernels, int_kernels) = det.prepared().matrix_kernels();
     if a.json {
         let mut obj = serde_json::Map::new();
-        obj.insert("model".into(), a.model.model.display().to_string().into());
-        obj.insert("input".into(), serde_json::json!([h, w]));
+        obj.insert(
+            "model".into(),
+            a.model.source.model.display().to_string().into(),
+        );
+        obj.insert("imgsz".into(), serde_json::json!([h, w]));
         obj.insert("iterations".into(), a.iterations.into());
         obj.insert("threads".into(), det.prepared().threads().into());
         obj.insert(
-            "precision".into(),
+            "inference_precision".into(),
             det.prepared().precision().to_string().into(),
         );
-        obj.insert("adapter".into(), adapter.as_ref().map(Adapter::id).into());
+        obj.insert("adapter".into(), adapter_json(adapter.as_ref(), scale));
         obj.insert("f32_kernels".into(), float_kernels.into());
         obj.insert("int8_kernels".into(), int_kernels.into());
         obj.insert("read_ms".into(), load.read_ms.into());
@@ -813,7 +865,7 @@ fn bench(a: BenchArgs) -> anyhow::Result<u8> {
     } else {
         out_line(format_args!(
             "model {}  input {h}x{w}  iterations {}  threads {}  precision {}",
-            a.model.model.display(),
+            a.model.source.model.display(),
             a.iterations,
             det.prepared().threads(),
             det.prepared().precision()
@@ -927,7 +979,10 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
             if let Some(b) = base {
                 let base = OnnxModel::load(&b)?;
                 adapter::merge::merged_weights(&base, &x, 1.0)?;
-                summary["fits_base"] = b.display().to_string().into();
+                summary["fits"] = serde_json::json!({
+                    "model": b.display().to_string(),
+                    "fingerprint": base.fingerprint(),
+                });
             }
             print_json(&summary)?;
         }
@@ -943,9 +998,11 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
             let merged = adapter::merge::apply(&base, &x, scale)?;
             let merge_ms = t.elapsed().as_secs_f64() * 1e3;
             merged.save(&output)?;
-            print_json(
-                &serde_json::json!({"output": output.display().to_string(), "adapter": x.id(), "merge_ms": merge_ms}),
-            )?;
+            print_json(&serde_json::json!({
+                "output": output.display().to_string(),
+                "adapter": adapter_json(Some(&x), scale),
+                "merge_ms": merge_ms,
+            }))?;
         }
         AdapterCommand::Import {
             peft,
@@ -1032,11 +1089,12 @@ fn read_vectors(p: &Path) -> anyhow::Result<std::collections::HashMap<String, Ve
 
 fn eval(a: EvalArgs) -> anyhow::Result<u8> {
     let data = perch::eval::Dataset::load(&a.data, &a.split)?;
-    let (mut det, adapter) = build_detector(&a.model, VAL_CONF, &mut Default::default(), None)?;
+    let (mut det, adapter) =
+        build_detector(&a.model.settings(VAL_CONF), &mut Default::default(), None)?;
     let report = perch::eval::evaluate(&mut det, &data, &a.split)?;
     let mut v = serde_json::to_value(&report)?;
-    v["model"] = a.model.model.display().to_string().into();
-    v["adapter"] = adapter.as_ref().map(Adapter::id).into();
+    v["model"] = a.model.source.model.display().to_string().into();
+    v["adapter"] = adapter_json(adapter.as_ref(), a.model.source.adapter_scale);
     let (h, w) = det.input_hw();
     v["imgsz"] = serde_json::json!([h, w]);
     // "precision" is the detection metric; this is the arithmetic the model ran in.
@@ -1081,6 +1139,12 @@ fn run_service(a: RunArgs) -> u8 {
     };
     let settings = match &a.config {
         Some(p) => service::load_settings(p),
+        None if a.model.is_none() || a.source.is_none() => {
+            let e = anyhow::anyhow!(
+                "run needs --config FILE, or both --model and --source (see 'perch run --help')"
+            );
+            return report_error(&e, exit::BAD_INPUT);
+        }
         None => {
             // --model and --source given: the defaults of an empty configuration.
             let text = "[model]\npath = \"-\"\n[source]\nuri = \"synthetic\"\n";
@@ -1149,7 +1213,12 @@ fn ctl(a: CtlArgs) -> u8 {
     };
     match perch::service::control::request_with_payload(&a.socket, &req, &payload, timeout) {
         Ok(reply) => {
-            if let Err(e) = out_line(format_args!("{reply}")) {
+            use std::io::IsTerminal;
+            let text = match std::io::stdout().is_terminal() {
+                true => serde_json::to_string_pretty(&reply).unwrap_or_default(),
+                false => reply.to_string(),
+            };
+            if let Err(e) = out_line(text) {
                 return report_error(&e.into(), exit::FAILURE);
             }
             if reply["ok"] == true {
@@ -1163,6 +1232,14 @@ fn ctl(a: CtlArgs) -> u8 {
             exit::FAILURE,
         ),
     }
+}
+
+/// An adapter's identity as every record and report prints it: `{"name","sha256","scale"}`,
+/// or null for the base alone.
+fn adapter_json(adapter: Option<&Adapter>, scale: f32) -> serde_json::Value {
+    adapter.map_or(serde_json::Value::Null, |x| {
+        serde_json::to_value(x.reference(scale)).unwrap_or_default()
+    })
 }
 
 fn list_or_none(names: &[String]) -> String {

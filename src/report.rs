@@ -46,13 +46,16 @@ pub struct AdapterRef {
     pub name: String,
     /// sha256 of the adapter file.
     pub sha256: String,
-    /// LoRA delta scale it was merged with; omitted when 1.
-    #[serde(skip_serializing_if = "is_one")]
+    /// LoRA delta scale it was merged with.
+    #[serde(serialize_with = "f32_decimal")]
     pub scale: f32,
 }
 
-fn is_one(v: &f32) -> bool {
-    *v == 1.0
+/// Serialises an `f32` as the shortest decimal that reads back as it (`0.001`, not the
+/// `0.0010000000474974513` its widening to `f64` would print once it passes through a JSON
+/// value).
+pub fn f32_decimal<S: serde::Serializer>(v: &f32, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(v.to_string().parse().unwrap_or(f64::from(*v)))
 }
 
 /// The model a record was produced with.

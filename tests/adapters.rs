@@ -375,6 +375,10 @@ fn bad_adapters_are_rejected_with_a_reason() {
     long["name"] = serde_json::Value::from("n".repeat(100_000));
     expect(&raw_adapter(&long, &as_refs(&good)), "name must be at most");
     expect(b"short", "shorter than a safetensors header");
+    expect(
+        &std::fs::read(path(V8)).unwrap(),
+        "not a perch adapter: not a safetensors file (it looks like an ONNX model",
+    );
     let mut huge = ok.clone();
     huge[..8].copy_from_slice(&(50u64 << 20).to_le_bytes());
     expect(&huge, "over the");
@@ -442,7 +446,7 @@ fn adapter_cli_round_trip() {
         "import",
         "--peft",
         "tests/fixtures/peft/v8-head-lora",
-        "--base",
+        "--model",
         V8,
         "-o",
         xs,
@@ -464,7 +468,7 @@ fn adapter_cli_round_trip() {
         "an adapter is a small fraction of the base"
     );
 
-    let inspect = perch(&["adapter", "inspect", xs, "--base", V8]);
+    let inspect = perch(&["adapter", "inspect", xs, "--model", V8]);
     assert_eq!(inspect.status.code(), Some(0));
 
     for adapter in [xs, "tests/fixtures/peft/v8-head-lora"] {
@@ -498,7 +502,7 @@ fn adapter_cli_round_trip() {
     let m = perch(&[
         "adapter",
         "merge",
-        "--base",
+        "--model",
         V8,
         "--adapter",
         xs,
@@ -673,7 +677,7 @@ fn diff_cli_reports_per_tensor_error() {
     let out = perch(&[
         "adapter",
         "diff",
-        "--base",
+        "--model",
         V8,
         "--tuned",
         tuned.to_str().unwrap(),

@@ -197,7 +197,7 @@ fn annotated_images_are_written_and_names_do_not_collide() {
         FIXTURE,
         "--conf",
         "0.001",
-        "--out",
+        "--output-dir",
         out_dir.to_str().unwrap(),
         "tests/data/chelsea.png",
         sub.to_str().unwrap(),
@@ -332,6 +332,70 @@ fn bad_arguments_exit_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
         assert!(!stderr(&out).contains("panicked"));
     }
+    // Usage errors are one `perch: error:` line naming the argument and the help to read; a
+    // negative number is a value out of range, not an unknown flag.
+    for (args, what) in [
+        (
+            &["detect", "--model", FIXTURE, "--conf", "-1", "x.png"][..],
+            "'-1' for '--conf",
+        ),
+        (&["detect", "x.png"], "--model <M.onnx>"),
+        (
+            &["adapter", "merge", "--model", FIXTURE, "--bogus"],
+            "'--bogus'",
+        ),
+        (&["run", "--model", FIXTURE], "--model and --source"),
+    ] {
+        let out = perch(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("perch: error: "), "{err}");
+        assert!(err.contains(what), "{args:?}: '{what}' not in {err}");
+        let help = format!("'perch {} --help'", args[0]);
+        let help = help.replace("perch adapter", "perch adapter merge");
+        assert!(err.contains(&help), "{args:?}: {err}");
+    }
+}
+
+/// One vocabulary: `bench --json` and `eval` name the input size `imgsz` and the arithmetic
+/// `inference_precision`, an adapter is always `{"name","sha256","scale"}` (scale 1 included),
+/// and thresholds print as given.
+#[test]
+fn reports_share_one_vocabulary() {
+    let adapter = "models/adapters/osbs-lora-all.safetensors";
+    let model = "models/tree-yolo11n-320.onnx";
+    let bench = perch(&[
+        "bench",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--iterations",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    let b = &stdout_records(&bench)[0];
+    assert_eq!(b["imgsz"], serde_json::json!([320, 320]), "{b}");
+    assert_eq!(b["inference_precision"], "f32");
+    assert_eq!(b["adapter"]["scale"], 1.0, "{b}");
+    assert_eq!(b["adapter"]["sha256"].as_str().unwrap().len(), 64);
+    let detect = perch(&[
+        "detect",
+        "--model",
+        model,
+        "--adapter",
+        adapter,
+        "--adapter-scale",
+        "0.3",
+        "tests/data/osbs_029.png",
+    ]);
+    let d = &stdout_records(&detect)[0];
+    assert_eq!(d["adapter"]["scale"].to_string(), "0.3", "{d}");
+    assert_eq!(d["adapter"]["name"], b["adapter"]["name"]);
+    assert_eq!(d["adapter"]["sha256"], b["adapter"]["sha256"]);
 }
 
 #[test]

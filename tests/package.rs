@@ -42,7 +42,7 @@ fn debian_packages_build_install_and_purge() {
             env!("CARGO_BIN_EXE_perch"),
             "--arch",
             "amd64",
-            "--out",
+            "--output-dir",
         ])
         .arg(&out)
         .current_dir(root()));

@@ -372,7 +372,7 @@ fn bench_reports_precision_threads_and_a_node_profile() {
         "--json",
     ]);
     let r = &ok_json_lines(&out)[0];
-    assert_eq!(r["precision"], "f32");
+    assert_eq!(r["inference_precision"], "f32");
     assert_eq!(r["threads"], 2);
     let nodes = r["profile_ms"].as_array().unwrap();
     assert!(nodes.len() > 100, "{} nodes", nodes.len());
@@ -412,7 +412,7 @@ fn bench_rect_fits_dynamic_models_to_the_image() {
             "--json",
         ]);
         (
-            ok_json_lines(&out)[0]["input"].clone(),
+            ok_json_lines(&out)[0]["imgsz"].clone(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     };

@@ -143,15 +143,15 @@ def main():
     for site in a.sites.split(","):
         head_onnx = ultralytics_finetune(data[site], 23, a.epochs, f"{site}-freeze23")
         head = adapters / f"{site}-head.safetensors"
-        perch(a.perch, "adapter", "diff", "--base", str(BASE_ONNX), "--tuned", str(head_onnx), "--freeze", "23",
+        perch(a.perch, "adapter", "diff", "--model", str(BASE_ONNX), "--tuned", str(head_onnx), "--freeze", "23",
               "-o", str(head), "--name", f"{site}-head")
         peft_dir = lora_finetune(data[site], a.epochs, CACHE / "work" / f"{site}-lora-peft")
         lora = adapters / f"{site}-lora.safetensors"
-        perch(a.perch, "adapter", "import", "--peft", str(peft_dir), "--base", str(BASE_ONNX), "-o", str(lora),
+        perch(a.perch, "adapter", "import", "--peft", str(peft_dir), "--model", str(BASE_ONNX), "-o", str(lora),
               "--name", f"{site}-lora")
         peft_all = lora_finetune(data[site], a.epochs, CACHE / "work" / f"{site}-lora-all-peft", prefix="model.")
         lora_all = adapters / f"{site}-lora-all.safetensors"
-        perch(a.perch, "adapter", "import", "--peft", str(peft_all), "--base", str(BASE_ONNX), "-o", str(lora_all),
+        perch(a.perch, "adapter", "import", "--peft", str(peft_all), "--model", str(BASE_ONNX), "-o", str(lora_all),
               "--name", f"{site}-lora-all")
         full_onnx = ultralytics_finetune(data[site], None, a.epochs, f"{site}-full")
         variants = [("base", BASE_ONNX, None), (f"base + {site}-head", BASE_ONNX, head),

@@ -262,6 +262,19 @@ impl Adapter {
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| invalid("shorter than a safetensors header".into()))?;
         let n = u64::from_le_bytes(head);
+        if bytes.get(8) != Some(&b'{') {
+            // A safetensors file starts with its header's length and then the JSON header.
+            // An ONNX ModelProto starts with field 1, `ir_version` (a small varint).
+            let onnx = bytes[0] == 0x08 && (3..=16).contains(&bytes[1]);
+            return Err(invalid(format!(
+                "not a perch adapter: not a safetensors file{}",
+                if onnx {
+                    " (it looks like an ONNX model; adapters are .safetensors files)"
+                } else {
+                    ""
+                }
+            )));
+        }
         if n > MAX_HEADER_BYTES {
             return Err(invalid(format!(
                 "safetensors header of {n} bytes, over the {MAX_HEADER_BYTES}-byte limit"

@@ -230,7 +230,9 @@ pub struct EvalReport {
     pub split: String,
     pub images: usize,
     pub instances: usize,
+    #[serde(serialize_with = "crate::report::f32_decimal")]
     pub conf: f32,
+    #[serde(serialize_with = "crate::report::f32_decimal")]
     pub iou: f32,
     #[serde(flatten)]
     pub summary: metrics::Summary,

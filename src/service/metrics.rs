@@ -285,7 +285,7 @@ pub fn prometheus(s: &Status) -> String {
             "adapter_probation",
             "gauge",
             "1 while the active adapter is on probation.",
-            &[("", f64::from(u8::from(a.probation.is_some())))],
+            &[("", f64::from(u8::from(a.probation)))],
         );
         if let Some(t) = a.last_swap.and_then(|t| t.command_to_first_frame_ms) {
             metric(
@@ -335,7 +335,8 @@ mod tests {
             s.adapters = Some(crate::service::status::AdapterStatus {
                 swaps: 7,
                 rollbacks: 1,
-                probation: Some([3, 100]),
+                probation: true,
+                probation_frames: Some([3, 100]),
                 ..Default::default()
             })
         });

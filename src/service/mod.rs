@@ -284,10 +284,10 @@ fn control_handler(metrics: Arc<Metrics>, reload: Sender<ReloadReply>, swap: Swa
     let reload = Mutex::new(reload);
     Arc::new(move |cmd, req, payload| match cmd {
         "ping" => Ok(Map::new()),
-        "status" => Ok(Map::from_iter([(
-            "status".to_string(),
-            serde_json::to_value(metrics.status()).expect("status serialises"),
-        )])),
+        "status" => match serde_json::to_value(metrics.status()) {
+            Ok(Value::Object(m)) => Ok(m),
+            _ => Err("status: cannot serialise".into()),
+        },
         "reload" => {
             let (tx, rx) = std::sync::mpsc::channel();
             let _ = reload.lock().expect("reload sender lock").send(Some(tx));

@@ -22,8 +22,10 @@ pub struct AdapterStatus {
     pub store: String,
     /// The selection running now (`null`: the base model alone).
     pub active: Option<Selection>,
-    /// Frames processed cleanly / needed while the active selection is on probation.
-    pub probation: Option<[u64; 2]>,
+    /// Whether the active selection is on probation (not yet committed).
+    pub probation: bool,
+    /// Frames processed cleanly / needed while on probation.
+    pub probation_frames: Option<[u64; 2]>,
     pub last_good: Option<Selection>,
     pub generation: u64,
     pub swaps: u64,

@@ -439,7 +439,8 @@ impl SwapCtx {
             scale: s.scale,
             sha256: s.sha256.clone(),
         });
-        self.status.probation = self.state.probation.then(|| {
+        self.status.probation = self.state.probation;
+        self.status.probation_frames = self.state.probation.then(|| {
             let done = self
                 .mailbox
                 .progress(self.active_generation)

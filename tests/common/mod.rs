@@ -177,11 +177,11 @@ pub fn ctl_args(sock: &Path, args: &[&str]) -> Value {
 pub fn try_status(sock: &Path) -> Option<Value> {
     let out = perch(&["ctl", "--socket", sock.to_str().unwrap(), "status"]);
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    (v["ok"] == true).then(|| v["status"].clone())
+    (v["ok"] == true).then_some(v)
 }
 
 pub fn status(sock: &Path) -> Value {
-    ctl(sock, "status")["status"].clone()
+    ctl(sock, "status")
 }
 
 /// Polls `f` until it returns Some, failing after `secs`.
