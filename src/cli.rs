@@ -1014,10 +1014,12 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
             store,
         } => {
             let base = OnnxModel::load(&base)?;
-            let mut opts = ImportOptions {
-                name,
-                ..Default::default()
+            // Scales named on the command line, else the directory's channel_scales.safetensors.
+            let mut opts = match &channel_scales {
+                Some(_) => ImportOptions::default(),
+                None => ImportOptions::for_dir(&peft)?,
             };
+            opts.name = name;
             if let Some(p) = name_map {
                 let text = perch::fsutil::read_text(&p)
                     .with_context(|| format!("{}: cannot read name map", p.display()))?;
@@ -1025,7 +1027,7 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
                     .with_context(|| format!("{}: not a JSON object of strings", p.display()))?;
             }
             if let Some(p) = channel_scales {
-                opts.channel_scales = read_vectors(&p)?;
+                opts.channel_scales = adapter::peft::read_channel_scales(&p)?;
             }
             opts.class_names = store.labels.as_deref().map(read_labels).transpose()?;
             let x = adapter::peft::import(&peft, &base, &opts)?;
@@ -1061,30 +1063,6 @@ fn adapter_cmd(c: AdapterCommand) -> anyhow::Result<u8> {
         }
     }
     Ok(exit::OK)
-}
-
-/// Reads a safetensors file of 1-D float tensors into name -> values.
-fn read_vectors(p: &Path) -> anyhow::Result<std::collections::HashMap<String, Vec<f32>>> {
-    let bytes = perch::fsutil::read_limited(p, perch::fsutil::MAX_ADAPTER_BYTES)
-        .with_context(|| format!("{}: cannot read", p.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{}: not safetensors", p.display()))?;
-    let mut out = std::collections::HashMap::new();
-    for (name, view) in st.iter() {
-        anyhow::ensure!(
-            view.dtype() == safetensors::Dtype::F32 && view.shape().len() == 1,
-            "{}: tensor '{name}' must be 1-D F32",
-            p.display()
-        );
-        out.insert(
-            name.to_string(),
-            view.data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        );
-    }
-    Ok(out)
 }
 
 fn eval(a: EvalArgs) -> anyhow::Result<u8> {

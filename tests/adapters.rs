@@ -196,6 +196,17 @@ fn unfused_lora_needs_batchnorm_channel_scales() {
         1e-4,
         "with channel scales",
     );
+    // Used on the fly (or by `adapter import` without --channel-scales), the directory's own
+    // channel_scales.safetensors is applied, and the identity is the same on every run.
+    let auto = Adapter::load_any(&dir, &base).unwrap();
+    assert!(auto.header.targets.iter().all(|t| t.channel_scale));
+    let weights = std::fs::metadata(dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(
+        auto.header.created,
+        perch::adapter::rfc3339(weights.modified().unwrap()),
+        "dated by the PEFT weights, not the conversion"
+    );
+    assert_eq!(auto.sha256(), Adapter::load_any(&dir, &base).unwrap().sha256());
     let unscaled = import(&dir, &base, &ImportOptions::default()).unwrap();
     let wrong = v8_raw(&apply(&base, &unscaled, 1.0).unwrap());
     let worst = wrong

@@ -152,7 +152,12 @@ pub fn kind_of(targets: &[Target]) -> String {
 
 /// The current UTC time as RFC 3339 (seconds), without a date-time dependency.
 pub fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now()
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// `t` as `YYYY-MM-DDThh:mm:ssZ` (UTC, whole seconds; the epoch for times before it).
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let (days, rem) = (secs / 86_400, secs % 86_400);
@@ -539,7 +544,13 @@ impl Adapter {
     /// import then gets the identity of its f32 serialisation).
     pub fn load_any(path: &Path, base: &crate::model::OnnxModel) -> Result<Self, AdapterError> {
         if path.is_dir() {
-            let imported = peft::import(path, base, &peft::ImportOptions::default())?;
+            let mut imported = peft::import(path, base, &peft::ImportOptions::for_dir(path)?)?;
+            // The identity (the sha256 of the converted file) must not change from run to run:
+            // date it by the PEFT weights instead of the conversion.
+            let weights = path.join("adapter_model.safetensors");
+            if let Ok(t) = std::fs::metadata(&weights).and_then(|m| m.modified()) {
+                imported.header.created = rfc3339(t);
+            }
             Adapter::from_bytes(&imported.to_bytes(StoredDtype::F32)?, path)
         } else {
             Adapter::load(path)

@@ -45,6 +45,58 @@ pub struct ImportOptions {
     pub class_names: Option<Vec<String>>,
 }
 
+/// The file of per-channel scales perch looks for in a PEFT directory (written next to the
+/// adapter by a training recipe that knows the BatchNorm statistics the export folded).
+pub const CHANNEL_SCALES_FILE: &str = "channel_scales.safetensors";
+
+impl ImportOptions {
+    /// Default options, with [`ImportOptions::channel_scales`] read from
+    /// [`CHANNEL_SCALES_FILE`] when the PEFT directory `dir` has one.
+    pub fn for_dir(dir: &Path) -> Result<Self, AdapterError> {
+        let file = dir.join(CHANNEL_SCALES_FILE);
+        let channel_scales = match file.exists() {
+            true => {
+                log::info!("{}: using its per-channel scales", file.display());
+                read_channel_scales(&file)?
+            }
+            false => HashMap::new(),
+        };
+        Ok(ImportOptions {
+            channel_scales,
+            ..Default::default()
+        })
+    }
+}
+
+/// Reads per-channel scales: a safetensors file of 1-D f32 tensors keyed by PEFT module name.
+pub fn read_channel_scales(path: &Path) -> Result<HashMap<String, Vec<f32>>, AdapterError> {
+    let invalid = |reason: String| AdapterError::Invalid {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = crate::fsutil::read_limited(path, crate::fsutil::MAX_ADAPTER_BYTES).map_err(
+        |source| AdapterError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    )?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| invalid(format!("not a safetensors file ({e})")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.iter() {
+        if view.dtype() != safetensors::Dtype::F32 || view.shape().len() != 1 {
+            return Err(invalid(format!("tensor '{name}' must be 1-D F32")));
+        }
+        let values = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        out.insert(name.to_string(), values);
+    }
+    Ok(out)
+}
+
 /// Whether PEFT's pattern `key` selects `module` (whole name or a dotted suffix of it).
 fn pattern_matches(key: &str, module: &str) -> bool {
     module == key || module.ends_with(&format!(".{key}"))
