@@ -655,22 +655,29 @@ fn detect_one(
         .for_image(frame.width(), frame.height())
         .map_err(Failure::Model)?;
     let (found, timings) = det.detect(&frame).map_err(|e| Failure::Input(e.into()))?;
-    let record = ImageRecord {
+    let mut record = ImageRecord {
         source: path.display().to_string(),
         width: frame.width(),
         height: frame.height(),
         detections: det.records(&found),
         timings_ms: timings.into(),
         adapter: adapter.cloned(),
+        output: None,
     };
-    let line = serde_json::to_string(&record).map_err(|e| Failure::Output(e.into()))?;
-    out_line(line).map_err(Failure::StdoutClosed)?;
+    // The annotated image is written first, so that the record names only a file that exists;
+    // the record is printed either way.
+    let mut saved = Ok(());
     if let Some(dir) = out_dir {
         let _ = draw_detections(&mut RgbCanvas::new(&mut frame), &found, det.labels());
         let dst = annotated_path(dir, path, used);
-        save_rgb(&frame, &dst).map_err(|e| Failure::Output(e.into()))?;
+        saved = save_rgb(&frame, &dst);
+        if saved.is_ok() {
+            record.output = Some(dst.display().to_string());
+        }
     }
-    Ok(())
+    let line = serde_json::to_string(&record).map_err(|e| Failure::Output(e.into()))?;
+    out_line(line).map_err(Failure::StdoutClosed)?;
+    saved.map_err(|e| Failure::Output(e.into()))
 }
 
 fn detect(a: DetectArgs) -> u8 {

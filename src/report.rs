@@ -82,6 +82,7 @@ pub struct FrameRecord<'a> {
     pub seq: u64,
     /// Capture time, seconds since the Unix epoch (millisecond resolution).
     pub ts: f64,
+    /// The frame's origin: the image file of an `images:` source, else the source URI.
     pub source: &'a str,
     pub width: usize,
     pub height: usize,
@@ -110,6 +111,9 @@ pub struct ImageRecord {
     /// Present when an adapter was merged into the model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter: Option<AdapterRef>,
+    /// The annotated image written for this one (`detect --output-dir`), when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
 }
 
 #[cfg(test)]
@@ -134,6 +138,7 @@ mod tests {
                 postprocess: 0.5,
             },
             adapter: None,
+            output: None,
         };
         assert_eq!(
             serde_json::to_string(&r).unwrap(),

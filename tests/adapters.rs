@@ -206,7 +206,10 @@ fn unfused_lora_needs_batchnorm_channel_scales() {
         perch::adapter::rfc3339(weights.modified().unwrap()),
         "dated by the PEFT weights, not the conversion"
     );
-    assert_eq!(auto.sha256(), Adapter::load_any(&dir, &base).unwrap().sha256());
+    assert_eq!(
+        auto.sha256(),
+        Adapter::load_any(&dir, &base).unwrap().sha256()
+    );
     let unscaled = import(&dir, &base, &ImportOptions::default()).unwrap();
     let wrong = v8_raw(&apply(&base, &unscaled, 1.0).unwrap());
     let worst = wrong

@@ -210,6 +210,20 @@ fn annotated_images_are_written_and_names_do_not_collide() {
         .collect();
     names.sort();
     assert_eq!(names, ["chelsea.png", "chelsea_1.png", "rocket.jpg"]);
+    // Each record names the annotated file written for its image.
+    let written: Vec<String> = stdout_records(&out)
+        .iter()
+        .map(|r| r["output"].as_str().unwrap().to_string())
+        .collect();
+    let name = |n: &str| out_dir.join(n).display().to_string();
+    assert_eq!(
+        written,
+        [
+            name("chelsea.png"),
+            name("chelsea_1.png"),
+            name("rocket.jpg")
+        ]
+    );
     let src = perch::image_io::load_rgb(&path("tests/data/chelsea.png")).unwrap();
     let drawn = perch::image_io::load_rgb(&out_dir.join("chelsea.png")).unwrap();
     assert_eq!((drawn.width(), drawn.height()), (src.width(), src.height()));

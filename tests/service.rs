@@ -593,6 +593,14 @@ fn image_directory_source_skips_corrupt_files() {
         (&recs[0]["width"], &recs[1]["width"]),
         (&400.into(), &160.into())
     );
+    // Each record names its file, as `perch detect` does.
+    assert_eq!(
+        (&recs[0]["source"], &recs[1]["source"]),
+        (
+            &imgs.join("a.png").display().to_string().into(),
+            &imgs.join("c.png").display().to_string().into()
+        )
+    );
     assert!(
         err.contains("b.jpg") && err.contains("cannot decode"),
         "{err}"

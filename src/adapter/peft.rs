@@ -74,12 +74,13 @@ pub fn read_channel_scales(path: &Path) -> Result<HashMap<String, Vec<f32>>, Ada
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = crate::fsutil::read_limited(path, crate::fsutil::MAX_ADAPTER_BYTES).map_err(
-        |source| AdapterError::Io {
-            path: path.to_path_buf(),
-            source,
-        },
-    )?;
+    let bytes =
+        crate::fsutil::read_limited(path, crate::fsutil::MAX_ADAPTER_BYTES).map_err(|source| {
+            AdapterError::Io {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| invalid(format!("not a safetensors file ({e})")))?;
     let mut out = HashMap::new();

@@ -11,6 +11,10 @@ use crate::image_io::{list_images, load_rgb};
 pub struct ImageFiles {
     name: String,
     files: Vec<PathBuf>,
+    /// The files as records name them.
+    origins: Vec<std::sync::Arc<str>>,
+    /// Index of the file the last frame came from.
+    last: Option<usize>,
     next: usize,
     looped: bool,
     skipped: usize,
@@ -38,6 +42,11 @@ impl ImageFiles {
         }
         Ok(ImageFiles {
             name,
+            origins: files
+                .iter()
+                .map(|p| p.display().to_string().into())
+                .collect(),
+            last: None,
             files,
             next: 0,
             looped,
@@ -75,7 +84,10 @@ impl FrameSource for ImageFiles {
             let path = &self.files[self.next];
             self.next += 1;
             match load_rgb(path) {
-                Ok(f) => return Ok(Some(f)),
+                Ok(f) => {
+                    self.last = Some(self.next - 1);
+                    return Ok(Some(f));
+                }
                 Err(e) => {
                     log::warn!("{}: skipping {e}", self.name);
                     self.skipped += 1;
@@ -86,5 +98,9 @@ impl FrameSource for ImageFiles {
 
     fn describe(&self) -> String {
         format!("{} ({} files)", self.name, self.files.len())
+    }
+
+    fn frame_origin(&self) -> Option<std::sync::Arc<str>> {
+        self.last.map(|i| self.origins[i].clone())
     }
 }

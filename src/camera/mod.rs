@@ -174,6 +174,12 @@ pub trait FrameSource: Send {
 
     /// A short description for logs and status (device, negotiated format and size).
     fn describe(&self) -> String;
+
+    /// Where the frame [`FrameSource::next_frame`] returned last came from, when that is more
+    /// than the source itself (the image file of an `images:` source); records name it.
+    fn frame_origin(&self) -> Option<std::sync::Arc<str>> {
+        None
+    }
 }
 
 /// Opens the source `spec` describes. `stop` is polled by blocking reads.

@@ -41,6 +41,8 @@ pub struct Captured {
     pub wall: SystemTime,
     /// Monotonic capture time, for ages and latencies.
     pub at: Instant,
+    /// The frame's own origin where the source has one (`FrameSource::frame_origin`).
+    pub origin: Option<Arc<str>>,
 }
 
 #[derive(Default)]
@@ -218,6 +220,7 @@ pub fn capture_loop(
                     frame,
                     wall: SystemTime::now(),
                     at: Instant::now(),
+                    origin: src.frame_origin(),
                 };
                 metrics.update(|s| {
                     s.frames_captured += 1;
@@ -337,7 +340,7 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
         let mut record = FrameRecord {
             seq: c.seq,
             ts: ts_ms as f64 / 1e3,
-            source: source_name,
+            source: c.origin.as_deref().unwrap_or(source_name),
             width: c.frame.width(),
             height: c.frame.height(),
             detections: records,
@@ -402,6 +405,7 @@ mod tests {
             frame: RgbFrame::filled(1, 1, [0; 3]),
             wall: SystemTime::now(),
             at: Instant::now(),
+            origin: None,
         }
     }
 
