@@ -256,6 +256,15 @@ fn service_notify_control_subscribers_http_snapshots_and_sigterm() {
         text.contains("# TYPE perch_frames_processed_total counter"),
         "{text}"
     );
+    let (head, body) = http_get("/");
+    let page = String::from_utf8(body).unwrap();
+    assert!(
+        head.contains("200 OK") && head.contains("text/html"),
+        "{head}"
+    );
+    for link in ["/stream.mjpg", "/snapshot.jpg", "/status", "/metrics"] {
+        assert!(page.contains(&format!("href=\"{link}\"")), "{page}");
+    }
     let (head, _) = http_get("/nope");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
     {

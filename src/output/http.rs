@@ -205,6 +205,12 @@ fn serve(mut stream: TcpStream, s: &Shared) -> std::io::Result<()> {
         );
     }
     match path.split('?').next().unwrap_or("") {
+        "/" | "/index.html" => respond(
+            &mut stream,
+            "200 OK",
+            "text/html; charset=utf-8",
+            INDEX.as_bytes(),
+        ),
         "/status" => respond(
             &mut stream,
             "200 OK",
@@ -233,6 +239,16 @@ fn serve(mut stream: TcpStream, s: &Shared) -> std::io::Result<()> {
         _ => respond(&mut stream, "404 Not Found", "text/plain", b"not found\n"),
     }
 }
+
+/// The page at `/`: the live stream and links to everything else this server answers.
+const INDEX: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>perch</title>\n\
+<style>body{font-family:sans-serif;margin:1em}img{max-width:100%}</style></head><body>\n\
+<h1>perch</h1>\n<p><img src=\"/stream.mjpg\" alt=\"live view\"></p>\n<ul>\n\
+<li><a href=\"/stream.mjpg\">/stream.mjpg</a>: annotated frames (MJPEG)</li>\n\
+<li><a href=\"/snapshot.jpg\">/snapshot.jpg</a>: the latest annotated frame (JPEG)</li>\n\
+<li><a href=\"/status\">/status</a>: counters, latencies, model and adapter (JSON)</li>\n\
+<li><a href=\"/metrics\">/metrics</a>: the same as Prometheus metrics</li>\n\
+</ul>\n</body></html>\n";
 
 fn stream_mjpeg(mut stream: TcpStream, s: &Shared) -> std::io::Result<()> {
     stream.write_all(
