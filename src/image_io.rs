@@ -121,8 +121,19 @@ fn decode<R: std::io::BufRead + std::io::Seek>(
         path: path.to_path_buf(),
         reason,
     };
-    if reader.format().is_none() {
+    let Some(format) = reader.format() else {
         return Err(decode("unrecognised format (expected JPEG or PNG)".into()));
+    };
+    if format == image::ImageFormat::Jpeg {
+        // A JPEG cut short decodes without an error (the missing rows come out grey).
+        let mut inner = reader.into_inner();
+        if !jpeg_ends_with_eoi(&mut inner).map_err(|e| decode(e.to_string()))? {
+            log::warn!(
+                "{}: JPEG has no end-of-image marker (truncated?); its last rows may be blank",
+                path.display()
+            );
+        }
+        reader = ImageReader::with_format(inner, format);
     }
     reader.limits(decode_limits());
     let mut decoder = reader
@@ -136,6 +147,20 @@ fn decode<R: std::io::BufRead + std::io::Seek>(
     let rgb = img.into_rgb8();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
     RgbFrame::new(w, h, rgb.into_raw()).map_err(|e| decode(e.to_string()))
+}
+
+/// Whether a JPEG stream ends with its end-of-image marker (`FF D9`), allowing for zero padding
+/// after it; rewinds `r` to the start.
+fn jpeg_ends_with_eoi<R: std::io::Read + std::io::Seek>(r: &mut R) -> std::io::Result<bool> {
+    use std::io::{Read, SeekFrom};
+    const TAIL: u64 = 4096;
+    let len = r.seek(SeekFrom::End(0))?;
+    r.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
+    let mut tail = Vec::with_capacity(TAIL as usize);
+    (&mut *r).take(TAIL).read_to_end(&mut tail)?;
+    r.seek(SeekFrom::Start(0))?;
+    let end = tail.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+    Ok(tail[..end].ends_with(&[0xFF, 0xD9]))
 }
 
 /// Encodes `frame` as a baseline JPEG of `quality` (1..=100).

@@ -296,6 +296,16 @@ fn bad_images_are_reported_and_the_rest_still_processed() {
     let png = std::fs::read(path("tests/data/chelsea.png")).unwrap();
     let trunc = dir.join("truncated.png");
     std::fs::write(&trunc, &png[..png.len() / 2]).unwrap();
+    // A critical chunk renamed: the PNG decoder's message embeds a Rust debug dump.
+    let mut renamed = png.clone();
+    let idat = renamed.windows(4).position(|w| w == b"IDAT").unwrap();
+    renamed[idat + 3] = b'X';
+    let chunk = dir.join("chunk.png");
+    std::fs::write(&chunk, &renamed).unwrap();
+    // A JPEG cut short decodes (grey rows), with a warning naming it.
+    let jpeg = std::fs::read(path("tests/data/osbs_029.jpg")).unwrap();
+    let cut = dir.join("cut.jpg");
+    std::fs::write(&cut, &jpeg[..jpeg.len() / 3]).unwrap();
     let out = perch(&[
         "detect",
         "--model",
@@ -305,24 +315,38 @@ fn bad_images_are_reported_and_the_rest_still_processed() {
         "tests/data/chelsea.png",
         trunc.to_str().unwrap(),
         "Cargo.toml",
+        chunk.to_str().unwrap(),
+        cut.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(2));
     let recs = stdout_records(&out);
-    assert_eq!(recs.len(), 1, "the good image is still processed");
+    assert_eq!(
+        recs.len(),
+        2,
+        "the good and the cut images are still processed"
+    );
     assert_eq!(recs[0]["source"], "tests/data/chelsea.png");
+    assert_eq!(recs[1]["source"], cut.to_str().unwrap());
     let err = stderr(&out);
     assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.contains("cut.jpg") && l.contains("no end-of-image marker")),
+        "{err}"
+    );
+    assert!(!err.contains(" { "), "no debug dumps: {err}");
     // Log lines (e.g. tract's CPU-feature warning under qemu) may precede; errors are one line each.
     let lines: Vec<&str> = err
         .lines()
         .filter(|l| l.starts_with("perch: error:"))
         .collect();
-    assert_eq!(lines.len(), 4, "{err}");
+    assert_eq!(lines.len(), 5, "{err}");
     for (line, (name, reason)) in lines.iter().zip([
         ("nope.png", "No such file"),
         ("corrupt.jpg", "cannot decode"),
         ("truncated.png", "cannot decode"),
         ("Cargo.toml", "unrecognised format"),
+        ("chunk.png", "critical chunk: ChunkType"),
     ]) {
         assert!(
             line.starts_with("perch: error:") && line.contains(name) && line.contains(reason),
