@@ -292,7 +292,7 @@ struct RunArgs {
     /// nokhwa:N (camera index; builds with the `nokhwa` feature only).
     #[arg(long, value_name = "URI")]
     source: Option<String>,
-    /// Stop after this many frames.
+    /// Stop after this many frames have been processed (records written).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     frames: Option<u64>,
 }

@@ -616,3 +616,24 @@ fn image_directory_source_skips_corrupt_files() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `--frames N` (`source.frames`) stops after N records, even when a real-time source delivers
+/// frames faster than inference takes them (the dropped ones do not count).
+#[test]
+fn frames_limit_counts_records() {
+    let out = perch(&[
+        "run",
+        "--model",
+        &model(),
+        "--source",
+        "synthetic",
+        "--frames",
+        "12",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let recs = records(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(recs.len(), 12, "{:?}", seqs(&recs));
+    let s = seqs(&recs);
+    assert!(s.windows(2).all(|w| w[0] < w[1]), "{s:?}");
+}

@@ -496,6 +496,7 @@ impl Pipeline {
                 notifier.clone(),
             );
             let src_name = uri;
+            let max_frames = s.source.max_frames;
             std::thread::Builder::new()
                 .name("perch-inference".into())
                 .spawn(move || {
@@ -505,6 +506,7 @@ impl Pipeline {
                         metrics: &m,
                         notifier: &n,
                         source_name: &src_name,
+                        max_frames,
                     };
                     pipeline::inference_loop(&mut engine, &mut outputs, ctx);
                     engine

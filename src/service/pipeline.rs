@@ -168,12 +168,11 @@ pub fn capture_loop(
     } = ctx;
     let interval = pacing(spec, source.as_ref().and_then(|s| s.native_fps()));
     let lossless = !spec.is_live() && interval.is_none();
-    let mut produced = 0u64;
     let mut backoff = BACKOFF_MIN;
     let mut next_due: Option<Instant> = None;
     let mut error = None;
     loop {
-        if stop.load(Ordering::Relaxed) || spec.max_frames.is_some_and(|m| produced >= m) {
+        if stop.load(Ordering::Relaxed) {
             break;
         }
         let Some(src) = source.as_mut() else {
@@ -232,7 +231,6 @@ pub fn capture_loop(
                     break;
                 }
                 seq += 1;
-                produced += 1;
             }
             Ok(None) => break,
             Err(e) if e.retry == Retry::Reopen => {
@@ -299,10 +297,14 @@ pub struct InferenceCtx<'a> {
     pub metrics: &'a Metrics,
     pub notifier: &'a Notifier,
     pub source_name: &'a str,
+    /// Stop after this many frames (`source.frames`): the handoff is closed once inference has
+    /// taken them, so the records number exactly this many however many frames were dropped.
+    pub max_frames: Option<u64>,
 }
 
-/// Runs frames from the handoff through `engine` into `outputs` until the handoff closes.
-/// Between two frames, an engine published in the mailbox replaces `engine`.
+/// Runs frames from the handoff through `engine` into `outputs` until the handoff closes (or
+/// `max_frames` frames were taken). Between two frames, an engine published in the mailbox
+/// replaces `engine`.
 pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: InferenceCtx) {
     let InferenceCtx {
         handoff,
@@ -310,9 +312,20 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
         metrics,
         notifier,
         source_name,
+        max_frames,
     } = ctx;
     let mut labels: Arc<[String]> = engine.detector.labels().to_vec().into();
-    while let Some(c) = handoff.take() {
+    let mut taken_frames = 0u64;
+    loop {
+        if max_frames.is_some_and(|m| taken_frames >= m) {
+            // The capture loop stops at its next handoff, and the service after this loop.
+            handoff.close();
+            break;
+        }
+        let Some(c) = handoff.take() else {
+            break;
+        };
+        taken_frames += 1;
         let retired = mailbox.swap_in(engine);
         if retired.is_some() {
             labels = engine.detector.labels().to_vec().into();
