@@ -6,6 +6,8 @@
 //! produce frames; pacing, reconnection and drop accounting live in the pipeline.
 
 pub mod images;
+#[cfg(feature = "nokhwa")]
+pub mod nokhwa;
 pub mod pixfmt;
 pub mod synthetic;
 #[cfg(feature = "v4l2")]
@@ -204,10 +206,13 @@ pub fn open(spec: &SourceSpec, stop: Arc<AtomicBool>) -> Result<Box<dyn FrameSou
                 "this perch was built without the v4l2 feature",
             ));
         }
+        #[cfg(feature = "nokhwa")]
+        SourceKind::Nokhwa(i) => Box::new(nokhwa::NokhwaSource::open(*i, spec, stop)?),
+        #[cfg(not(feature = "nokhwa"))]
         SourceKind::Nokhwa(i) => {
             return Err(SourceError::fatal(
                 format!("nokhwa:{i}"),
-                "the nokhwa backend is not part of this build",
+                "this perch was built without the nokhwa feature (cargo build --features nokhwa)",
             ));
         }
     })
