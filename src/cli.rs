@@ -473,7 +473,7 @@ impl ModelSource {
             threads: self.threads as usize,
             calibration: None,
             calibration_role: CalibrationRole::Override,
-            rect: false,
+            rect: None,
         }
     }
 }

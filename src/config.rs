@@ -44,9 +44,12 @@ pub struct ModelSettings {
     /// Whether `calibration` overrides the one an adapter carries (a per-run choice such as
     /// `--calibration`) or is the base model's (`model.calibration`, the service's default).
     pub calibration_role: crate::engine::CalibrationRole,
-    /// Dynamic models: run at the smallest stride-aligned input holding the camera frame
-    /// (`source.width` x `source.height`) instead of a square.
-    pub rect: bool,
+    /// Run at the smallest stride-aligned input holding the camera frame (`source.width` x
+    /// `source.height`) instead of a square, as Ultralytics' predictor letterboxes dynamic
+    /// exports. `None` (the default): for dynamic exports whenever the frame size is configured;
+    /// `Some(true)` asks for it (a static export keeps its size, with a warning); `Some(false)`
+    /// keeps the square.
+    pub rect: Option<bool>,
 }
 
 /// Where JSON records go.
@@ -502,7 +505,7 @@ fn model(ctx: &Ctx, m: RawModel) -> Result<ModelSettings, ConfigError> {
             .map_or(1, |n| n as usize),
         calibration: m.calibration.as_deref().map(|p| ctx.path(p)),
         calibration_role: crate::engine::CalibrationRole::Base,
-        rect: m.rect.as_ref().is_some_and(|r| *r.get_ref()),
+        rect: m.rect.as_ref().map(|r| *r.get_ref()),
     })
 }
 

@@ -244,7 +244,11 @@ impl EngineBuilder {
     ) -> Result<Detector, EngineError> {
         let t = Instant::now();
         let model = self.merged(adapter, timings.as_deref_mut())?;
-        let rect_for = self.frame_size.filter(|_| self.settings.rect);
+        let fit = match self.settings.rect {
+            Some(explicit) => explicit,
+            None => self.base.input_shape().is_dynamic(),
+        };
+        let rect_for = self.frame_size.filter(|_| fit);
         let detector = self.detector(&model, adapter.map(|(a, _)| a), rect_for, timings)?;
         log::info!(
             "model {} ready in {:.0} ms{}",

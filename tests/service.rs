@@ -637,3 +637,42 @@ fn frames_limit_counts_records() {
     let s = seqs(&recs);
     assert!(s.windows(2).all(|w| w[0] < w[1]), "{s:?}");
 }
+
+/// A dynamic export in the service runs at the smallest stride-aligned input holding the
+/// configured frame (Ultralytics' predictor letterbox) unless `rect = false`; a static export
+/// keeps its size.
+#[test]
+fn dynamic_models_fit_the_configured_frame_by_default() {
+    let dir = scratch("rect-default");
+    let check = |model: &str, extra: &str| {
+        let cfg = dir.join("perch.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[model]\npath = \"{}\"\n{extra}[source]\nuri = \"synthetic\"\nwidth = 320\nheight = 240\n",
+                path(model).display()
+            ),
+        )
+        .unwrap();
+        let out = perch(&["run", "--config", cfg.to_str().unwrap(), "--check-config"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    };
+    let dynamic = "tests/fixtures/v8-dyn-op17.onnx";
+    assert!(
+        check(dynamic, "").contains(" at 128x160,"),
+        "{}",
+        check(dynamic, "")
+    );
+    let square = check(dynamic, "rect = false\n");
+    assert!(square.contains(" at 160x160,"), "{square}");
+    let fixed = check("tests/fixtures/v8-t160-op11.onnx", "");
+    assert!(fixed.contains(" at 160x160,"), "{fixed}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

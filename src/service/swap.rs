@@ -785,7 +785,7 @@ mod tests {
             threads: 1,
             calibration: None,
             calibration_role: Default::default(),
-            rect: false,
+            rect: None,
         }
     }
 
