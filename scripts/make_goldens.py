@@ -261,6 +261,90 @@ def make_eval_golden():
     })
 
 
+DYN_MODEL = FIX / "tree-yolo11n-dyn.onnx"
+RECT_DIR = DATA / "eval-rect"
+
+
+def make_dynamic_demo():
+    """The demo model as a dynamic export: YOLO11n built from its yaml (nc=1), fused, its weights
+    taken from the static export's initializers, exported with dynamic=True. At 320x320 it
+    gives the static export's output bit for bit (checked here with onnxruntime)."""
+    import onnx
+    from onnx import numpy_helper
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(DETECT_MODEL)).graph.initializer}
+    net = DetectionModel("yolo11n.yaml", nc=1, verbose=False)
+    net.fuse(verbose=False)
+    sd = net.state_dict()
+    for k in sd:
+        assert tuple(sd[k].shape) == inits[k].shape, k
+        sd[k] = torch.from_numpy(inits[k].copy())
+    net.load_state_dict(sd)
+    net.names, net.task = {0: "Tree"}, "detect"
+    net.yaml["nc"] = 1
+    y = YOLO("yolo11n.yaml")
+    y.model = net
+    y.model.args = {"imgsz": 320, "data": "", "task": "detect"}
+    out = Path(y.export(format="onnx", dynamic=True, imgsz=320, simplify=True, opset=17))
+    out.replace(DYN_MODEL)
+    x = np.random.RandomState(0).rand(1, 3, 320, 320).astype(np.float32)
+    a = ort.InferenceSession(str(DETECT_MODEL)).run(None, {"images": x})[0]
+    b = ort.InferenceSession(str(DYN_MODEL)).run(None, {"images": x})[0]
+    assert np.array_equal(a, b), np.abs(a - b).max()
+    print("wrote", DYN_MODEL.relative_to(ROOT))
+
+
+def make_rect_eval_set():
+    """Non-square crops of the committed eval images (two wide, two tall, two near-square),
+    their labels clipped to the crop (boxes keeping under half their area are dropped)."""
+    import shutil
+
+    if RECT_DIR.exists():
+        shutil.rmtree(RECT_DIR)
+    for sub in ("images/val", "labels/val"):
+        (RECT_DIR / sub).mkdir(parents=True)
+    crops = [(0, 0, 400, 240), (0, 90, 400, 300), (0, 0, 250, 400), (120, 0, 300, 400), (0, 0, 400, 370), (20, 0, 360, 400)]
+    for (x0, y0, w, h), img in zip(crops, sorted((EVAL_DIR / "images/val").glob("*.png"))):
+        im = cv2.imread(str(img))
+        H, W = im.shape[:2]
+        w, h = min(w, W - x0), min(h, H - y0)
+        cv2.imwrite(str(RECT_DIR / "images/val" / img.name), im[y0:y0 + h, x0:x0 + w])
+        rows = []
+        for line in (EVAL_DIR / "labels/val" / f"{img.stem}.txt").read_text().split("\n"):
+            if not line.strip():
+                continue
+            c, cx, cy, bw, bh = line.split()
+            cx, cy, bw, bh = float(cx) * W, float(cy) * H, float(bw) * W, float(bh) * H
+            a = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
+            b = [max(a[0], x0), max(a[1], y0), min(a[2], x0 + w), min(a[3], y0 + h)]
+            if b[2] <= b[0] or b[3] <= b[1] or (b[2] - b[0]) * (b[3] - b[1]) < 0.5 * bw * bh:
+                continue
+            rows.append(f"{c} {((b[0] + b[2]) / 2 - x0) / w:.6f} {((b[1] + b[3]) / 2 - y0) / h:.6f} "
+                        f"{(b[2] - b[0]) / w:.6f} {(b[3] - b[1]) / h:.6f}")
+        (RECT_DIR / "labels/val" / f"{img.stem}.txt").write_text("\n".join(rows) + "\n")
+    (RECT_DIR / "data.yaml").write_text("# non-square crops of tests/data/eval (see scripts/make_goldens.py)\n"
+                                        "train: images/val  # unused; Ultralytics requires the key\nval: images/val\n"
+                                        "names:\n  0: Tree\n")
+    print("wrote", RECT_DIR.relative_to(ROOT))
+
+
+def make_rect_eval_golden():
+    """Ultralytics `val` of the dynamic demo export on the non-square set: rectangular batch
+    shapes (rect=True, as `model.val()` sets), for batch 16 (the default: one batch) and 2."""
+    from ultralytics import YOLO
+
+    out = {"model": str(DYN_MODEL.relative_to(ROOT)), "data": "tests/data/eval-rect/data.yaml", "imgsz": 320}
+    for batch in (16, 2):
+        r = YOLO(str(DYN_MODEL), task="detect").val(data=str(RECT_DIR / "data.yaml"), imgsz=320, batch=batch,
+                                                     conf=0.001, iou=0.7, plots=False, verbose=False, save_json=False)
+        b = r.box
+        out[f"batch{batch}"] = {"precision": float(b.mp), "recall": float(b.mr), "map50": float(b.map50),
+                                "map50_95": float(b.map)}
+    dump(GOLD / "eval" / "tree-yolo11n-dyn-rect.json", out)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="raw,letterbox,detect,detect_dynamic")
@@ -278,6 +362,10 @@ def main():
     if "eval" in only:
         make_eval_set()
         make_eval_golden()
+    if "eval_rect" in only:
+        make_dynamic_demo()
+        make_rect_eval_set()
+        make_rect_eval_golden()
 
 
 if __name__ == "__main__":

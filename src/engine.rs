@@ -75,6 +75,18 @@ pub struct BuildTimings {
     pub prepare_ms: f64,
 }
 
+/// The input size of a detector an [`EngineBuilder`] makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputSize {
+    /// The settings' `imgsz` (dynamic models), else the model's own size or metadata.
+    Configured,
+    /// Dynamic models: the smallest stride-aligned input holding a frame of this (width,
+    /// height) letterboxed at the configured size (see [`crate::detector::input_size`]).
+    FitFrame(usize, usize),
+    /// Dynamic models: exactly this (height, width).
+    Exact(usize, usize),
+}
+
 /// A pristine base model and the settings every engine built from it shares.
 pub struct EngineBuilder {
     base: OnnxModel,
@@ -206,17 +218,22 @@ impl EngineBuilder {
         }
     }
 
-    /// A detector for `model` (the base, or [`EngineBuilder::merged`] with `adapter`), at the
-    /// input size `rect_for` asks for (see [`crate::detector::input_size`]).
+    /// A detector for `model` (the base, or [`EngineBuilder::merged`] with `adapter`) at
+    /// `size`.
     pub fn detector(
         &self,
         model: &OnnxModel,
         adapter: Option<&Adapter>,
-        rect_for: Option<(usize, usize)>,
+        size: InputSize,
         timings: Option<&mut BuildTimings>,
     ) -> Result<Detector, EngineError> {
+        let (imgsz, rect_for) = match size {
+            InputSize::Configured => (self.settings.imgsz, None),
+            InputSize::FitFrame(w, h) => (self.settings.imgsz, Some((w, h))),
+            InputSize::Exact(h, w) => (Some((h, w)), None),
+        };
         let opts = DetectorOptions {
-            imgsz: self.settings.imgsz,
+            imgsz,
             layout: self.settings.layout,
             labels: self.labels.clone(),
             params: self.settings.params.clone(),
@@ -248,8 +265,11 @@ impl EngineBuilder {
             Some(explicit) => explicit,
             None => self.base.input_shape().is_dynamic(),
         };
-        let rect_for = self.frame_size.filter(|_| fit);
-        let detector = self.detector(&model, adapter.map(|(a, _)| a), rect_for, timings)?;
+        let size = match self.frame_size.filter(|_| fit) {
+            Some((w, h)) => InputSize::FitFrame(w, h),
+            None => InputSize::Configured,
+        };
+        let detector = self.detector(&model, adapter.map(|(a, _)| a), size, timings)?;
         log::info!(
             "model {} ready in {:.0} ms{}",
             self.settings.path.display(),

@@ -102,6 +102,32 @@ pub fn load_rgb(path: &Path) -> Result<RgbFrame, ImageError> {
     decode(reader, path)
 }
 
+/// An image's (width, height) as Ultralytics' dataset scan reads it (`exif_size`): the stored
+/// size, swapped when the EXIF orientation is a quarter turn (6 or 8). Reads the header only.
+pub fn oriented_size(path: &Path) -> Result<(usize, usize), ImageError> {
+    let io = |source| ImageError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let decode = |reason: String| ImageError::Decode {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut decoder = ImageReader::open(path)
+        .map_err(io)?
+        .with_guessed_format()
+        .map_err(io)?
+        .into_decoder()
+        .map_err(|e| decode(limit_message(e)))?;
+    let (w, h) = decoder.dimensions();
+    let quarter = matches!(
+        decoder.orientation().map_err(|e| decode(e.to_string()))?,
+        image::metadata::Orientation::Rotate90 | image::metadata::Orientation::Rotate270
+    );
+    let (w, h) = (w as usize, h as usize);
+    Ok(if quarter { (h, w) } else { (w, h) })
+}
+
 /// [`load_rgb`] on bytes in memory; `name` is used in errors.
 pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbFrame, ImageError> {
     let reader = ImageReader::new(std::io::Cursor::new(bytes))

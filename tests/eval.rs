@@ -42,6 +42,45 @@ fn eval_agrees_with_ultralytics_val() {
     assert_eq!(r["per_class"][0]["instances"], r["instances"]);
 }
 
+/// A dynamic export is evaluated as `yolo val` evaluates it: rectangular batch shapes from
+/// images grouped by aspect ratio (`--batch`), on non-square images where the square input
+/// gives other figures (mAP50 0.314 against 0.303 at batch 16).
+#[test]
+fn dynamic_export_eval_matches_ultralytics_rect_batches() {
+    let g = json("tests/goldens/eval/tree-yolo11n-dyn-rect.json");
+    for batch in ["16", "2"] {
+        let out = perch(&[
+            "eval",
+            "--model",
+            g["model"].as_str().unwrap(),
+            "--data",
+            g["data"].as_str().unwrap(),
+            "--imgsz",
+            "320",
+            "--batch",
+            batch,
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(r["rect_batch"].to_string(), batch);
+        let want = &g[format!("batch{batch}")];
+        for (key, tol) in [
+            ("map50", 0.002),
+            ("map50_95", 0.005),
+            ("precision", 0.01),
+            ("recall", 0.01),
+        ] {
+            let (got, want) = (r[key].as_f64().unwrap(), want[key].as_f64().unwrap());
+            eprintln!("batch {batch} {key}: perch {got:.4} ultralytics {want:.4}");
+            assert!(
+                (got - want).abs() <= tol,
+                "batch {batch} {key}: perch {got} vs ultralytics {want}"
+            );
+        }
+    }
+}
+
 #[test]
 fn bad_datasets_fail_with_one_line() {
     let dir = std::env::temp_dir().join(format!("perch-eval-{}", std::process::id()));

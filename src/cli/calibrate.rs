@@ -25,7 +25,7 @@ pub(super) fn calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
     let settings = a.model.settings();
     let (builder, adapter) = load_engine(&settings, &mut Default::default())?;
     let model = builder.merged(adapter.as_ref().map(|x| (x, settings.adapter_scale)), None)?;
-    let mut det = builder.detector(&model, adapter.as_ref(), None, None)?;
+    let mut det = builder.detector(&model, adapter.as_ref(), InputSize::Configured, None)?;
     let (h, w) = det.input_hw();
     let mut cal = model.calibrator(h, w)?;
     let mut used = 0usize;

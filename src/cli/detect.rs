@@ -83,15 +83,16 @@ impl DetectorCache {
         let rect_for = self.rect.then_some((width, height));
         let imgsz = self.builder.settings().imgsz;
         let hw = perch::detector::input_size(self.model(), imgsz, rect_for);
+        let size = rect_for.map_or(InputSize::Configured, |(w, h)| InputSize::FitFrame(w, h));
         let i = match self.built.iter().position(|(k, _)| *k == hw) {
             Some(i) => i,
             None => {
                 if self.built.len() >= Self::MAX {
                     self.built.remove(0);
                 }
-                let det =
-                    self.builder
-                        .detector(self.model(), self.adapter.as_ref(), rect_for, None)?;
+                let det = self
+                    .builder
+                    .detector(self.model(), self.adapter.as_ref(), size, None)?;
                 self.built.push((hw, det));
                 self.built.len() - 1
             }

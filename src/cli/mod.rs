@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use perch::adapter::{self, Adapter, StoredDtype, peft::ImportOptions};
 use perch::config::ModelSettings;
 use perch::detector::read_labels;
-use perch::engine::{BuildTimings, CalibrationRole, EngineBuilder};
+use perch::engine::{BuildTimings, CalibrationRole, EngineBuilder, InputSize};
 use perch::exit;
 use perch::image_io::{IMAGE_EXTENSIONS, list_images, load_rgb, save_rgb};
 use perch::model::{OnnxModel, Precision};
@@ -298,7 +298,8 @@ fn build_detector(
     let (builder, adapter) = load_engine(settings, times)?;
     let scaled = adapter.as_ref().map(|x| (x, settings.adapter_scale));
     let model = builder.merged(scaled, Some(times))?;
-    let det = builder.detector(&model, adapter.as_ref(), rect_for, Some(times))?;
+    let size = rect_for.map_or(InputSize::Configured, |(w, h)| InputSize::FitFrame(w, h));
+    let det = builder.detector(&model, adapter.as_ref(), size, Some(times))?;
     Ok((det, adapter))
 }
 

@@ -21,6 +21,9 @@ pub enum EvalError {
     Image(#[from] crate::image_io::ImageError),
     #[error(transparent)]
     Detector(#[from] DetectorError),
+    /// A detector for one of the input shapes could not be built.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
 }
 
 /// One labelled box: class id and `[x1, y1, x2, y2]` in normalised 0..1 image coordinates.
@@ -208,19 +211,80 @@ impl Dataset {
     }
 }
 
-/// The letterbox Ultralytics' validator uses: resize the long side to the input size with
-/// `ceil`, never upscale beyond it, then pad centred.
-pub fn val_letterbox(src_w: usize, src_h: usize, dst: usize) -> Letterbox {
-    let r = dst as f64 / src_w.max(src_h) as f64;
-    let (new_w, new_h) = if r == 1.0 {
+/// The letterbox Ultralytics' validator uses: resize the long side to `imgsz` with `ceil`
+/// (`load_image`), then `LetterBox(scaleup=False)` into the `dst_w` x `dst_h` input: shrunk
+/// only if it does not fit, padded centred.
+pub fn val_letterbox(
+    src_w: usize,
+    src_h: usize,
+    imgsz: usize,
+    dst_w: usize,
+    dst_h: usize,
+) -> Letterbox {
+    let r = imgsz as f64 / src_w.max(src_h) as f64;
+    let (mut new_w, mut new_h) = if r == 1.0 {
         (src_w, src_h)
     } else {
         (
-            ((src_w as f64 * r).ceil() as usize).min(dst),
-            ((src_h as f64 * r).ceil() as usize).min(dst),
+            ((src_w as f64 * r).ceil() as usize).min(imgsz),
+            ((src_h as f64 * r).ceil() as usize).min(imgsz),
         )
     };
-    Letterbox::with_resized(src_w, src_h, dst, dst, new_w.max(1), new_h.max(1))
+    let fit = (dst_w as f64 / new_w as f64).min(dst_h as f64 / new_h as f64);
+    if fit < 1.0 {
+        new_w = (new_w as f64 * fit).round_ties_even() as usize;
+        new_h = (new_h as f64 * fit).round_ties_even() as usize;
+    }
+    Letterbox::with_resized(src_w, src_h, dst_w, dst_h, new_w.max(1), new_h.max(1))
+}
+
+/// The input (height, width) of each image under Ultralytics' rectangular validation
+/// (`yolo val` on a dynamic export, where `model.val()` sets `rect=True`): images sorted by
+/// aspect ratio (height / width) fall into batches of `batch`; a batch whose images are all
+/// wider than tall gets `[max ratio, 1]`, all taller than wide `[1, 1 / min ratio]`, else
+/// `[1, 1]`, times `imgsz / stride` plus half a stride, rounded up to the stride. `sizes` are
+/// (width, height) in dataset order, and so is the result.
+pub fn val_rect_shapes(
+    sizes: &[(usize, usize)],
+    imgsz: usize,
+    stride: usize,
+    batch: usize,
+) -> Vec<(usize, usize)> {
+    let ar: Vec<f64> = sizes.iter().map(|&(w, h)| h as f64 / w as f64).collect();
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by(|&a, &b| ar[a].total_cmp(&ar[b]));
+    let side = |s: f64| (s * imgsz as f64 / stride as f64 + 0.5).ceil() as usize * stride;
+    let mut shapes = vec![(0, 0); sizes.len()];
+    for members in order.chunks(batch.max(1)) {
+        let (lo, hi) = members.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &i| {
+            (lo.min(ar[i]), hi.max(ar[i]))
+        });
+        let (sh, sw) = if hi < 1.0 {
+            (hi, 1.0)
+        } else if lo > 1.0 {
+            (1.0, 1.0 / lo)
+        } else {
+            (1.0, 1.0)
+        };
+        for &i in members {
+            shapes[i] = (side(sh), side(sw));
+        }
+    }
+    shapes
+}
+
+/// How `perch eval` sizes each image's input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValGeometry {
+    /// Every image letterboxed into `imgsz` x `imgsz` (`yolo val` on a static export).
+    Square(usize),
+    /// Rectangular batch shapes, as `yolo val` shapes them for a dynamic export
+    /// ([`val_rect_shapes`]).
+    Rect {
+        imgsz: usize,
+        stride: usize,
+        batch: usize,
+    },
 }
 
 /// What `perch eval` prints.
@@ -238,23 +302,53 @@ pub struct EvalReport {
     pub summary: metrics::Summary,
 }
 
-/// Runs `det` over the split and computes the metrics. `det` must be square-input and built
-/// with the evaluation thresholds (Ultralytics val: conf 0.001, IoU 0.7, 300 detections).
-/// Matching happens in model-input pixels, as Ultralytics does.
-pub fn evaluate(det: &mut Detector, data: &Dataset, split: &str) -> Result<EvalReport, EvalError> {
-    let (h, w) = det.input_hw();
-    if h != w {
-        return Err(EvalError::Dataset {
-            path: data.yaml.clone(),
-            reason: format!("evaluation needs a square input, model runs at {h}x{w}"),
-        });
-    }
+/// Runs the split through detectors built by `build` for each input (height, width) that
+/// `geometry` needs, and computes the metrics. The detectors must use the evaluation thresholds
+/// (Ultralytics val: conf 0.001, IoU 0.7, 300 detections). Matching happens in model-input
+/// pixels, as Ultralytics does.
+pub fn evaluate(
+    build: &mut dyn FnMut(usize, usize) -> Result<Detector, crate::engine::EngineError>,
+    data: &Dataset,
+    split: &str,
+    geometry: ValGeometry,
+) -> Result<EvalReport, EvalError> {
+    let (imgsz, shapes) = match geometry {
+        ValGeometry::Square(s) => (s, vec![(s, s); data.images.len()]),
+        ValGeometry::Rect {
+            imgsz,
+            stride,
+            batch,
+        } => {
+            let sizes = data
+                .images
+                .iter()
+                .map(|p| crate::image_io::oriented_size(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            (imgsz, val_rect_shapes(&sizes, imgsz, stride, batch))
+        }
+    };
+    // One prepared detector per input shape; a few at most in memory.
+    const KEEP: usize = 4;
+    let mut built: Vec<((usize, usize), Detector)> = Vec::new();
+    let mut thresholds = None;
     let (mut tp, mut conf, mut pred_cls, mut target_cls) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for image in &data.images {
+    for (image, &(h, w)) in data.images.iter().zip(&shapes) {
         let frame = load_rgb(image)?;
         let labels = data.labels(image)?;
-        let lb = val_letterbox(frame.width(), frame.height(), w);
+        let i = match built.iter().position(|(k, _)| *k == (h, w)) {
+            Some(i) => i,
+            None => {
+                if built.len() >= KEEP {
+                    built.remove(0);
+                }
+                built.push(((h, w), build(h, w)?));
+                built.len() - 1
+            }
+        };
+        let det = &mut built[i].1;
+        thresholds.get_or_insert((det.params().conf, det.params().iou));
+        let lb = val_letterbox(frame.width(), frame.height(), imgsz, w, h);
         let dets = det.detect_in_input_space(&frame, &lb)?;
         let to_input = |b: &[f32; 4]| {
             let sx = lb.new_w as f32;
@@ -275,13 +369,14 @@ pub fn evaluate(det: &mut Detector, data: &Dataset, split: &str) -> Result<EvalR
         target_cls.extend(targets.iter().map(|t| t.0));
     }
     let summary = metrics::ap_per_class(&tp, &conf, &pred_cls, &target_cls);
+    let (conf, iou) = thresholds.unwrap_or_default();
     Ok(EvalReport {
         data: data.yaml.display().to_string(),
         split: split.to_string(),
         images: data.images.len(),
         instances: target_cls.len(),
-        conf: det.params().conf,
-        iou: det.params().iou,
+        conf,
+        iou,
         summary,
     })
 }
@@ -304,16 +399,35 @@ mod tests {
 
     #[test]
     fn val_letterbox_uses_ceil_and_no_upscale() {
-        let lb = val_letterbox(400, 300, 320);
+        let lb = val_letterbox(400, 300, 320, 320, 320);
         assert_eq!((lb.new_w, lb.new_h, lb.left, lb.top), (320, 240, 0, 40));
-        let lb = val_letterbox(451, 300, 320);
+        let lb = val_letterbox(451, 300, 320, 320, 320);
         assert_eq!(
             (lb.new_w, lb.new_h),
             (320, 213),
             "ceil(300 * 320 / 451) = ceil(212.86)"
         );
-        let lb = val_letterbox(320, 64, 320);
+        let lb = val_letterbox(320, 64, 320, 320, 320);
         assert_eq!((lb.new_w, lb.new_h, lb.top), (320, 64, 128));
+        // Into a rectangular batch shape: no rescale, centred padding.
+        let lb = val_letterbox(400, 240, 320, 352, 224);
+        assert_eq!((lb.new_w, lb.new_h, lb.left, lb.top), (320, 192, 16, 16));
+    }
+
+    /// The shapes Ultralytics 8.4 computes (`BaseDataset.set_rectangle`, pad 0.5).
+    #[test]
+    fn rect_shapes_follow_ultralytics_batches() {
+        // Wide 400x240 (ar 0.6), wide 400x300 (0.75), tall 250x400 (1.6), square-ish 400x370.
+        let sizes = [(400, 240), (400, 300), (250, 400), (400, 370)];
+        // One batch mixing wide and tall: [1, 1] -> ceil(10 + 0.5) * 32 = 352 square.
+        assert_eq!(val_rect_shapes(&sizes, 320, 32, 16), vec![(352, 352); 4]);
+        // Batches of 2 in aspect order: (0.6, 0.75) -> [0.75, 1]; (0.925, 1.6) -> [1, 1].
+        assert_eq!(
+            val_rect_shapes(&sizes, 320, 32, 2),
+            vec![(256, 352), (256, 352), (352, 352), (352, 352)]
+        );
+        // All tall: [1, 1 / 1.6] -> w = ceil(6.25 + 0.5) * 32 = 224.
+        assert_eq!(val_rect_shapes(&[(250, 400)], 320, 32, 1), vec![(352, 224)]);
     }
 
     #[test]
