@@ -200,7 +200,11 @@ impl EngineBuilder {
             CalibrationRole::Base => carried.is_none() && file.is_some(),
         };
         if let (true, Some((path, cal))) = (use_file, file) {
-            if adapter.is_none() && cal.model_fingerprint != model.fingerprint() {
+            // The base's calibration standing in for an adapter without one is the documented
+            // fallback; anything else should have been measured on this very model.
+            let fallback =
+                adapter.is_some() && self.settings.calibration_role == CalibrationRole::Base;
+            if !fallback && cal.model_fingerprint != model.fingerprint() {
                 log::warn!(
                     "{}: measured on another model (or with an adapter merged); int8 ranges may not fit {}",
                     path.display(),
