@@ -163,7 +163,7 @@ def main():
                 total = (sum(b3.values()) - sum(b1.values())) / 2
                 kernels = bench.get("int8_kernels" if precision == "int8" else "f32_kernels") or []
                 frame[precision] = total
-                print(f"\n{cfg[0]}, {bench['precision']}: {total / 1e6:.1f} M instructions per frame; "
+                print(f"\n{cfg[0]}, {bench['inference_precision']}: {total / 1e6:.1f} M instructions per frame; "
                       f"kernels: {', '.join(kernels) or 'unknown'}")
                 top = sorted(per_fn.items(), key=lambda kv: -kv[1])[: a.top]
                 for name, n in top:
