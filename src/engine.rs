@@ -87,6 +87,38 @@ pub enum InputSize {
     Exact(usize, usize),
 }
 
+/// Prepared detectors keyed by input (height, width), for inputs whose size depends on the
+/// image (Ultralytics' rectangular letterboxes): at most [`DetectorsBySize::KEEP`], the oldest
+/// dropped first.
+#[derive(Default)]
+pub struct DetectorsBySize {
+    built: Vec<((usize, usize), Detector)>,
+}
+
+impl DetectorsBySize {
+    /// Prepared sizes kept at once.
+    pub const KEEP: usize = 4;
+
+    /// The detector for input `hw`, made by `build` on first use of that size.
+    pub fn get_or_build<E>(
+        &mut self,
+        hw: (usize, usize),
+        build: impl FnOnce() -> Result<Detector, E>,
+    ) -> Result<&mut Detector, E> {
+        let i = match self.built.iter().position(|(k, _)| *k == hw) {
+            Some(i) => i,
+            None => {
+                if self.built.len() >= Self::KEEP {
+                    self.built.remove(0);
+                }
+                self.built.push((hw, build()?));
+                self.built.len() - 1
+            }
+        };
+        Ok(&mut self.built[i].1)
+    }
+}
+
 /// A pristine base model and the settings every engine built from it shares.
 pub struct EngineBuilder {
     base: OnnxModel,
@@ -94,9 +126,7 @@ pub struct EngineBuilder {
     labels: Option<Vec<String>>,
     /// The settings' calibration file, or the one beside the model for int8, and its path.
     calibration: Option<(PathBuf, Arc<Calibration>)>,
-    model: ModelRef,
     frame_size: Option<(usize, usize)>,
-    read_ms: f64,
 }
 
 impl EngineBuilder {
@@ -104,7 +134,6 @@ impl EngineBuilder {
     /// (else the one beside the model, if present). `settings.adapter` is not read here: see
     /// [`EngineBuilder::load_adapter`].
     pub fn load(settings: &ModelSettings) -> Result<Self, EngineError> {
-        let t = Instant::now();
         let base = OnnxModel::load(&settings.path)?;
         let labels = settings.labels.as_deref().map(read_labels).transpose()?;
         let file = match &settings.calibration {
@@ -115,21 +144,18 @@ impl EngineBuilder {
             None => None,
         };
         let calibration = match file {
-            Some(p) => Some((p.clone(), Arc::new(Calibration::load(&p)?))),
+            Some(p) => {
+                let cal = Arc::new(Calibration::load(&p)?);
+                Some((p, cal))
+            }
             None => None,
-        };
-        let model = ModelRef {
-            path: settings.path.display().to_string(),
-            fingerprint: base.fingerprint(),
         };
         Ok(EngineBuilder {
             base,
             settings: settings.clone(),
             labels,
             calibration,
-            model,
             frame_size: None,
-            read_ms: ms(t.elapsed()),
         })
     }
 
@@ -150,14 +176,13 @@ impl EngineBuilder {
         &self.settings
     }
 
-    /// The identity stamped on records: the base model's path and weight fingerprint.
-    pub fn model_ref(&self) -> &ModelRef {
-        &self.model
-    }
-
-    /// Milliseconds spent reading the base model (and labels and calibration) at load.
-    pub fn read_ms(&self) -> f64 {
-        self.read_ms
+    /// The identity stamped on records: the base model's path and weight fingerprint (hashed
+    /// on first use, then cached with the model).
+    pub fn model_ref(&self) -> ModelRef {
+        ModelRef {
+            path: self.settings.path.display().to_string(),
+            fingerprint: self.base.fingerprint(),
+        }
     }
 
     /// Reads an adapter (perch file or PEFT directory) and checks that it fits the base.
@@ -194,12 +219,11 @@ impl EngineBuilder {
             return Ok(None);
         }
         let carried = adapter.and_then(|a| a.header.calibration.clone().map(Arc::new));
-        let file = self.calibration.as_ref();
-        let use_file = match self.settings.calibration_role {
-            CalibrationRole::Override => file.is_some(),
-            CalibrationRole::Base => carried.is_none() && file.is_some(),
+        let file = match self.settings.calibration_role {
+            CalibrationRole::Override => self.calibration.as_ref(),
+            CalibrationRole::Base => self.calibration.as_ref().filter(|_| carried.is_none()),
         };
-        if let (true, Some((path, cal))) = (use_file, file) {
+        if let Some((path, cal)) = file {
             // The base's calibration standing in for an adapter without one is the documented
             // fallback; anything else should have been measured on this very model.
             let fallback =

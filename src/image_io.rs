@@ -120,6 +120,7 @@ pub fn oriented_size(path: &Path) -> Result<(usize, usize), ImageError> {
         .into_decoder()
         .map_err(|e| decode(limit_message(e)))?;
     let (w, h) = decoder.dimensions();
+    check_image_size(w, h).map_err(decode)?;
     let quarter = matches!(
         decoder.orientation().map_err(|e| decode(e.to_string()))?,
         image::metadata::Orientation::Rotate90 | image::metadata::Orientation::Rotate270

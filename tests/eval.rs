@@ -25,19 +25,17 @@ fn eval_agrees_with_ultralytics_val() {
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["images"], 6);
     assert_eq!(r["conf"].to_string(), "0.001", "thresholds print as given");
-    for (key, tol) in [
-        ("map50", 0.005),
-        ("map50_95", 0.005),
-        ("precision", 0.01),
-        ("recall", 0.01),
-    ] {
-        let (got, want) = (r[key].as_f64().unwrap(), g[key].as_f64().unwrap());
-        eprintln!("{key}: perch {got:.4} ultralytics {want:.4}");
-        assert!(
-            (got - want).abs() <= tol,
-            "{key}: perch {got} vs ultralytics {want}"
-        );
-    }
+    agrees_with_ultralytics(
+        "",
+        &r,
+        &g,
+        &[
+            ("map50", 0.005),
+            ("map50_95", 0.005),
+            ("precision", 0.01),
+            ("recall", 0.01),
+        ],
+    );
     assert_eq!(r["per_class"][0]["label"], "Tree");
     assert_eq!(r["per_class"][0]["instances"], r["instances"]);
 }
@@ -64,20 +62,35 @@ fn dynamic_export_eval_matches_ultralytics_rect_batches() {
         assert_eq!(out.status.code(), Some(0), "{err}");
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(r["rect_batch"].to_string(), batch);
-        let want = &g[format!("batch{batch}")];
-        for (key, tol) in [
-            ("map50", 0.002),
-            ("map50_95", 0.005),
-            ("precision", 0.01),
-            ("recall", 0.01),
-        ] {
-            let (got, want) = (r[key].as_f64().unwrap(), want[key].as_f64().unwrap());
-            eprintln!("batch {batch} {key}: perch {got:.4} ultralytics {want:.4}");
-            assert!(
-                (got - want).abs() <= tol,
-                "batch {batch} {key}: perch {got} vs ultralytics {want}"
-            );
-        }
+        agrees_with_ultralytics(
+            &format!("batch {batch} "),
+            &r,
+            &g[format!("batch{batch}")],
+            &[
+                ("map50", 0.002),
+                ("map50_95", 0.005),
+                ("precision", 0.01),
+                ("recall", 0.01),
+            ],
+        );
+    }
+}
+
+/// Asserts each metric of perch's report `r` within its tolerance of Ultralytics' `want`;
+/// `label` prefixes the printed and failed lines.
+fn agrees_with_ultralytics(
+    label: &str,
+    r: &serde_json::Value,
+    want: &serde_json::Value,
+    tolerances: &[(&str, f64)],
+) {
+    for &(key, tol) in tolerances {
+        let (got, want) = (r[key].as_f64().unwrap(), want[key].as_f64().unwrap());
+        eprintln!("{label}{key}: perch {got:.4} ultralytics {want:.4}");
+        assert!(
+            (got - want).abs() <= tol,
+            "{label}{key}: perch {got} vs ultralytics {want}"
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! `perch detect`: still images to JSON records and annotated copies.
 
 use super::*;
+use perch::engine::DetectorsBySize;
 
 #[derive(Args, Debug)]
 pub(super) struct DetectArgs {
@@ -66,13 +67,10 @@ pub(super) struct DetectorCache {
     adapter: Option<Adapter>,
     /// Fit each image (dynamic models without `--square`).
     rect: bool,
-    built: Vec<((usize, usize), Detector)>,
+    built: DetectorsBySize,
 }
 
 impl DetectorCache {
-    /// Prepared sizes kept at once; the oldest is dropped beyond this.
-    const MAX: usize = 4;
-
     /// The model every detector of the cache runs.
     fn model(&self) -> &OnnxModel {
         self.merged.as_ref().unwrap_or(self.builder.base())
@@ -81,23 +79,14 @@ impl DetectorCache {
     /// The detector for a `width` x `height` image, built on first use of its input size.
     fn for_image(&mut self, width: usize, height: usize) -> anyhow::Result<&mut Detector> {
         let rect_for = self.rect.then_some((width, height));
-        let imgsz = self.builder.settings().imgsz;
-        let hw = perch::detector::input_size(self.model(), imgsz, rect_for);
+        let (builder, adapter) = (&self.builder, self.adapter.as_ref());
+        let model = self.merged.as_ref().unwrap_or(builder.base());
+        let hw = perch::detector::input_size(model, builder.settings().imgsz, rect_for);
         let size = rect_for.map_or(InputSize::Configured, |(w, h)| InputSize::FitFrame(w, h));
-        let i = match self.built.iter().position(|(k, _)| *k == hw) {
-            Some(i) => i,
-            None => {
-                if self.built.len() >= Self::MAX {
-                    self.built.remove(0);
-                }
-                let det = self
-                    .builder
-                    .detector(self.model(), self.adapter.as_ref(), size, None)?;
-                self.built.push((hw, det));
-                self.built.len() - 1
-            }
-        };
-        Ok(&mut self.built[i].1)
+        let det = self
+            .built
+            .get_or_build(hw, || builder.detector(model, adapter, size, None))?;
+        Ok(det)
     }
 }
 
@@ -160,7 +149,7 @@ pub(super) fn detect(a: DetectArgs) -> u8 {
         merged,
         adapter,
         rect: false,
-        built: Vec::new(),
+        built: DetectorsBySize::default(),
     };
     dets.rect = !a.square && dets.model().input_shape().is_dynamic();
     let rect = dets.rect;

@@ -327,26 +327,14 @@ pub fn evaluate(
             (imgsz, val_rect_shapes(&sizes, imgsz, stride, batch))
         }
     };
-    // One prepared detector per input shape; a few at most in memory.
-    const KEEP: usize = 4;
-    let mut built: Vec<((usize, usize), Detector)> = Vec::new();
+    let mut built = crate::engine::DetectorsBySize::default();
     let mut thresholds = None;
     let (mut tp, mut conf, mut pred_cls, mut target_cls) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (image, &(h, w)) in data.images.iter().zip(&shapes) {
         let frame = load_rgb(image)?;
         let labels = data.labels(image)?;
-        let i = match built.iter().position(|(k, _)| *k == (h, w)) {
-            Some(i) => i,
-            None => {
-                if built.len() >= KEEP {
-                    built.remove(0);
-                }
-                built.push(((h, w), build(h, w)?));
-                built.len() - 1
-            }
-        };
-        let det = &mut built[i].1;
+        let det = built.get_or_build((h, w), || build(h, w))?;
         thresholds.get_or_insert((det.params().conf, det.params().iou));
         let lb = val_letterbox(frame.width(), frame.height(), imgsz, w, h);
         let dets = det.detect_in_input_space(&frame, &lb)?;

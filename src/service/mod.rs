@@ -79,7 +79,7 @@ impl Engine {
     ) -> Result<Engine, EngineError> {
         Ok(Engine {
             detector: builder.build(adapter, None)?,
-            model: builder.model_ref().clone(),
+            model: builder.model_ref(),
             adapter: adapter.map(|(a, s)| a.reference(s)),
             generation,
         })
