@@ -6,6 +6,14 @@ use crate::ops::math::add;
 use crate::optim::OptimizerSession;
 use tract_itertools::Itertools;
 
+crate::declare_knob!(
+    scopable TRACT_SPLIT_EVERY_CONCAT_EINSUM,
+    bool,
+    false,
+    "Split an einsum over a concat along a summing axis into one einsum per piece whatever the \
+     sizes, instead of only where the concatenated input outweighs the extra outputs."
+);
+
 #[derive(Clone, Debug, Default)]
 pub struct ConcatThenEinsum(Option<InletId>);
 
@@ -50,6 +58,17 @@ impl super::TypedPass for ConcatThenEinsum {
                 let axis_info = einsum.axes.axis((InOut::In(inlet.slot), concat.axis))?;
                 // only split if axis is a summing axis
                 if axis_info.outputs[0].len() > 0 {
+                    continue;
+                }
+                // Each piece's product writes the whole output, which the next piece's product
+                // reads back to add to: splitting n ways moves (n - 1) outputs' worth of data
+                // more, in small-K products, to save one copy of the concatenated input. Keep
+                // the concat unless that input is provably larger (a convolution over the
+                // concat of feature maps almost never is).
+                let extra_outputs = (offsets.len() as i64 - 2).max(0);
+                let saved = model.outlet_fact(outlet)?.shape.volume()
+                    - model.outlet_fact(einsum_node.id.into())?.shape.volume() * extra_outputs;
+                if !saved.prove_strict_positive() && !TRACT_SPLIT_EVERY_CONCAT_EINSUM.get() {
                     continue;
                 }
                 let mut patch = TypedModelPatch::new(format!(

@@ -491,6 +491,10 @@ impl LazyIm2colInput {
         let k_range = 0..k as isize;
         let packed = buffer.unwrap();
         if mn_range.len() == r && mn_start.is_multiple_of(r) {
+            let n_off = &self.im2col.n_byte_offsets[mn_start..mn_end];
+            if unsafe { self.strided_panel::<T>(n_off, packed as *mut T) } {
+                return packed;
+            }
             let mut writer = packer.write_single_panel_with_k_outer(packed as *mut T);
             self.write(&mut writer, k_range, mn_range);
         } else {
@@ -499,6 +503,61 @@ impl LazyIm2colInput {
             self.write(&mut writer, k_range, mn_range);
         }
         packed
+    }
+
+    /// A full K-outer panel (`out[k * r + j] = x[k_off[k] + n_off[j]]`, `r = n_off.len()`) whose
+    /// columns are 1 or 2 items apart in the input (one output row of a stride-1 or stride-2
+    /// conv), written as fixed-size row copies the compiler vectorises instead of one load per
+    /// item. Returns false, having written nothing, for any other panel (one that crosses an
+    /// output row, other strides or widths).
+    ///
+    /// # Safety
+    /// `out` holds `k * r` items; the offsets address items of the tensor.
+    unsafe fn strided_panel<T: Datum + Copy>(&self, n_off: &[isize], out: *mut T) -> bool {
+        let sz = std::mem::size_of::<T>() as isize;
+        let Some(step) = n_off.get(1).map(|o| o - n_off[0]) else { return false };
+        if !(step == sz || step == 2 * sz) || n_off.windows(2).any(|w| w[1] - w[0] != step) {
+            return false;
+        }
+        unsafe {
+            match (n_off.len(), step == sz) {
+                (8, true) => self.strided_rows::<T, 8, 1>(n_off[0], out),
+                (8, false) => self.strided_rows::<T, 8, 2>(n_off[0], out),
+                (12, true) => self.strided_rows::<T, 12, 1>(n_off[0], out),
+                (12, false) => self.strided_rows::<T, 12, 2>(n_off[0], out),
+                (16, true) => self.strided_rows::<T, 16, 1>(n_off[0], out),
+                (16, false) => self.strided_rows::<T, 16, 2>(n_off[0], out),
+                (6, true) => self.strided_rows::<T, 6, 1>(n_off[0], out),
+                (6, false) => self.strided_rows::<T, 6, 2>(n_off[0], out),
+                (4, true) => self.strided_rows::<T, 4, 1>(n_off[0], out),
+                (4, false) => self.strided_rows::<T, 4, 2>(n_off[0], out),
+                _ => return false,
+            }
+        }
+        true
+    }
+
+    /// # Safety
+    /// As [`Self::strided_panel`], with every column `S` items after the previous one.
+    #[inline(always)]
+    unsafe fn strided_rows<T: Datum + Copy, const R: usize, const S: usize>(
+        &self,
+        o0: isize,
+        out: *mut T,
+    ) {
+        unsafe {
+            let base = self.tensor.as_ptr_unchecked::<u8>().offset(self.group_offset_bytes + o0);
+            for (kk, &ko) in self.im2col.k_byte_offsets.iter().enumerate() {
+                let src = base.offset(ko) as *const T;
+                let dst = out.add(kk * R);
+                if S == 1 {
+                    std::ptr::copy_nonoverlapping(src, dst, R);
+                } else {
+                    let row: [T; R] = std::array::from_fn(|j| src.add(j * S).read_unaligned());
+                    dst.cast::<[T; R]>().write_unaligned(row);
+                }
+            }
+        }
     }
 
     /// Panel `i` in the K=4-inner layout, `R` columns wide:
@@ -749,6 +808,71 @@ mod test {
                 let ptr = input.panel_bytes(i, Some(got.as_mut_ptr())).unwrap();
                 assert_eq!(ptr, got.as_ptr());
                 assert_eq!(got, want, "c{c} {h}x{w} s{stride} r{r} panel {i}");
+            }
+        }
+    }
+
+    /// Whole f32 K-outer panels (the float kernels' packing) for a 3x3 conv over a
+    /// `c x h x w` image, against `out[k * r + j] = x[k_off[k] + n_off[i * r + j]]`: panel
+    /// widths with and without a row-copy path, strides 1, 2 and 3, output rows wider and
+    /// narrower than a panel (panels that cross rows take the per-item path), the partial last
+    /// panel, and a group offset.
+    #[test]
+    fn f32_panels_match_definition() {
+        use super::*;
+        for (c, h, w, stride, r) in [
+            (3, 12, 30, 1, 12),
+            (2, 9, 27, 2, 12),
+            (3, 12, 12, 1, 8),
+            (2, 11, 37, 2, 8),
+            (2, 8, 40, 1, 16),
+            (2, 9, 41, 2, 16),
+            (1, 7, 20, 1, 6),
+            (1, 7, 21, 2, 4),
+            (2, 10, 30, 3, 12),
+            (1, 6, 14, 1, 10),
+        ] {
+            let (oh, ow) = ((h - 3) / stride + 1, (w - 3) / stride + 1);
+            let group_offset = 5usize;
+            let len = c * h * w + group_offset;
+            let x: Vec<f32> = (0..len).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let sz = 4isize;
+            let n_byte_offsets: Vec<isize> = (0..oh * ow)
+                .map(|n| ((n / ow * stride) * w + (n % ow) * stride) as isize * sz)
+                .collect();
+            let k_byte_offsets: Vec<isize> = (0..c * 9)
+                .map(|kk| ((kk / 9) * h * w + (kk % 9 / 3) * w + kk % 3) as isize * sz)
+                .collect();
+            let packer = PackedFormat::new(f32::datum_type(), r, 16);
+            let input = LazyIm2colInput {
+                tensor: Tensor::from_shape(&[len], &x).unwrap().into_tvalue(),
+                im2col: Arc::new(LazyIm2colParams {
+                    packer: LazyPacker::Plain(packer.clone()),
+                    n_byte_offsets: n_byte_offsets.clone(),
+                    k_byte_offsets: k_byte_offsets.clone(),
+                }),
+                group_offset_bytes: group_offset as isize * sz,
+            };
+            let k = k_byte_offsets.len();
+            let panel_len = packer.single_panel_len(k);
+            for i in 0..(oh * ow).div_ceil(r) {
+                let cols = r.min(oh * ow - i * r);
+                let mut got = vec![f32::NAN; panel_len];
+                let ptr = input.panel_bytes(i, Some(got.as_mut_ptr() as *mut u8)).unwrap();
+                assert_eq!(ptr, got.as_ptr() as *const u8);
+                for kk in 0..k {
+                    for j in 0..cols {
+                        let src = (group_offset as isize * sz
+                            + k_byte_offsets[kk]
+                            + n_byte_offsets[i * r + j])
+                            / sz;
+                        assert_eq!(
+                            got[kk * r + j].to_bits(),
+                            x[src as usize].to_bits(),
+                            "c{c} {h}x{w} s{stride} r{r} panel {i} k{kk} col {j}"
+                        );
+                    }
+                }
             }
         }
     }
