@@ -35,6 +35,15 @@ impl Pad {
             PadMode::Constant(f) => f.cast_to_scalar::<T>()?,
             _ => T::default(),
         };
+        if let (PadMode::Constant(_), Some(data)) = (&self.mode, input.as_slice())
+            && input.ndim() > 0
+        {
+            let mut out = Vec::with_capacity(output_shape.iter().product());
+            pad_constant_rows(&mut out, data, input.shape(), &self.pads, element);
+            let mut output = ArrayD::from_shape_vec(output_shape, out)?.into_tensor();
+            unsafe { output.set_datum_type(input_tensor.datum_type()) }
+            return Ok(output.into_tvalue());
+        }
         let mut output = ArrayD::<T>::from_elem(output_shape, element);
         let slice_spec: Vec<SliceInfoElem> = self
             .pads
@@ -85,6 +94,34 @@ impl Pad {
         unsafe { output.set_datum_type(input_tensor.datum_type()) }
         Ok(output.into_tvalue())
     }
+}
+
+/// Appends to `out` the constant-padded copy of the standard-layout `data` of shape `shape`:
+/// one pass over the output, rows of the innermost axis copied whole, padding written once
+/// (instead of filling the whole output, then assigning the input through a strided view).
+fn pad_constant_rows<T: Copy>(
+    out: &mut Vec<T>,
+    data: &[T],
+    shape: &[usize],
+    pads: &[(usize, usize)],
+    element: T,
+) {
+    let fill = |out: &mut Vec<T>, n: usize| out.extend(std::iter::repeat_n(element, n));
+    let (before, after) = pads[0];
+    if shape.len() == 1 {
+        fill(out, before);
+        out.extend_from_slice(data);
+        fill(out, after);
+        return;
+    }
+    let inner_in: usize = shape[1..].iter().product();
+    let inner_out: usize = shape[1..].iter().zip(&pads[1..]).map(|(d, (a, b))| d + a + b).product();
+    fill(out, before * inner_out);
+    for i in 0..shape[0] {
+        let sub = &data[i * inner_in..(i + 1) * inner_in];
+        pad_constant_rows(out, sub, &shape[1..], &pads[1..], element);
+    }
+    fill(out, after * inner_out);
 }
 
 impl Op for Pad {
@@ -201,5 +238,62 @@ impl TypedOp for Pad {
         } else {
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod constant_rows_test {
+    use super::*;
+
+    /// The row path against the strided-assign path it replaces, on standard-layout inputs of
+    /// rank 1 to 4 (zero-sized axes, no padding on some axes, padding on all), for f32 and a
+    /// quantized u8 whose datum type must survive.
+    #[test]
+    fn constant_pad_rows_match_strided_assign() {
+        let cases: &[(&[usize], &[(usize, usize)])] = &[
+            (&[5], &[(2, 3)]),
+            (&[3, 4], &[(0, 0), (1, 1)]),
+            (&[1, 16, 7, 9], &[(0, 0), (0, 0), (1, 1), (1, 1)]),
+            (&[2, 3, 4, 5], &[(1, 0), (0, 2), (3, 1), (0, 1)]),
+            (&[2, 0, 3], &[(1, 1), (1, 1), (1, 1)]),
+            (&[0, 3], &[(2, 0), (0, 0)]),
+        ];
+        for (shape, pads) in cases {
+            let len: usize = shape.iter().product();
+            let x: Vec<f32> = (0..len).map(|i| i as f32 - 7.5).collect();
+            let t = Tensor::from_shape(shape, &x).unwrap();
+            let pad = Pad::new(pads.to_vec(), PadMode::Constant(Arc::new(0.25f32.into())));
+            let got = pad.eval_t::<f32>(t.clone().into_tvalue()).unwrap();
+            // The previous path: fill the whole output, assign the input through a view.
+            let mut want = tract_ndarray::ArrayD::<f32>::from_elem(
+                shape.iter().zip(pads.iter()).map(|(d, (a, b))| d + a + b).collect::<Vec<_>>(),
+                0.25,
+            );
+            let spec: Vec<tract_ndarray::SliceInfoElem> = pads
+                .iter()
+                .map(|&(a, b)| tract_ndarray::SliceInfoElem::Slice {
+                    start: a as isize,
+                    end: if b != 0 { Some(-(b as isize)) } else { None },
+                    step: 1,
+                })
+                .collect();
+            let info =
+                tract_ndarray::SliceInfo::<_, tract_ndarray::IxDyn, tract_ndarray::IxDyn>::try_from(
+                    spec,
+                )
+                .unwrap();
+            want.slice_mut(info.as_ref()).assign(&t.to_plain_array_view::<f32>().unwrap());
+            assert_eq!(*got, want.into_tensor(), "{shape:?} {pads:?}");
+        }
+        let dt = u8::datum_type().quantize(QParams::ZpScale { zero_point: 3, scale: 0.5 });
+        let mut t = Tensor::from_shape(&[2, 3], &[1u8, 2, 3, 4, 5, 6]).unwrap();
+        unsafe { t.set_datum_type(dt) };
+        let pad = Pad::new(vec![(1, 0), (0, 1)], PadMode::Constant(Arc::new(3u8.into())));
+        let got = pad.eval_t::<u8>(t.into_tvalue()).unwrap();
+        assert_eq!(got.datum_type(), dt);
+        assert_eq!(
+            got.to_plain_array_view::<u8>().unwrap().iter().copied().collect::<Vec<_>>(),
+            vec![3, 3, 3, 3, 1, 2, 3, 3, 4, 5, 6, 3]
+        );
     }
 }
