@@ -176,14 +176,19 @@ def default_perch_bin():
              + "; run `cargo build --release` or pass --perch / PERCH_BIN")
 
 
-def main():
-    import tempfile
-
-    ap = argparse.ArgumentParser()
+def add_run_args(ap):
+    """The arguments every perch-against-onnxruntime script takes: model, image, run counts."""
     ap.add_argument("--model", required=True)
     ap.add_argument("--image", required=True)
     ap.add_argument("--iterations", type=int, default=100)
     ap.add_argument("--warmup", type=int, default=10)
+
+
+def main():
+    import tempfile
+
+    ap = argparse.ArgumentParser()
+    add_run_args(ap)
     ap.add_argument("--threads", default="1", help="comma-separated thread counts")
     ap.add_argument("--calibration", help="perch calibration (default: <model stem>.calibration.json)")
     yell = Path.home() / ".cache/perch/data/yell/images/train"

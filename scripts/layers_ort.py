@@ -27,7 +27,7 @@ from pathlib import Path
 import cv2
 import onnxruntime as ort
 
-from bench_ort import cpu_facts, default_perch_bin, letterbox
+from bench_ort import add_run_args, cpu_facts, default_perch_bin, letterbox
 
 LAYER = re.compile(r"/model\.(\d+)/")
 
@@ -95,10 +95,7 @@ def top(ops):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--image", required=True)
-    ap.add_argument("--iterations", type=int, default=100)
-    ap.add_argument("--warmup", type=int, default=10)
+    add_run_args(ap)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precision", default="f32", choices=["f32", "int8"])
     ap.add_argument("--calibration", help="perch calibration for int8 (default: the one beside the model)")
