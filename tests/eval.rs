@@ -9,13 +9,7 @@ use common::*;
 #[test]
 fn eval_agrees_with_ultralytics_val() {
     let g = json("tests/goldens/eval/tree-yolo11n-320.json");
-    let out = perch(&[
-        "eval",
-        "--model",
-        g["model"].as_str().unwrap(),
-        "--data",
-        g["data"].as_str().unwrap(),
-    ]);
+    let out = eval_golden(&g, &[]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -47,17 +41,7 @@ fn eval_agrees_with_ultralytics_val() {
 fn dynamic_export_eval_matches_ultralytics_rect_batches() {
     let g = json("tests/goldens/eval/tree-yolo11n-dyn-rect.json");
     for batch in ["16", "2"] {
-        let out = perch(&[
-            "eval",
-            "--model",
-            g["model"].as_str().unwrap(),
-            "--data",
-            g["data"].as_str().unwrap(),
-            "--imgsz",
-            "320",
-            "--batch",
-            batch,
-        ]);
+        let out = eval_golden(&g, &["--imgsz", "320", "--batch", batch]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{err}");
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

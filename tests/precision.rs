@@ -43,17 +43,7 @@ fn iou(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn int8_eval_is_within_one_map50_point_of_f32() {
     let g = json("tests/goldens/eval/tree-yolo11n-320.json");
-    let out = perch(&[
-        "eval",
-        "--model",
-        g["model"].as_str().unwrap(),
-        "--data",
-        g["data"].as_str().unwrap(),
-        "--precision",
-        "int8",
-        "--calibration",
-        CALIBRATION,
-    ]);
+    let out = eval_golden(&g, &["--precision", "int8", "--calibration", CALIBRATION]);
     let r = &ok_json_lines(&out)[0];
     assert_eq!(r["inference_precision"], "int8");
     assert_eq!(r["images"], 6);

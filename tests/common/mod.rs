@@ -62,6 +62,20 @@ pub fn perch(args: &[&str]) -> Output {
     perch_command(args).output().expect("run perch")
 }
 
+/// Runs `perch eval` on the model and dataset an eval golden names (its `model` and `data`
+/// keys), followed by `extra` arguments.
+pub fn eval_golden(g: &Value, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "eval",
+        "--model",
+        g["model"].as_str().unwrap(),
+        "--data",
+        g["data"].as_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    perch(&args)
+}
+
 /// The `perch` command [`perch`] runs, for tests that need pipes, signals or environment.
 pub fn perch_command(args: &[&str]) -> Command {
     let runner = std::env::var("PERCH_TEST_RUNNER").unwrap_or_default();

@@ -519,18 +519,14 @@ impl LazyIm2colInput {
         if !(step == sz || step == 2 * sz) || n_off.windows(2).any(|w| w[1] - w[0] != step) {
             return false;
         }
+        let unit = step == sz;
         unsafe {
-            match (n_off.len(), step == sz) {
-                (8, true) => self.strided_rows::<T, 8, 1>(n_off[0], out),
-                (8, false) => self.strided_rows::<T, 8, 2>(n_off[0], out),
-                (12, true) => self.strided_rows::<T, 12, 1>(n_off[0], out),
-                (12, false) => self.strided_rows::<T, 12, 2>(n_off[0], out),
-                (16, true) => self.strided_rows::<T, 16, 1>(n_off[0], out),
-                (16, false) => self.strided_rows::<T, 16, 2>(n_off[0], out),
-                (6, true) => self.strided_rows::<T, 6, 1>(n_off[0], out),
-                (6, false) => self.strided_rows::<T, 6, 2>(n_off[0], out),
-                (4, true) => self.strided_rows::<T, 4, 1>(n_off[0], out),
-                (4, false) => self.strided_rows::<T, 4, 2>(n_off[0], out),
+            match n_off.len() {
+                4 => self.strided_rows::<T, 4>(n_off[0], unit, out),
+                6 => self.strided_rows::<T, 6>(n_off[0], unit, out),
+                8 => self.strided_rows::<T, 8>(n_off[0], unit, out),
+                12 => self.strided_rows::<T, 12>(n_off[0], unit, out),
+                16 => self.strided_rows::<T, 16>(n_off[0], unit, out),
                 _ => return false,
             }
         }
@@ -538,11 +534,13 @@ impl LazyIm2colInput {
     }
 
     /// # Safety
-    /// As [`Self::strided_panel`], with every column `S` items after the previous one.
+    /// As [`Self::strided_panel`], with every column 1 (`unit`) or 2 items after the previous
+    /// one.
     #[inline(always)]
-    unsafe fn strided_rows<T: Datum + Copy, const R: usize, const S: usize>(
+    unsafe fn strided_rows<T: Datum + Copy, const R: usize>(
         &self,
         o0: isize,
+        unit: bool,
         out: *mut T,
     ) {
         unsafe {
@@ -550,10 +548,10 @@ impl LazyIm2colInput {
             for (kk, &ko) in self.im2col.k_byte_offsets.iter().enumerate() {
                 let src = base.offset(ko) as *const T;
                 let dst = out.add(kk * R);
-                if S == 1 {
+                if unit {
                     std::ptr::copy_nonoverlapping(src, dst, R);
                 } else {
-                    let row: [T; R] = std::array::from_fn(|j| src.add(j * S).read_unaligned());
+                    let row: [T; R] = std::array::from_fn(|j| src.add(2 * j).read_unaligned());
                     dst.cast::<[T; R]>().write_unaligned(row);
                 }
             }
