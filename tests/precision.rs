@@ -531,6 +531,45 @@ fn every_x86_int8_kernel_gives_identical_detections() {
     }
 }
 
+/// Every x86 f32 kernel sums each output's K products in the same order, so forcing each with
+/// `TRACT_X86_F32_KERNEL` gives bit-identical detections: the AVX-512 tiles tract picks here
+/// (whose inner loops perch's vendored tract-linalg rewrote) and the 256-bit FMA tile an
+/// AVX2-only CPU runs.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn every_x86_f32_kernel_gives_identical_detections() {
+    if !std::arch::is_x86_feature_detected!("fma") {
+        return;
+    }
+    let mut kernels = vec!["fma_mmm_f32_16x6"];
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        kernels.extend([
+            "avx512_mmm_f32_16x12",
+            "avx512_mmm_f32_16x8",
+            "avx512_mmm_f32_32x6",
+        ]);
+    }
+    let default = demo_detections("f32", &[], &[], &TRACK_IMAGES[..1]);
+    for kernel in kernels {
+        let env = [("TRACT_X86_F32_KERNEL", kernel)];
+        assert_eq!(
+            demo_detections("f32", &[], &env, &TRACK_IMAGES[..1]),
+            default,
+            "{kernel} differs from the default kernels"
+        );
+        // Forcing leaves the matrix-vector products (n = 1, kernels `..x1`) to the ladder.
+        let bench = demo_bench_json("f32", &env);
+        let ran: Vec<&str> = bench["f32_kernels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|k| k.as_str())
+            .filter(|k| !k.ends_with("x1"))
+            .collect();
+        assert_eq!(ran, [kernel], "forced {kernel}");
+    }
+}
+
 /// Splitting a frame's products over two threads (the inference itself running on a pool
 /// thread) reorders independent tiles only: detections are identical to one thread's, at
 /// every precision perch builds here.

@@ -108,3 +108,10 @@ tract_data::declare_knob!(
     None,
     "x86_64: run int8 (i32-accumulator) matrix products on this kernel, e.g. avx2_mmm_i32_8x8 (widening), avx2madd_mmm_i32_8x8 (VPMADDWD) or avx512vnni_mmm_i32_8x8, where the CPU supports it."
 );
+
+tract_data::declare_knob!(
+    TRACT_X86_F32_KERNEL,
+    Option<String>,
+    None,
+    "x86_64: run f32 matrix products (but matrix-vector ones) on this kernel, e.g. avx512_mmm_f32_32x6 or fma_mmm_f32_16x6, where the CPU supports it."
+);

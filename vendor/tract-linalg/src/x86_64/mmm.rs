@@ -465,27 +465,62 @@ fn x86_int8_kernels() -> Vec<&'static str> {
     names
 }
 
-/// `TRACT_X86_INT8_KERNEL=<kernel name>` runs every i32-accumulator matrix product (but
-/// matrix-vector ones) on that kernel, so that each int8 kernel this CPU supports can be tested
-/// and benchmarked on it. A name that is unknown, or a kernel this CPU cannot run, is reported
-/// once and ignored: the ladder below answers as usual.
-fn forced_int8_preferred(
+/// The x86 f32 kernels `TRACT_X86_F32_KERNEL` can force, by name (the matrix-vector ones
+/// are not: forcing never applies to n = 1).
+fn x86_f32_kernels() -> Vec<&'static str> {
+    vec![
+        avx_mmm_f32_16x6.name.as_str(),
+        avx_mmm_f32_24x4.name.as_str(),
+        avx_mmm_f32_8x8.name.as_str(),
+        fma_mmm_f32_8x8.name.as_str(),
+        fma_mmm_f32_16x6.name.as_str(),
+        fma_mmm_f32_16x5.name.as_str(),
+        fma_mmm_f32_24x4.name.as_str(),
+        fma_mmm_f32_32x3.name.as_str(),
+        fma_mmm_f32_40x2.name.as_str(),
+        avx512_mmm_f32_16x12.name.as_str(),
+        avx512_mmm_f32_16x8.name.as_str(),
+        avx512_mmm_f32_32x6.name.as_str(),
+        avx512_mmm_f32_32x5.name.as_str(),
+        avx512_mmm_f32_48x4.name.as_str(),
+        avx512_mmm_f32_64x3.name.as_str(),
+        avx512_mmm_f32_80x2.name.as_str(),
+    ]
+}
+
+/// `TRACT_X86_INT8_KERNEL=<kernel name>` runs every i32-accumulator matrix product, and
+/// `TRACT_X86_F32_KERNEL=<kernel name>` every f32 one, on that kernel (matrix-vector products
+/// excepted), so that each kernel this CPU supports can be tested and benchmarked on it. A name
+/// that is unknown, or a kernel this CPU cannot run, is reported once and ignored: the ladder
+/// below answers as usual.
+fn forced_preferred(
     _isa: &IsaSet,
     dt: DatumType,
     query: &Query,
     suitable: &[Suitable],
 ) -> Option<&'static str> {
-    if dt != DatumType::I32 || query.n == Some(1) {
+    if query.n == Some(1) {
         return None;
     }
-    let wanted = crate::knobs::TRACT_X86_INT8_KERNEL.get()?;
-    let name = x86_int8_kernels().into_iter().find(|n| *n == wanted);
+    static WARNED_I32: std::sync::Once = std::sync::Once::new();
+    static WARNED_F32: std::sync::Once = std::sync::Once::new();
+    let (knob, wanted, names, warned) = match dt {
+        DatumType::I32 => {
+            let wanted = crate::knobs::TRACT_X86_INT8_KERNEL.get()?;
+            ("TRACT_X86_INT8_KERNEL", wanted, x86_int8_kernels(), &WARNED_I32)
+        }
+        DatumType::F32 => {
+            let wanted = crate::knobs::TRACT_X86_F32_KERNEL.get()?;
+            ("TRACT_X86_F32_KERNEL", wanted, x86_f32_kernels(), &WARNED_F32)
+        }
+        _ => return None,
+    };
+    let name = names.into_iter().find(|n| *n == wanted);
     let runnable = name.filter(|n| crate::mmm::suitable_named(suitable, n).is_some());
     if runnable.is_none() {
-        static WARNED: std::sync::Once = std::sync::Once::new();
-        WARNED.call_once(|| {
+        warned.call_once(|| {
             log::warn!(
-                "TRACT_X86_INT8_KERNEL={wanted}: {}; using the default int8 kernel",
+                "{knob}={wanted}: {}; using the default kernel",
                 if name.is_none() { "no such kernel" } else { "not runnable here" }
             )
         });
@@ -497,9 +532,12 @@ inventory::submit! {
     MmmTier {
         arch: Some(Arch::X86_64),
         precedence: 20,
-        name: "x86-int8-forced",
-        applies: |_| crate::knobs::TRACT_X86_INT8_KERNEL.get().is_some(),
-        preferred: forced_int8_preferred,
+        name: "x86-forced",
+        applies: |_| {
+            crate::knobs::TRACT_X86_INT8_KERNEL.get().is_some()
+                || crate::knobs::TRACT_X86_F32_KERNEL.get().is_some()
+        },
+        preferred: forced_preferred,
     }
 }
 

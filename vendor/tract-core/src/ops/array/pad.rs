@@ -38,9 +38,10 @@ impl Pad {
         if let (PadMode::Constant(_), Some(data)) = (&self.mode, input.as_slice())
             && input.ndim() > 0
         {
-            let mut out = Vec::with_capacity(output_shape.iter().product());
+            let mut output = unsafe { Tensor::uninitialized::<T>(&output_shape)? };
+            let mut out = unsafe { output.as_slice_mut_unchecked::<T>() };
             pad_constant_rows(&mut out, data, input.shape(), &self.pads, element);
-            let mut output = ArrayD::from_shape_vec(output_shape, out)?.into_tensor();
+            debug_assert!(out.is_empty());
             unsafe { output.set_datum_type(input_tensor.datum_type()) }
             return Ok(output.into_tvalue());
         }
@@ -96,32 +97,37 @@ impl Pad {
     }
 }
 
-/// Appends to `out` the constant-padded copy of the standard-layout `data` of shape `shape`:
-/// one pass over the output, rows of the innermost axis copied whole, padding written once
-/// (instead of filling the whole output, then assigning the input through a strided view).
+/// Writes the constant-padded copy of the standard-layout `data` of shape `shape` at the front
+/// of `out` and advances `out` past it: one pass over the output, rows of the innermost axis
+/// copied whole, padding written once (instead of filling the whole output, then assigning the
+/// input through a strided view), straight into the output tensor.
 fn pad_constant_rows<T: Copy>(
-    out: &mut Vec<T>,
+    out: &mut &mut [T],
     data: &[T],
     shape: &[usize],
     pads: &[(usize, usize)],
     element: T,
 ) {
-    let fill = |out: &mut Vec<T>, n: usize| out.extend(std::iter::repeat_n(element, n));
+    fn take<'a, T>(out: &mut &'a mut [T], n: usize) -> &'a mut [T] {
+        let (head, tail) = std::mem::take(out).split_at_mut(n);
+        *out = tail;
+        head
+    }
     let (before, after) = pads[0];
     if shape.len() == 1 {
-        fill(out, before);
-        out.extend_from_slice(data);
-        fill(out, after);
+        take(out, before).fill(element);
+        take(out, data.len()).copy_from_slice(data);
+        take(out, after).fill(element);
         return;
     }
     let inner_in: usize = shape[1..].iter().product();
     let inner_out: usize = shape[1..].iter().zip(&pads[1..]).map(|(d, (a, b))| d + a + b).product();
-    fill(out, before * inner_out);
+    take(out, before * inner_out).fill(element);
     for i in 0..shape[0] {
         let sub = &data[i * inner_in..(i + 1) * inner_in];
         pad_constant_rows(out, sub, &shape[1..], &pads[1..], element);
     }
-    fill(out, after * inner_out);
+    take(out, after * inner_out).fill(element);
 }
 
 impl Op for Pad {
