@@ -31,14 +31,6 @@ where
 {
     let mut done = BitSet::with_capacity(nodes.len());
     let mut order: Vec<usize> = vec![];
-    // Which nodes have inputs, read once: the precursor choice below asks it of every input of
-    // every node on the stack, each time the node comes back to the top.
-    let mut has_inputs = BitSet::with_capacity(nodes.len());
-    for (ix, node) in nodes.iter().enumerate() {
-        if !node.inputs.is_empty() {
-            has_inputs.insert(ix);
-        }
-    }
     for &model_target in model_outputs {
         if done.contains(model_target) {
             continue;
@@ -57,14 +49,14 @@ where
                 let precursor: usize = nodes[current_node]
                     .inputs
                     .iter()
-                    .filter(|n| has_inputs.contains(n.node))
+                    .filter(|n| nodes[n.node].inputs.len() > 0)
                     .map(|n| n.node)
                     .chain(more_dependencies.iter().filter(|a| a.0 == current_node).map(|n| n.1))
                     .chain(
                         nodes[current_node]
                             .inputs
                             .iter()
-                            .filter(|n| !has_inputs.contains(n.node))
+                            .filter(|n| nodes[n.node].inputs.len() == 0)
                             .map(|n| n.node),
                     )
                     .nth(current_input)
