@@ -806,12 +806,69 @@ pub struct Session {
 /// Runs `f` on a thread of the run's pool, when it has one. The thread that walks the graph
 /// then takes its share of every parallel matrix product itself, instead of handing each one
 /// to the pool and sleeping until the pool wakes it (one wake-up per product, and a pool of
-/// `threads` workers plus a waiting caller on `threads` cores).
+/// `threads` workers plus a waiting caller on `threads` cores). The pool's other threads stay
+/// awake for the whole run (see [`KeepAwake`]).
 fn on_pool<R: Send>(executor: &Option<Executor>, f: impl FnOnce() -> R + Send) -> R {
     match executor {
         #[cfg(feature = "multithread")]
-        Some(Executor::MultiThread(pool)) => pool.install(f),
+        Some(Executor::MultiThread(pool)) => pool.install(|| {
+            let _awake = KeepAwake::start(pool);
+            f()
+        }),
         _ => f(),
+    }
+}
+
+/// Keeps every other thread of a pool looking for work, instead of sleeping, until dropped.
+///
+/// Between two parallel products a frame runs serial operators (activations, pads, pools) for
+/// tens of microseconds, long enough for an idle rayon worker to go to sleep; waking it for the
+/// next product is a futex wake and, in a virtual machine, an inter-processor interrupt. Each of
+/// the other workers instead runs one task that steals and runs the pool's pending jobs
+/// (`rayon::yield_now`) and spins between them, until the run that started it ends. The cores
+/// the pool was given are thus busy for the whole frame, as onnxruntime's spinning threads are.
+///
+/// The task returns at once on a thread that is inside a run itself (the starting thread, which
+/// rayon may hand its own copy while it waits inside the frame, or a thread running another
+/// session's frame on the same pool): a spinning task there would sit on top of that run and
+/// wait for another, and two such threads would wait for each other. A run may still start
+/// inside a spinning task (rayon hands it over as pending work); it then completes on top of
+/// it. A task that starts after its run ended returns at once.
+#[cfg(feature = "multithread")]
+struct KeepAwake(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+#[cfg(feature = "multithread")]
+thread_local! {
+    /// How many runs this thread is inside (runs nest when rayon hands one to a waiting thread).
+    static RUNS_ON_THIS_THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+#[cfg(feature = "multithread")]
+impl KeepAwake {
+    fn start(pool: &rayon::ThreadPool) -> KeepAwake {
+        use std::sync::atomic::Ordering;
+        RUNS_ON_THIS_THREAD.with(|n| n.set(n.get() + 1));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        pool.spawn_broadcast(move |_| {
+            if RUNS_ON_THIS_THREAD.with(|n| n.get()) > 0 {
+                return;
+            }
+            while !flag.load(Ordering::Acquire) {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+        KeepAwake(done)
+    }
+}
+
+#[cfg(feature = "multithread")]
+impl Drop for KeepAwake {
+    fn drop(&mut self) {
+        RUNS_ON_THIS_THREAD.with(|n| n.set(n.get() - 1));
+        self.0.store(true, std::sync::atomic::Ordering::Release);
     }
 }
 
@@ -920,5 +977,51 @@ impl Session {
             })?;
         }
         Ok(times)
+    }
+}
+
+#[cfg(all(test, feature = "multithread"))]
+mod pool_tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// Two sessions of one model running frames at once on the same two-thread pool (a service
+    /// frame next to an adapter's health check) neither deadlock, although each keeps the other
+    /// worker spinning in its own task, nor fail, although rayon runs one session's frame on a
+    /// thread that is waiting inside the other's matrix product, nor change results: both give
+    /// the one-thread outputs.
+    #[test]
+    fn concurrent_runs_on_one_pool_finish_with_one_thread_results() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/tree-yolo11n-320.onnx");
+        let model = OnnxModel::load(path).unwrap();
+        let prepare = |threads| {
+            let opts = PrepareOptions {
+                threads,
+                ..Default::default()
+            };
+            Arc::new(model.prepare_with(320, 320, &opts).unwrap())
+        };
+        let input: Vec<f32> = (0..3 * 320 * 320)
+            .map(|i| (i % 251) as f32 / 250.0)
+            .collect();
+        let want = prepare(1).session().unwrap().run(&input).unwrap();
+        let two = prepare(2);
+        let (tx, rx) = mpsc::channel();
+        for _ in 0..2 {
+            let (two, input, tx) = (two.clone(), input.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let mut session = two.session().unwrap();
+                for _ in 0..4 {
+                    tx.send(session.run(&input).unwrap()).unwrap();
+                }
+            });
+        }
+        for _ in 0..8 {
+            let got = rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("a run hung");
+            assert_eq!(got, want);
+        }
     }
 }

@@ -503,13 +503,15 @@ impl EvalOp for OptMatMul {
     not_out_of_plan!();
 
     fn eval(&self, ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        MMM_SCRATCH.with_borrow_mut(|per_session| {
-            let scratch = per_session.entry(ctx.session).or_insert_with(|| MmmScratch {
-                space: SPARE_SPACE.take(),
-                stores: HashMap::new(),
-            });
-            self.eval_with_scratch(ctx, inputs, scratch)
-        })
+        // The session's scratch leaves the map for the product: a multithreaded product waits
+        // in rayon, which may run another session's plan on this thread meanwhile, and that
+        // plan's products need the map too.
+        let mut scratch = MMM_SCRATCH
+            .with_borrow_mut(|per_session| per_session.remove(&ctx.session))
+            .unwrap_or_else(|| MmmScratch { space: SPARE_SPACE.take(), stores: HashMap::new() });
+        let result = self.eval_with_scratch(ctx, inputs, &mut scratch);
+        MMM_SCRATCH.with_borrow_mut(|per_session| per_session.insert(ctx.session, scratch));
+        result
     }
 
     fn drop_session(&self, session: SessionId, _node_id: usize) {
