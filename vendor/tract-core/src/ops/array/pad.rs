@@ -39,9 +39,29 @@ impl Pad {
             && input.ndim() > 0
         {
             let mut output = unsafe { Tensor::uninitialized::<T>(&output_shape)? };
-            let mut out = unsafe { output.as_slice_mut_unchecked::<T>() };
-            pad_constant_rows(&mut out, data, input.shape(), &self.pads, element);
-            debug_assert!(out.is_empty());
+            let out = unsafe { output.as_slice_mut_unchecked::<T>() };
+            // Leading axes without padding (batch, channels) split the copy into independent
+            // blocks, shared over the installed executor; the innermost axis stays whole.
+            let lead = self.pads[..input.ndim() - 1].iter().take_while(|p| **p == (0, 0)).count();
+            let block_in: usize = input.shape()[lead..].iter().product();
+            let block_out: usize = output_shape[lead..].iter().product();
+            if block_out > 0 {
+                tract_linalg::multithread::par_chunks_mut(
+                    out,
+                    block_out,
+                    out.len(),
+                    |first, mut chunk| {
+                        let blocks = chunk.len() / block_out;
+                        for b in first..first + blocks {
+                            let src = &data[b * block_in..(b + 1) * block_in];
+                            let shape = &input.shape()[lead..];
+                            pad_constant_rows(&mut chunk, src, shape, &self.pads[lead..], element);
+                        }
+                        debug_assert!(chunk.is_empty());
+                        Ok(())
+                    },
+                )?;
+            }
             unsafe { output.set_datum_type(input_tensor.datum_type()) }
             return Ok(output.into_tvalue());
         }
@@ -263,6 +283,9 @@ mod constant_rows_test {
             (&[2, 3, 4, 5], &[(1, 0), (0, 2), (3, 1), (0, 1)]),
             (&[2, 0, 3], &[(1, 1), (1, 1), (1, 1)]),
             (&[0, 3], &[(2, 0), (0, 0)]),
+            // Over the threading threshold: split by channel on a pool below.
+            (&[1, 24, 40, 41], &[(0, 0), (0, 0), (1, 1), (1, 1)]),
+            (&[3, 5, 40, 40], &[(0, 0), (1, 0), (2, 1), (0, 1)]),
         ];
         for (shape, pads) in cases {
             let len: usize = shape.iter().product();
@@ -281,7 +304,13 @@ mod constant_rows_test {
                     .collect();
                 src.map_or(0.25, |src| xv[tract_ndarray::IxDyn(&src)])
             });
-            assert_eq!(*got, want.into_tensor(), "{shape:?} {pads:?}");
+            let want = want.into_tensor();
+            assert_eq!(*got, want, "{shape:?} {pads:?}");
+            let pool = tract_linalg::multithread::Executor::multithread(3);
+            let split = tract_linalg::multithread::multithread_tract_scope(pool, || {
+                pad.eval_t::<f32>(t.into_tvalue()).unwrap()
+            });
+            assert_eq!(*split, want, "{shape:?} {pads:?} split");
         }
         let dt = u8::datum_type().quantize(QParams::ZpScale { zero_point: 3, scale: 0.5 });
         let mut t = Tensor::from_shape(&[2, 3], &[1u8, 2, 3, 4, 5, 6]).unwrap();

@@ -290,6 +290,36 @@ impl OptMaxPool {
                 (lo < hi).then(|| (lo, hi, ((lo * sw) as isize + offset) as usize))
             })
             .collect();
+        if px == 1 && (sh, sw, dh, dw) == (1, 1, 1, 1) && kh > 1 && kw > 1 {
+            // Separable: each input row is reduced across the kernel width once, then output
+            // rows reduce `kh` of those (kh + kw folds per pixel instead of kh * kw). Ties and
+            // NaNs resolve as in the walk below: the first maximal tap in (ky, kx) order is the
+            // first maximal row's first maximal column.
+            let plane = oh * ow;
+            let len = output_slice.len();
+            tract_linalg::multithread::par_chunks_mut(output_slice, plane, len, |first, chunk| {
+                let mut hmax = vec![T::min_value(); h * ow];
+                for (i, out_image) in chunk.chunks_exact_mut(plane).enumerate() {
+                    let image = &input_slice[(first + i) * h * w..][..h * w];
+                    hmax.fill(T::min_value());
+                    for (irow, hrow) in image.chunks_exact(w).zip(hmax.chunks_exact_mut(ow)) {
+                        for &(lo, hi, start) in &column_spans {
+                            fold_max(&mut hrow[lo..hi], irow[start..].iter());
+                        }
+                    }
+                    for (oy, row) in out_image.chunks_exact_mut(ow).enumerate() {
+                        for ky in 0..kh {
+                            let iy = (oy + ky) as isize - pt;
+                            if iy >= 0 && iy < h as isize {
+                                fold_max(row, hmax[iy as usize * ow..][..ow].iter());
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+            return Ok(Some(output));
+        }
         for (image, out_image) in
             input_slice.chunks_exact(h * w * px).zip(output_slice.chunks_exact_mut(oh * ow * px))
         {
@@ -523,6 +553,59 @@ mod tests {
             })
             .unwrap();
             assert_eq!(*fast[0], *reference[0]);
+        }
+    }
+
+    /// The separable stride-1 path gives the generic walk's output bit for bit, ties between
+    /// +0 and -0 and NaN inputs included, serially and split over a pool.
+    #[test]
+    fn separable_stride1_maxpool_matches_reference() {
+        let cases = [
+            ((1usize, 6, 10, 10), (5usize, 5usize), (2usize, 2usize), (2usize, 2usize)),
+            ((2, 40, 40, 40), (5, 5), (2, 2), (2, 2)),
+            ((1, 3, 9, 7), (3, 3), (1, 1), (1, 1)),
+            ((1, 4, 8, 11), (3, 2), (1, 0), (1, 1)),
+            ((1, 2, 6, 6), (4, 3), (0, 2), (3, 0)),
+        ];
+        for (shape, kernel, before, after) in cases {
+            let c = shape.1;
+            let padding =
+                PaddingSpec::Explicit(tvec![before.0, before.1], tvec![after.0, after.1]);
+            let pool_spec = PoolSpec::new(
+                DataFormat::NCHW,
+                tvec![kernel.0, kernel.1],
+                padding,
+                None,
+                Some(tvec![1, 1]),
+                c,
+                c,
+            );
+            let input = ndarray::Array4::from_shape_fn(shape, |(n, c, y, x)| {
+                match (n * 31 + c * 7 + y * 13 + x * 3) % 23 {
+                    0 => 0.0,
+                    1 => -0.0,
+                    2 => f32::NAN,
+                    v => (v % 5) as f32 * 0.5 - 1.0,
+                }
+            })
+            .into_tensor()
+            .into_tvalue();
+            let reference =
+                MaxPool { pool_spec: pool_spec.clone(), with_index_outputs: Some(DatumType::I32) }
+                    .eval(&EvalContext::out_of_plan(), tvec!(input.clone()))
+                    .unwrap();
+            let op = MaxPool { pool_spec, with_index_outputs: None };
+            let bits = |t: &Tensor| {
+                t.to_plain_array_view::<f32>().unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            };
+            let serial = op.eval(&EvalContext::out_of_plan(), tvec!(input.clone())).unwrap();
+            assert_eq!(bits(&serial[0]), bits(&reference[0]), "{shape:?} {kernel:?}");
+            let pool = tract_linalg::multithread::Executor::multithread(3);
+            let split = tract_linalg::multithread::multithread_tract_scope(pool, || {
+                op.eval(&EvalContext::out_of_plan(), tvec!(input))
+            })
+            .unwrap();
+            assert_eq!(bits(&split[0]), bits(&reference[0]), "{shape:?} {kernel:?} split");
         }
     }
 
