@@ -825,8 +825,12 @@ fn on_pool<R: Send>(executor: &Option<Executor>, f: impl FnOnce() -> R + Send) -
 /// tens of microseconds, long enough for an idle rayon worker to go to sleep; waking it for the
 /// next product is a futex wake and, in a virtual machine, an inter-processor interrupt. Each of
 /// the other workers instead runs one task that steals and runs the pool's pending jobs
-/// (`rayon::yield_now`) and spins between them, until the run that started it ends. The cores
-/// the pool was given are thus busy for the whole frame, as onnxruntime's spinning threads are.
+/// (`rayon::yield_now`) and offers its core to the OS scheduler between them
+/// (`std::thread::yield_now`, which returns at once when nothing else is runnable), until the
+/// run that started it ends. The cores the pool was given are thus busy for the whole frame, as
+/// onnxruntime's spinning threads are. A `PAUSE` spin gave frames a long tail in a virtual
+/// machine, where the hypervisor may deschedule a vCPU that loops on `PAUSE` (pause-loop
+/// exiting) while it holds a share of a product.
 ///
 /// The task returns at once on a thread that is inside a run itself (the starting thread, which
 /// rayon may hand its own copy while it waits inside the frame, or a thread running another
@@ -856,7 +860,7 @@ impl KeepAwake {
             }
             while !flag.load(Ordering::Acquire) {
                 if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                    std::hint::spin_loop();
+                    std::thread::yield_now();
                 }
             }
         });
