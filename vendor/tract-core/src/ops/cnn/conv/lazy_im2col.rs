@@ -550,7 +550,7 @@ impl LazyIm2colInput {
                 let dst = out.add(kk * R);
                 if unit {
                     std::ptr::copy_nonoverlapping(src, dst, R);
-                } else {
+                } else if !(std::mem::size_of::<T>() == 4 && deinterleave_4byte::<R>(src, dst)) {
                     let row: [T; R] = std::array::from_fn(|j| src.add(2 * j).read_unaligned());
                     dst.cast::<[T; R]>().write_unaligned(row);
                 }
@@ -723,6 +723,48 @@ unsafe fn k4_block8<const S: usize>(rows: [*const u8; 4], out: *mut u8) {
                 }
             }
         }
+    }
+}
+
+/// `dst[j] = src[2 * j]` for `j < R`, items of 4 bytes, with vector loads and shuffles: four
+/// items come from two overlapping loads (items `8g..8g+3` and `8g+3..8g+6`), so nothing past
+/// item `2 * (R - 1)` is read. Bits are moved, not converted. Returns false, having written
+/// nothing, where no such path exists (`R` not a multiple of 4, other architectures).
+///
+/// # Safety
+/// `src` addresses `2 * R - 1` readable items, `dst` `R` writable ones.
+#[inline(always)]
+unsafe fn deinterleave_4byte<const R: usize>(src: *const impl Copy, dst: *mut impl Copy) -> bool {
+    if !R.is_multiple_of(4) {
+        return false;
+    }
+    let (s, d) = (src as *const f32, dst as *mut f32);
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        use std::arch::x86_64::*;
+        for g in 0..R / 4 {
+            let lo = _mm_loadu_ps(s.add(8 * g));
+            let hi = _mm_loadu_ps(s.add(8 * g + 3));
+            _mm_storeu_ps(d.add(4 * g), _mm_shuffle_ps::<0b11_01_10_00>(lo, hi));
+        }
+        true
+    }
+    #[cfg(target_arch = "aarch64")]
+    unsafe {
+        use std::arch::aarch64::*;
+        for g in 0..R / 4 {
+            let lo = vld1q_f32(s.add(8 * g));
+            let hi = vld1q_f32(s.add(8 * g + 3));
+            let even = vget_low_f32(vuzp1q_f32(lo, lo));
+            let odd = vget_low_f32(vuzp2q_f32(hi, hi));
+            vst1q_f32(d.add(4 * g), vcombine_f32(even, odd));
+        }
+        true
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        let _ = (s, d);
+        false
     }
 }
 
