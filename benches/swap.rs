@@ -137,9 +137,7 @@ fn main() {
     let svc = Service(child);
     let t = Instant::now();
     while perch::service::control::request(&sock, &json!({"cmd": "status"}), Duration::from_secs(5))
-        .map_or(true, |s| {
-            s["status"]["frames_processed"].as_u64().unwrap_or(0) < 10
-        })
+        .map_or(true, |s| s["frames_processed"].as_u64().unwrap_or(0) < 10)
     {
         assert!(
             t.elapsed() < Duration::from_secs(120),
@@ -157,7 +155,7 @@ fn main() {
     let cycle = ["osbs", "soap", "head", ""];
     let baseline = (now_s(), now_s() + baseline_s);
     std::thread::sleep(Duration::from_secs_f64(baseline_s));
-    let rss = |sock: &Path| request(sock, json!({"cmd": "status"}))["status"]["rss_bytes"].as_f64();
+    let rss = |sock: &Path| request(sock, json!({"cmd": "status"}))["rss_bytes"].as_f64();
     let mut rss_at: Vec<(usize, Option<f64>)> = Vec::new();
     let mut phases = Vec::new();
     let mut done = 0usize;
@@ -202,7 +200,7 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     let rss_end = rss(&sock);
     let hwm = vm_hwm_kb(pid);
-    let status = request(&sock, json!({"cmd": "status"}))["status"].clone();
+    let status = request(&sock, json!({"cmd": "status"}));
     drop(svc);
     let text = std::fs::read_to_string(dir.join("records.jsonl")).unwrap();
     let records: Vec<Value> = text
