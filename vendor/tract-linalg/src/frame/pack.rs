@@ -429,6 +429,9 @@ impl PackedFormat {
                 64 => pack_mn_major::<[u8; 64]>(bb, pbb, panel_len, k_stride_bytes, mn_range_bytes, k_range),
                 96 => pack_mn_major::<[u8; 96]>(bb, pbb, panel_len, k_stride_bytes, mn_range_bytes, k_range),
                 128 => pack_mn_major::<[u8; 128]>(bb, pbb, panel_len, k_stride_bytes, mn_range_bytes, k_range),
+                192 => pack_mn_major::<[u8; 192]>(bb, pbb, panel_len, k_stride_bytes, mn_range_bytes, k_range),
+                256 => pack_mn_major::<[u8; 256]>(bb, pbb, panel_len, k_stride_bytes, mn_range_bytes, k_range),
+                320 => pack_mn_major::<[u8; 320]>(bb, pbb, panel_len, k_stride_bytes, mn_range_bytes, k_range),
                 _ => {
                     let mut packer = self.write_with_k_outer(pb, k_range.len(), mn_range.len());
                     for k in k_range {
@@ -1618,6 +1621,21 @@ mod test {
             .prop_flat_map(|cropped| (Just(cropped), 0..=cropped))
             .prop_map(move |(cropped, left)| range.start + left..range.end - (cropped - left))
             .boxed()
+    }
+
+    /// Panels of 48, 64 and 80 four-byte items (the A side of the 48x4, 64x3 and 80x2 kernels)
+    /// copy whole rows when mn is contiguous; whole and partial panels, cropped ranges.
+    #[test]
+    fn wide_panels_match_reference() {
+        for r in [48, 64, 80] {
+            for (mn, mn_range) in [(2 * r + 7, 0..2 * r + 7), (r + 5, 3..r + 5), (r, 0..r)] {
+                for is_a in [false, true] {
+                    let mn_range = mn_range.clone();
+                    let k_range = 1..6;
+                    PackProblem { k: 6, mn, is_a, r, k_range, mn_range, align_panel: 1 }.check();
+                }
+            }
+        }
     }
 
     proptest::proptest! {
