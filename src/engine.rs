@@ -127,6 +127,7 @@ pub struct EngineBuilder {
     /// The settings' calibration file, or the one beside the model for int8, and its path.
     calibration: Option<(PathBuf, Arc<Calibration>)>,
     frame_size: Option<(usize, usize)>,
+    reuse_graph: bool,
 }
 
 impl EngineBuilder {
@@ -156,6 +157,7 @@ impl EngineBuilder {
             labels,
             calibration,
             frame_size: None,
+            reuse_graph: false,
         })
     }
 
@@ -163,6 +165,15 @@ impl EngineBuilder {
     /// rectangular input (`rect`).
     pub fn with_frame_size(mut self, size: Option<(usize, usize)>) -> Self {
         self.frame_size = size;
+        self
+    }
+
+    /// With `on`, builds keep tract's decluttered graph and later builds that differ only in
+    /// merged weight values start from it ([`PrepareOptions::reuse_graph`]): an adapter swap
+    /// then costs the merge and tract's optimisation, not a full prepare. For the service,
+    /// which swaps adapters; it costs one more copy of the weights in memory.
+    pub fn with_graph_reuse(mut self, on: bool) -> Self {
+        self.reuse_graph = on;
         self
     }
 
@@ -269,6 +280,7 @@ impl EngineBuilder {
                 precision: self.settings.precision,
                 threads: self.settings.threads,
                 calibration: self.calibration_for(model, adapter)?,
+                reuse_graph: self.reuse_graph,
             },
             rect_for,
         };

@@ -773,3 +773,75 @@ fn committed_site_adapters_fit_the_demo_base_and_switching_back_is_exact() {
         assert_eq!(base.fingerprint(), fp);
     }
 }
+
+/// A prepare that starts from the base's kept decluttered graph (as the service's swaps do)
+/// gives bit-identical outputs to a full prepare of the merged model, for LoRA on every conv,
+/// replaced head layers and a small LoRA; int8 (whose weight scales feed a `Mul` tract folds)
+/// and another input size take the full path and are still identical.
+#[test]
+fn reused_graph_prepares_match_full_prepares_bit_for_bit() {
+    use perch::model::{Calibration, Precision, PrepareOptions};
+    let base = OnnxModel::load(path("models/tree-yolo11n-320.onnx")).unwrap();
+    let img = load_rgb(&path("tests/data/osbs_029.png")).unwrap();
+    let mut input = vec![0f32; 3 * 320 * 320];
+    let lb = Letterbox::new(img.width(), img.height(), 320, 320, Placement::Center);
+    letterbox_into(&img, &lb, &InputFormat::ULTRALYTICS, &mut input);
+    let outputs = |m: &OnnxModel, opts: &PrepareOptions| {
+        let p = m.prepare_with(320, 320, opts).unwrap();
+        let out = p.session().unwrap().run(&input).unwrap();
+        (
+            p.graph_reused(),
+            out.into_iter().map(|o| o.data).collect::<Vec<_>>(),
+        )
+    };
+    let f32_reuse = PrepareOptions {
+        reuse_graph: true,
+        ..Default::default()
+    };
+    let (reused, base_out) = outputs(&base, &f32_reuse);
+    assert!(!reused, "the first prepare has nothing to start from");
+    for name in ["osbs-lora-all", "osbs-head", "soap-lora"] {
+        let adapter = Adapter::load(path(&format!("models/adapters/{name}.safetensors"))).unwrap();
+        let merged = apply(&base, &adapter, 1.0).unwrap();
+        let (reused, fast) = outputs(&merged, &f32_reuse);
+        assert!(
+            reused,
+            "{name}: the merged model should reuse the base's graph"
+        );
+        let (_, full) = outputs(&merged, &PrepareOptions::default());
+        assert!(
+            fast == full,
+            "{name}: reused graph output differs from a full prepare"
+        );
+        assert!(
+            fast != base_out,
+            "{name}: the adapter must change the output"
+        );
+    }
+    let (reused, again) = outputs(&base, &f32_reuse);
+    assert!(reused && again == base_out, "back to the base");
+
+    let cal = std::sync::Arc::new(
+        Calibration::load(&path("models/tree-yolo11n-320.calibration.json")).unwrap(),
+    );
+    let int8 = PrepareOptions {
+        precision: Precision::Int8,
+        calibration: Some(cal),
+        reuse_graph: true,
+        ..Default::default()
+    };
+    let adapter = Adapter::load(path("models/adapters/osbs-lora-all.safetensors")).unwrap();
+    let merged = apply(&base, &adapter, 1.0).unwrap();
+    let (_, first) = outputs(&base, &int8);
+    let (reused, fast) = outputs(&merged, &int8);
+    assert!(!reused, "int8 weights are integers, never swapped");
+    let (_, full) = outputs(
+        &merged,
+        &PrepareOptions {
+            reuse_graph: false,
+            ..int8.clone()
+        },
+    );
+    assert!(fast == full, "int8: output differs from a full prepare");
+    assert!(fast != first);
+}

@@ -7,6 +7,7 @@
 mod guard;
 mod metadata;
 mod quant;
+mod reuse;
 mod rewrite;
 mod weights;
 
@@ -79,6 +80,9 @@ pub struct OnnxModel {
     output_names: Vec<String>,
     /// Weight fingerprint, computed on first use (hashing all weights is not free).
     fingerprint: std::sync::OnceLock<String>,
+    /// Decluttered graphs kept by prepares that asked for [`PrepareOptions::reuse_graph`],
+    /// shared with the copies [`OnnxModel::with_weights`] makes.
+    graphs: Arc<reuse::GraphCache>,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -200,6 +204,7 @@ impl OnnxModel {
             input_shape,
             output_names,
             fingerprint: std::sync::OnceLock::new(),
+            graphs: Arc::default(),
         })
     }
 
@@ -283,7 +288,8 @@ impl OnnxModel {
             }
             log::info!("{}: {n} Conv layers quantized to int8", self.path.display());
         }
-        let decluttered = self.decluttered(proto, height, width)?;
+        let (decluttered, graph_reused) =
+            self.decluttered(proto, height, width, opts.reuse_graph)?;
         let decluttered = if precision == Precision::F16 {
             let t = tract_onnx::tract_core::transform::get_transform("f32_to_f16")
                 .map_err(|e| prep(format!("{e:#}")))?
@@ -357,16 +363,20 @@ impl OnnxModel {
                 1
             },
             executor: run_opts.executor,
+            graph_reused,
         })
     }
 
-    /// Parses (after perch's graph rewrites), types, concretises and declutters `proto`.
+    /// Parses (after perch's graph rewrites), types, concretises and declutters `proto`; with
+    /// `reuse`, starts from a kept graph when one differs only in weight values, and keeps the
+    /// result otherwise.
     fn decluttered(
         &self,
         mut proto: pb::ModelProto,
         height: usize,
         width: usize,
-    ) -> Result<TypedModel, ModelError> {
+        reuse: bool,
+    ) -> Result<(TypedModel, bool), ModelError> {
         let prep = |reason: String| ModelError::Prepare {
             path: self.path.clone(),
             reason,
@@ -397,8 +407,19 @@ impl OnnxModel {
         // 2*((height+31)/32) with another form of the same size), so concrete sizes are written
         // into the protobuf input before tract analyses the graph; declared output and
         // intermediate shapes then carry stale symbols and are ignored.
-        let parsed = if self.input_shape.is_dynamic() || self.input_shape.batch.is_none() {
+        let dynamic = self.input_shape.is_dynamic() || self.input_shape.batch.is_none();
+        if dynamic {
             set_input_dims(&mut proto, &self.input_name, [1, 3, height, width]);
+        }
+        if reuse && let Some((model, replaced)) = self.graphs.lookup(&proto, model_dir) {
+            log::debug!(
+                "{}: reused a decluttered graph, {replaced} weights replaced, in {:.0} ms",
+                self.path.display(),
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+            return Ok((model, true));
+        }
+        let parsed = if dynamic {
             onnx()
                 .with_ignore_output_shapes(true)
                 .with_ignore_value_info(true)
@@ -433,7 +454,10 @@ impl OnnxModel {
             (t_typed - t_parse).as_secs_f64() * 1e3,
             (t0.elapsed() - t_typed).as_secs_f64() * 1e3,
         );
-        Ok(decluttered)
+        if reuse {
+            self.graphs.insert(proto, &decluttered, model_dir);
+        }
+        Ok((decluttered, false))
     }
 
     /// A calibration run for int8: feed it letterboxed inputs of `height` x `width` with
@@ -462,7 +486,8 @@ impl OnnxModel {
             .collect();
         quant::expose(&mut proto, &exposed);
         let model = self
-            .decluttered(proto, height, width)?
+            .decluttered(proto, height, width, false)?
+            .0
             .into_optimized()
             .map_err(|e| ModelError::Prepare {
                 path: self.path.clone(),
@@ -483,6 +508,7 @@ impl OnnxModel {
                 precision: Precision::F32,
                 threads: 1,
                 executor: None,
+                graph_reused: false,
             }
             .session()?,
             names,
@@ -593,6 +619,11 @@ pub struct PrepareOptions {
     pub threads: usize,
     /// Activation ranges; required by [`Precision::Int8`].
     pub calibration: Option<Arc<Calibration>>,
+    /// Keep the decluttered graph with the model (and the copies adapters are merged into), and
+    /// start from a kept one when it differs only in the values of Conv/Gemm/MatMul weights:
+    /// such a prepare skips parsing, typing and decluttering. Costs one more copy of the weights
+    /// in memory per input size kept (at most two); for processes that swap adapters.
+    pub reuse_graph: bool,
 }
 
 /// True when this CPU computes f16 natively (tract's check; ARMv8.2-A FP16), or when
@@ -718,12 +749,19 @@ pub struct PreparedModel {
     precision: Precision,
     threads: usize,
     executor: Option<Executor>,
+    graph_reused: bool,
 }
 
 impl PreparedModel {
     /// The precision actually built (f16 requests fall back to f32 without native f16).
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// True when this prepare started from a kept decluttered graph
+    /// ([`PrepareOptions::reuse_graph`]) instead of parsing the model.
+    pub fn graph_reused(&self) -> bool {
+        self.graph_reused
     }
 
     /// Threads each run splits its matrix products over.

@@ -108,7 +108,8 @@ fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), Se
     let factory = Arc::new(
         EngineBuilder::load(&s.model)
             .map_err(|e| config(crate::exit::one_line(&e)))?
-            .with_frame_size(s.source.size),
+            .with_frame_size(s.source.size)
+            .with_graph_reuse(s.adapters.is_some()),
     );
     let mailbox = Arc::new(Mailbox::default());
     let Some(a) = &s.adapters else {
