@@ -821,6 +821,51 @@ fn reused_graph_prepares_match_full_prepares_bit_for_bit() {
     let (reused, again) = outputs(&base, &f32_reuse);
     assert!(reused && again == base_out, "back to the base");
 
+    // A dynamic export: the kept graph is for one input size; another size is a miss and is
+    // kept beside it.
+    let dyn_base = OnnxModel::load(path("tests/fixtures/tree-yolo11n-dyn.onnx")).unwrap();
+    let scaled: Vec<NamedTensor> = dyn_base
+        .weight_shapes()
+        .into_iter()
+        .filter(|(n, s)| s.len() == 4 && n.ends_with("conv.weight") && !n.contains("dfl"))
+        .map(|(n, _)| {
+            let mut w = dyn_base.weight(&n).unwrap();
+            w.data.iter_mut().for_each(|v| *v *= 0.98);
+            w
+        })
+        .collect();
+    assert!(scaled.len() > 50, "{}", scaled.len());
+    let dyn_merged = dyn_base.with_weights(&scaled, None).unwrap();
+    let at = |m: &OnnxModel, h: usize, w: usize, reuse: bool| {
+        let opts = PrepareOptions {
+            reuse_graph: reuse,
+            ..Default::default()
+        };
+        let p = m.prepare_with(h, w, &opts).unwrap();
+        let mut input = vec![0f32; 3 * h * w];
+        let lb = Letterbox::new(img.width(), img.height(), w, h, Placement::Center);
+        letterbox_into(&img, &lb, &InputFormat::ULTRALYTICS, &mut input);
+        let out = p.session().unwrap().run(&input).unwrap();
+        (
+            p.graph_reused(),
+            out.into_iter().map(|o| o.data).collect::<Vec<_>>(),
+        )
+    };
+    assert!(!at(&dyn_base, 320, 320, true).0);
+    assert!(!at(&dyn_merged, 256, 320, true).0, "another size is a miss");
+    let (reused, fast) = at(&dyn_merged, 320, 320, true);
+    assert!(reused, "dynamic: the 320x320 graph is still kept");
+    assert!(
+        fast == at(&dyn_merged, 320, 320, false).1,
+        "dynamic: differs"
+    );
+    let (reused, fast) = at(&dyn_base, 256, 320, true);
+    assert!(reused, "dynamic: the 256x320 graph is kept too");
+    assert!(
+        fast == at(&dyn_base, 256, 320, false).1,
+        "dynamic 256x320: differs"
+    );
+
     let cal = std::sync::Arc::new(
         Calibration::load(&path("models/tree-yolo11n-320.calibration.json")).unwrap(),
     );
@@ -844,4 +889,70 @@ fn reused_graph_prepares_match_full_prepares_bit_for_bit() {
     );
     assert!(fast == full, "int8: output differs from a full prepare");
     assert!(fast != first);
+}
+
+/// Across every detector family in the fixtures, a prepare of changed conv weights that starts
+/// from the kept graph gives bit-identical outputs to a full prepare, or does not start from it.
+#[test]
+fn reused_graphs_are_exact_on_every_fixture_family() {
+    use perch::model::PrepareOptions;
+    use perch::tensor::WeightUse;
+    let reuse = PrepareOptions {
+        reuse_graph: true,
+        ..Default::default()
+    };
+    let mut hits = Vec::new();
+    for file in [
+        "v5-t160-op12",
+        "v8-t160-op11",
+        "v8-dyn-op17",
+        "v10-t160-op17",
+        "y11-t160-op13",
+        "y26-t160-op18",
+        "y26-o2m-t160-op17",
+        "yolox-t160-op11",
+    ] {
+        let base = OnnxModel::load(path(&format!("tests/fixtures/{file}.onnx"))).unwrap();
+        let changed: Vec<NamedTensor> = base
+            .weight_shapes()
+            .into_iter()
+            .filter(|(n, s)| {
+                // The DFL projection is a fixed arange that tract folds: changing it is a miss.
+                s.len() == 4
+                    && !n.contains("dfl")
+                    && matches!(base.weight_use(n), WeightUse::Conv { .. })
+                    && base.weight_consumers(n) == 1
+            })
+            .filter_map(|(n, _)| base.weight(&n).ok())
+            .map(|mut w| {
+                w.data.iter_mut().for_each(|v| *v = *v * 0.97 + 1e-3);
+                w
+            })
+            .collect();
+        assert!(!changed.is_empty(), "{file}");
+        let merged = base.with_weights(&changed, None).unwrap();
+        let input: Vec<f32> = (0..3 * 160 * 160)
+            .map(|i| (i % 251) as f32 / 251.0)
+            .collect();
+        let run = |m: &OnnxModel, opts: &PrepareOptions| {
+            let p = m.prepare_with(160, 160, opts).unwrap();
+            let out = p.session().unwrap().run(&input).unwrap();
+            (
+                p.graph_reused(),
+                out.into_iter().map(|o| o.data).collect::<Vec<_>>(),
+            )
+        };
+        let (_, before) = run(&base, &reuse);
+        let (reused, fast) = run(&merged, &reuse);
+        let (_, full) = run(&merged, &PrepareOptions::default());
+        assert!(full != before, "{file}: the change must show");
+        assert!(
+            fast == full,
+            "{file}: reused={reused}, output differs from a full prepare"
+        );
+        if reused {
+            hits.push(file);
+        }
+    }
+    assert!(hits.len() == 8, "reused only on {hits:?}");
 }

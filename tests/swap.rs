@@ -184,6 +184,8 @@ fn swaps_lose_no_frame_and_records_name_their_adapter() {
         assert_eq!(r["ok"], true, "{r}");
         assert_eq!(r["staged"], *staged, "{r}");
         assert!(r["times"]["command_to_first_frame_ms"].as_f64().unwrap() > 0.0);
+        // Every build after the first starts from the base's kept graph.
+        assert_eq!(r["times"]["graph_reused"], true, "{r}");
         // A few frames on each adapter.
         wait_frames(&sock, before + 4);
     }

@@ -11,6 +11,9 @@ use crate::adapter::store::Selection;
 pub struct SwapTimes {
     /// Load, merge and prepare.
     pub build_ms: f64,
+    /// Whether the prepare started from the decluttered graph kept from an earlier build (only
+    /// the merged weights swapped in) rather than parsing the merged model.
+    pub graph_reused: bool,
     pub health_ms: f64,
     /// From the command to the end of the first frame on the new engine.
     pub command_to_first_frame_ms: Option<f64>,

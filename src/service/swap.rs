@@ -413,6 +413,7 @@ impl SwapCtx {
         )
         .map_err(|e| crate::exit::one_line(&e))?;
         let build_ms = ms(t.elapsed());
+        let graph_reused = engine.detector.prepared().graph_reused();
         let t = Instant::now();
         health_check(&mut engine, &self.health)?;
         engine
@@ -424,6 +425,7 @@ impl SwapCtx {
             adapter.map(|a| a.sha256().to_string()),
             SwapTimes {
                 build_ms,
+                graph_reused,
                 health_ms: ms(t.elapsed()),
                 command_to_first_frame_ms: None,
             },
