@@ -144,11 +144,11 @@ impl EvalOp for LazyIm2Col {
         let mut values: TVec<Box<dyn MMMInputValue>> = TVec::with_capacity(self.group);
         for g in 0..self.group {
             let group_offset_bytes = g as isize * self.group_stride_bytes;
-            values.push(Box::new(LazyIm2colInput {
-                tensor: tensor.clone(),
-                im2col: self.params.clone(),
+            values.push(Box::new(LazyIm2colInput::new(
+                tensor.clone(),
+                self.params.clone(),
                 group_offset_bytes,
-            }));
+            )));
         }
         let output = PackedMatrixStorage::new_batched(&[1, self.group], values).into_tensor(dt);
         Ok(tvec!(output.into_tvalue()))
@@ -175,6 +175,8 @@ struct LazyIm2colInput {
     /// Per-group base byte offset added to every gather. For group g this is
     /// `g * ci_per_group * c_stride * size_of(input)`. Zero for ungrouped convs.
     group_offset_bytes: isize,
+    /// The smallest and largest of `im2col.k_byte_offsets`.
+    k_byte_range: (isize, isize),
 }
 
 impl Display for LazyIm2colInput {
@@ -193,6 +195,15 @@ unsafe impl Send for LazyIm2colInput {}
 unsafe impl Sync for LazyIm2colInput {}
 
 impl LazyIm2colInput {
+    fn new(tensor: TValue, im2col: Arc<LazyIm2colParams>, group_offset_bytes: isize) -> Self {
+        let k = &im2col.k_byte_offsets;
+        let k_byte_range = (
+            k.iter().copied().min().unwrap_or(0),
+            k.iter().copied().max().unwrap_or(0),
+        );
+        LazyIm2colInput { tensor, im2col, group_offset_bytes, k_byte_range }
+    }
+
     fn input_8n<T: Datum + Copy>(
         &self,
         writer: &mut impl PackingWriter<T>,
@@ -508,29 +519,94 @@ impl LazyIm2colInput {
     /// A full K-outer panel (`out[k * r + j] = x[k_off[k] + n_off[j]]`, `r = n_off.len()`) whose
     /// columns are 1 or 2 items apart in the input (one output row of a stride-1 or stride-2
     /// conv), written as fixed-size row copies the compiler vectorises instead of one load per
-    /// item. Returns false, having written nothing, for any other panel (one that crosses an
-    /// output row, other strides or widths).
+    /// item. A panel of 4-byte items that crosses into the next output row (columns evenly
+    /// spaced on either side of one jump) is written as two such row reads blended at the
+    /// jump. Returns false, having written nothing, for any other panel (other strides or
+    /// widths, a panel over three output rows, rows whose full-width reads would leave the
+    /// tensor).
     ///
     /// # Safety
     /// `out` holds `k * r` items; the offsets address items of the tensor.
     unsafe fn strided_panel<T: Datum + Copy>(&self, n_off: &[isize], out: *mut T) -> bool {
         let sz = std::mem::size_of::<T>() as isize;
         let Some(step) = n_off.get(1).map(|o| o - n_off[0]) else { return false };
-        if !(step == sz || step == 2 * sz) || n_off.windows(2).any(|w| w[1] - w[0] != step) {
+        if !(step == sz || step == 2 * sz) {
             return false;
         }
         let unit = step == sz;
+        let split = n_off.windows(2).position(|w| w[1] - w[0] != step).map_or(n_off.len(), |p| p + 1);
+        if split == n_off.len() {
+            unsafe {
+                match n_off.len() {
+                    4 => self.strided_rows::<T, 4>(n_off[0], unit, out),
+                    6 => self.strided_rows::<T, 6>(n_off[0], unit, out),
+                    8 => self.strided_rows::<T, 8>(n_off[0], unit, out),
+                    12 => self.strided_rows::<T, 12>(n_off[0], unit, out),
+                    16 => self.strided_rows::<T, 16>(n_off[0], unit, out),
+                    _ => return false,
+                }
+            }
+            return true;
+        }
+        if sz != 4 || n_off[split..].windows(2).any(|w| w[1] - w[0] != step) {
+            return false;
+        }
+        // The columns after the jump, read as a whole row that starts `split` columns early.
+        let o0 = n_off[0];
+        let o1 = n_off[split] - split as isize * step;
+        let span = (n_off.len() as isize - 1) * step + sz;
+        let (k_min, k_max) = self.k_byte_range;
+        let lo = self.group_offset_bytes + k_min + o0.min(o1);
+        let hi = self.group_offset_bytes + k_max + o0.max(o1) + span;
+        if lo < 0 || hi as usize > self.tensor.len() * sz as usize {
+            return false;
+        }
         unsafe {
             match n_off.len() {
-                4 => self.strided_rows::<T, 4>(n_off[0], unit, out),
-                6 => self.strided_rows::<T, 6>(n_off[0], unit, out),
-                8 => self.strided_rows::<T, 8>(n_off[0], unit, out),
-                12 => self.strided_rows::<T, 12>(n_off[0], unit, out),
-                16 => self.strided_rows::<T, 16>(n_off[0], unit, out),
+                8 => self.split_rows::<8>(o0, o1, split, unit, out as *mut u32),
+                12 => self.split_rows::<12>(o0, o1, split, unit, out as *mut u32),
+                16 => self.split_rows::<16>(o0, o1, split, unit, out as *mut u32),
                 _ => return false,
             }
         }
         true
+    }
+
+    /// Rows of 4-byte items whose first `split` columns read from `o0` on and the others from
+    /// `o1` on (each a whole row read, 1 (`unit`) or 2 items per column), blended.
+    ///
+    /// # Safety
+    /// As [`Self::strided_panel`]; both whole-row reads stay in the tensor for every k.
+    #[inline(always)]
+    unsafe fn split_rows<const R: usize>(
+        &self,
+        o0: isize,
+        o1: isize,
+        split: usize,
+        unit: bool,
+        out: *mut u32,
+    ) {
+        let mask: [u32; R] = std::array::from_fn(|j| if j < split { !0 } else { 0 });
+        unsafe {
+            let base = self.tensor.as_ptr_unchecked::<u8>().offset(self.group_offset_bytes);
+            for (kk, &ko) in self.im2col.k_byte_offsets.iter().enumerate() {
+                let read = |o: isize| -> [u32; R] {
+                    let src = base.offset(ko + o) as *const u32;
+                    if unit {
+                        src.cast::<[u32; R]>().read_unaligned()
+                    } else {
+                        let mut row = [0u32; R];
+                        if !deinterleave_4byte::<R>(src, row.as_mut_ptr()) {
+                            row = std::array::from_fn(|j| src.add(2 * j).read_unaligned());
+                        }
+                        row
+                    }
+                };
+                let (a, b) = (read(o0), read(o1));
+                let row: [u32; R] = std::array::from_fn(|j| (a[j] & mask[j]) | (b[j] & !mask[j]));
+                out.add(kk * R).cast::<[u32; R]>().write_unaligned(row);
+            }
+        }
     }
 
     /// # Safety
@@ -825,15 +901,15 @@ mod test {
                 .map(|kk| ((kk / 9) * h * w + (kk % 9 / 3) * w + kk % 3) as isize)
                 .collect();
             let packer = PackedI8K4::new(r);
-            let input = LazyIm2colInput {
-                tensor: Tensor::from_shape(&[len], &x).unwrap().into_tvalue(),
-                im2col: Arc::new(LazyIm2colParams {
+            let input = LazyIm2colInput::new(
+                Tensor::from_shape(&[len], &x).unwrap().into_tvalue(),
+                Arc::new(LazyIm2colParams {
                     packer: LazyPacker::I8K4(packer.clone()),
                     n_byte_offsets: n_byte_offsets.clone(),
                     k_byte_offsets: k_byte_offsets.clone(),
                 }),
-                group_offset_bytes: group_offset,
-            };
+                group_offset,
+            );
             let k = k_byte_offsets.len();
             let panel_len = packer.single_panel_len(k);
             for i in 0..(oh * ow).div_ceil(r) {
@@ -855,8 +931,9 @@ mod test {
     /// Whole f32 K-outer panels (the float kernels' packing) for a 3x3 conv over a
     /// `c x h x w` image, against `out[k * r + j] = x[k_off[k] + n_off[i * r + j]]`: panel
     /// widths with and without a row-copy path, strides 1, 2 and 3, output rows wider and
-    /// narrower than a panel (panels that cross rows take the per-item path), the partial last
-    /// panel, and a group offset.
+    /// narrower than a panel (panels that cross one row blend two row reads, wider ones take
+    /// the per-item path, as do rows whose whole-row reads would leave the tensor at its end),
+    /// the partial last panel, and a group offset.
     #[test]
     fn f32_panels_match_definition() {
         use super::*;
@@ -871,6 +948,9 @@ mod test {
             (1, 7, 21, 2, 4),
             (2, 10, 30, 3, 12),
             (1, 6, 14, 1, 10),
+            (2, 9, 11, 1, 16),
+            (2, 9, 23, 2, 8),
+            (3, 5, 42, 1, 12),
         ] {
             let (oh, ow) = ((h - 3) / stride + 1, (w - 3) / stride + 1);
             let group_offset = 5usize;
@@ -884,15 +964,15 @@ mod test {
                 .map(|kk| ((kk / 9) * h * w + (kk % 9 / 3) * w + kk % 3) as isize * sz)
                 .collect();
             let packer = PackedFormat::new(f32::datum_type(), r, 16);
-            let input = LazyIm2colInput {
-                tensor: Tensor::from_shape(&[len], &x).unwrap().into_tvalue(),
-                im2col: Arc::new(LazyIm2colParams {
+            let input = LazyIm2colInput::new(
+                Tensor::from_shape(&[len], &x).unwrap().into_tvalue(),
+                Arc::new(LazyIm2colParams {
                     packer: LazyPacker::Plain(packer.clone()),
                     n_byte_offsets: n_byte_offsets.clone(),
                     k_byte_offsets: k_byte_offsets.clone(),
                 }),
-                group_offset_bytes: group_offset as isize * sz,
-            };
+                group_offset as isize * sz,
+            );
             let k = k_byte_offsets.len();
             let panel_len = packer.single_panel_len(k);
             for i in 0..(oh * ow).div_ceil(r) {
