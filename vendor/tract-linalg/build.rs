@@ -749,7 +749,10 @@ fn preprocess_file(
     ctx.insert("G".into(), g.into());
     ctx.insert("suffix".into(), suffix.into());
     ctx.insert("long".into(), long.into());
-    ctx.insert("jump_table".into(), minijinja::Value::from_serialize(jump_table()));
+    let full_table = jump_table();
+    let table: Vec<String> = full_table.iter().filter(|l| *l != "silu").cloned().collect();
+    ctx.insert("jump_table".into(), minijinja::Value::from_serialize(table));
+    ctx.insert("jump_table_silu".into(), minijinja::Value::from_serialize(full_table));
     ctx.insert("align".into(), align.into());
     ctx.insert("offset".into(), offset.into());
 

@@ -11,6 +11,7 @@ const CAN_FUSE: fn(&FusedSpec) -> bool = |f| {
     !matches!(
         f,
         FusedSpec::LeakyRelu(_)
+            | FusedSpec::Silu
             | FusedSpec::QScale(_, _, _)
             | FusedSpec::RoundingShiftRight(_, _)
             | FusedSpec::ShiftLeft(_)
@@ -19,7 +20,7 @@ const CAN_FUSE: fn(&FusedSpec) -> bool = |f| {
 
 // The SMOPA i32 kernel implements the quant fuse ops (QScale / RoundingShiftRight
 // / ShiftLeft) bit-exactly; only LeakyRelu is unsupported (kernel returns 1).
-const CAN_FUSE_I32: fn(&FusedSpec) -> bool = |f| !matches!(f, FusedSpec::LeakyRelu(_));
+const CAN_FUSE_I32: fn(&FusedSpec) -> bool = |f| !matches!(f, FusedSpec::LeakyRelu(_) | FusedSpec::Silu);
 
 MMMExternKernel!(aarch64; sme_qmmm_i32_32x32<i32>(32,32)@(128,128) isa(Aarch64Sme2) can_fuse(CAN_FUSE_I32)
     packing[1] = i8i8 => |k| k.with_packing(crate::pack::PackedI8K4::new(32), crate::pack::PackedI8K4::new(32));

@@ -18,6 +18,7 @@ const CAN_FUSE: fn(&FusedSpec) -> bool = |f| {
     !matches!(
         f,
         FusedSpec::LeakyRelu(_)
+            | FusedSpec::Silu
             | FusedSpec::QScale(_, _, _)
             | FusedSpec::RoundingShiftRight(_, _)
             | FusedSpec::ShiftLeft(_)
@@ -29,7 +30,7 @@ const CAN_FUSE: fn(&FusedSpec) -> bool = |f| {
 // kernel — and excludes only LeakyRelu (matches arm64simd's i32 surface; i32
 // LeakyRelu has no practical use and the C kernel does not implement it).
 #[cfg(tract_sve)]
-const CAN_FUSE_I32: fn(&FusedSpec) -> bool = |f| !matches!(f, FusedSpec::LeakyRelu(_));
+const CAN_FUSE_I32: fn(&FusedSpec) -> bool = |f| !matches!(f, FusedSpec::LeakyRelu(_) | FusedSpec::Silu);
 
 // The VLA SVE f32 GEMM kernel, implemented in C (arm64/sve/sve_mmm_f32.c) since
 // Rust has no stable SVE intrinsics. Broadcast-A rank-1 update, N-tile walked in

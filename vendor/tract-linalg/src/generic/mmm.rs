@@ -327,6 +327,8 @@ where
                         }
                     }
                 }
+                // Refused by `can_fuse`; answered like the assembly kernels' `unsupported`.
+                FusedKerSpec::Silu => return 1,
                 FusedKerSpec::AddMatMul { k, pa, pb, packing } => {
                     use std::mem::transmute;
                     if TI::datum_type().is_float() {

@@ -154,6 +154,7 @@ unsafe fn kernel_f32_4x4(mut pnl: *const FusedKerSpec<f32>) -> isize {
                     *(ptr.offset(tile.col_byte_stride * 3) as *mut f32) =
                         f32x4_extract_lane::<3>(ab3);
                 }
+                FusedKerSpec::Silu => return 1,
                 FusedKerSpec::AddMatMul { k, pa, pb, packing: _ } => {
                     let a = pa as *const f32;
                     let b = pb as *const v128;
@@ -376,6 +377,7 @@ unsafe fn kernel_f32_8x8(mut pnl: *const FusedKerSpec<f32>) -> isize {
                         ptr = ptr.add(tile.row_byte_stride as usize);
                     }
                 }
+                FusedKerSpec::Silu => return 1,
                 FusedKerSpec::AddMatMul { k, pa, pb, packing: _ } => {
                     // A: packed [k][MR=8], read as 2 v128 and broadcast lane by lane with a
                     // shuffle; V8 runs 8 scalar loads + splats per k-step markedly slower.
@@ -660,6 +662,7 @@ unsafe fn kernel_f32_4x16(mut pnl: *const FusedKerSpec<f32>) -> isize {
                         ptr = ptr.add(tile.row_byte_stride as usize);
                     }
                 }
+                FusedKerSpec::Silu => return 1,
                 FusedKerSpec::AddMatMul { k, pa, pb, packing: _ } => {
                     // A: packed [k][MR=4], B: packed [k][NR=16] = 4 v128 per k
                     let a = pa as *const f32;

@@ -83,6 +83,7 @@ unsafe fn kernel_f32_4x1(mut pnl: *const FusedKerSpec<f32>) -> isize {
                     ptr = ptr.add(tile.row_byte_stride as usize);
                     *(ptr as *mut f32) = f32x4_extract_lane::<3>(ab);
                 }
+                FusedKerSpec::Silu => return 1,
                 FusedKerSpec::AddMatMul { k, pa, pb, packing: _ } => {
                     // A is packed [k][MR=4]: each k iter loads 4 contiguous f32s = 1 v128.
                     // B is packed [k][NR=1]: each k iter loads 1 scalar f32, broadcast.
@@ -251,6 +252,7 @@ unsafe fn kernel_f32_8x1(mut pnl: *const FusedKerSpec<f32>) -> isize {
                     ptr = ptr.add(tile.row_byte_stride as usize);
                     *(ptr as *mut f32) = f32x4_extract_lane::<3>(ab_bot);
                 }
+                FusedKerSpec::Silu => return 1,
                 FusedKerSpec::AddMatMul { k, pa, pb, packing: _ } => {
                     // A: packed [k][MR=8] = each k iter loads 8 f32 = 2 v128
                     // B: packed [k][NR=1] = each k iter loads 1 scalar f32, broadcast
@@ -401,6 +403,7 @@ unsafe fn kernel_f32_16x1(mut pnl: *const FusedKerSpec<f32>) -> isize {
                         ptr = ptr.add(tile.row_byte_stride as usize);
                     }
                 }
+                FusedKerSpec::Silu => return 1,
                 FusedKerSpec::AddMatMul { k, pa, pb, packing: _ } => {
                     // A: packed [k][MR=16] = each k iter loads 16 f32 = 4 v128
                     // B: packed [k][NR=1] = each k iter loads 1 scalar f32, broadcast
@@ -577,6 +580,7 @@ unsafe fn kernel_f32_32x1(mut pnl: *const FusedKerSpec<f32>) -> isize {
                         ptr = ptr.add(tile.row_byte_stride as usize);
                     }
                 }
+                FusedKerSpec::Silu => return 1,
                 FusedKerSpec::AddMatMul { k, pa, pb, packing: _ } => {
                     // A: packed [k][MR=32] = each k iter loads 32 f32 = 8 v128
                     // B: packed [k][NR=1] = each k iter loads 1 scalar f32, broadcast

@@ -223,6 +223,7 @@ unsafe fn kernel_i32_4x4(mut pnl: *const FusedKerSpec<i32>) -> isize {
                         }
                     }
                 }
+                FusedKerSpec::Silu => return 1,
                 FusedKerSpec::AddMatMul { k, pa, pb, packing } => {
                     if packing == 1 {
                         let a = pa as *const i8;

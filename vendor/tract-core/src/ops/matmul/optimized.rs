@@ -78,6 +78,8 @@ pub enum ProtoFusedSpec {
     },
     BinScalar(usize, BinOp),
     LeakyRelu(usize),
+    /// SiLU on the f32 tile, as the host's element-wise `Silu` computes it.
+    Silu,
     BinPerRow(usize, BinOp, MapOutputAxisToInput),
     BinPerCol(usize, BinOp, MapOutputAxisToInput),
     AddRowColProducts(usize, usize),
@@ -104,6 +106,7 @@ impl ProtoFusedSpec {
             }
             BinScalar(_, op) => format!("scalar{op:?}"),
             LeakyRelu(alpha) => format!("leaky_relu({alpha:?})"),
+            Silu => "silu".to_string(),
             BinPerRow(_, op, _) => format!("row{op:?}"),
             BinPerCol(_, op, _) => format!("col{op:?}"),
             AddRowColProducts(_, _) => "add_row_col_product".to_string(),
@@ -168,6 +171,7 @@ impl ProtoFusedSpec {
             }
             ProtoFusedSpec::BinScalar(v, op) => FusedSpec::BinScalar(&inputs[*v], *op),
             ProtoFusedSpec::LeakyRelu(v) => FusedSpec::LeakyRelu(&inputs[*v]),
+            ProtoFusedSpec::Silu => FusedSpec::Silu,
             ProtoFusedSpec::BinPerRow(v, op, map) => {
                 let mut v = inputs[*v].view();
                 unsafe { map.translate_view(output_coords, &mut v) }
@@ -241,6 +245,7 @@ impl ProtoFusedSpec {
             },
             ProtoFusedSpec::BinScalar(v, op) => FusedSpec::BinScalar(&inputs[*v], *op),
             ProtoFusedSpec::LeakyRelu(v) => FusedSpec::LeakyRelu(&inputs[*v]),
+            ProtoFusedSpec::Silu => FusedSpec::Silu,
             ProtoFusedSpec::BinPerRow(v, op, _) => {
                 let v = inputs[*v].view();
                 FusedSpec::BinPerRow(v, *op)
@@ -350,6 +355,7 @@ impl ProtoFusedSpec {
             | AddRowColProducts(_, _)
             | Dequant { .. }
             | LeakyRelu(_)
+            | Silu
             | Store(..) => {}
         }
     }
@@ -365,7 +371,8 @@ impl ProtoFusedSpec {
             | Scaler(..)
             | AddRowColProducts(_, _)
             | Dequant { .. }
-            | LeakyRelu(_) => {}
+            | LeakyRelu(_)
+            | Silu => {}
             BinPerRow(_, _, map) | BinPerCol(_, _, map) => map.rm_c_axis(axis),
             AddUnicast(_, _, map) => {
                 map.rm_c_axis(axis);
@@ -688,6 +695,14 @@ impl TypedOp for OptMatMul {
                     vec![ProtoFusedSpec::Scaler(op.scaler)],
                     &[],
                 );
+            }
+            if op.downcast_ref::<crate::ops::nn::Silu>().is_some()
+                && self.c_fact.datum_type == f32::datum_type()
+                && succ.op_as::<ops::element_wise::ElementWiseOp>().is_some_and(|ew| ew.1.is_none())
+                && !TRACT_DISABLE_SILU_FUSION.get()
+            {
+                rule_if!(self.mmm.iter().all(|mmm| mmm.can_fuse(&FusedSpec::Silu)));
+                return self.fuse_op(model, node, patch, vec![ProtoFusedSpec::Silu], &[]);
             }
             if let Some(op) = op.downcast_ref::<LeakyRelu>() {
                 rule_if!(
@@ -1027,6 +1042,7 @@ impl OptMatMul {
                     },
                     BinScalar(v, op) => BinScalar(remap[*v].unwrap(), *op),
                     LeakyRelu(v) => LeakyRelu(remap[*v].unwrap()),
+                    Silu => Silu,
                     BinPerRow(v, op, m) => BinPerRow(remap[*v].unwrap(), *op, m.clone()),
                     BinPerCol(v, op, m) => BinPerCol(remap[*v].unwrap(), *op, m.clone()),
                     AddRowColProducts(r, c) => {
@@ -1331,3 +1347,10 @@ impl OptMatMul {
         Ok(None)
     }
 }
+
+crate::declare_knob!(
+    scopable TRACT_DISABLE_SILU_FUSION,
+    bool,
+    false,
+    "Keep f32 SiLU as a separate pass instead of fusing it into the matrix product's tile store."
+);

@@ -43,6 +43,10 @@ pub enum FusedSpec<'t> {
     AddRowColProducts(&'t Tensor, &'t Tensor),
     AddUnicast(OutputStore),
     LeakyRelu(&'t Tensor),
+    /// SiLU, `x * sigmoid(x)`, on every item of the f32 tile, with the arithmetic of the host's
+    /// f32 `Silu` element-wise kernel (so fusing changes no bit). Only kernels whose `can_fuse`
+    /// says so run it; the default refuses it.
+    Silu,
     QScale(isize, RoundingPolicy, i32),
     RoundingShiftRight(usize, RoundingPolicy),
     ShiftLeft(usize),
@@ -121,6 +125,10 @@ pub enum FusedKerSpec<TI: Copy> {
 
     // jump_to:add_mat_mul
     AddMatMul { k: usize, pa: *const u8, pb: *const u8, packing: usize },
+
+    // Last, so that kernel families without it keep their jump table: its index is then the
+    // table's length, which their dispatcher sends to `unsupported`.
+    Silu,                                       // jump_to:silu
 }
 
 unsafe impl<TI: Copy> Send for FusedKerSpec<TI> {}

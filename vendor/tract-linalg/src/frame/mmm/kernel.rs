@@ -117,7 +117,7 @@ impl<const MR: usize, const NR: usize, Acc: LADatum> DynKernel<MR, NR, Acc> {
             built: true,
             isa: crate::isa::IsaReq::ANY,
             boost: || 0,
-            can_fuse: |_| true,
+            can_fuse: |f| !matches!(f, FusedSpec::Silu),
             row_major_store: false,
         };
         kernel.with_packing(packing_a, packing_b)

@@ -91,6 +91,13 @@ macro_rules! mmm_kernel_fuse_tests {
             );
 
             #[test]
+            fn silu() {
+                if ($ker).runnable() && ($ker).can_fuse(&$crate::mmm::FusedSpec::Silu) {
+                    test::silu::<_, $ti>($ker)
+                }
+            }
+
+            #[test]
             fn return_c_add_row_col_product() {
                 test::return_c_add_row_col_product::<_, $ti>($ker)
             }
@@ -293,6 +300,44 @@ where
     let v: Vec<TI> = (0..len as isize).map(|f| (f - len as isize / 2).as_()).collect();
     let five: TI = 5.as_();
     fused_ops::<K, TI, _>(ker, &v, &[op(five)], |_, _, c| f(five, c))
+}
+
+/// The kernel's fused SiLU against the host's f32 `Silu` element-wise kernel on the same values,
+/// within 4 ulps of the result plus 4 ulps of the sigmoid's 0.5 scaled by the clamped input:
+/// both clamps, the saturated tails, values near zero, signed zeros, a denormal.
+pub fn silu<K, TI>(ker: &K)
+where
+    K: MatMatMulKer<Acc = TI>,
+    TI: LADatum,
+{
+    assert_eq!(TI::datum_type(), f32::datum_type(), "SiLU is fused for f32 tiles only");
+    let len = ker.mr() * ker.nr();
+    let special = [0.0f32, -0.0, 1e-3, -1e-3, 14.5, -14.5, 15.0, -15.0, 100.0, -100.0, 1e-40];
+    let v: Vec<f32> = (0..len)
+        .map(|i| special.get(i).copied().unwrap_or(-24.0 + 48.0 * i as f32 / len as f32))
+        .collect();
+    let mut want = v.clone();
+    crate::routines::Func::Silu.ew_f32().unwrap().run(&mut want).unwrap();
+    // SAFETY: TI is f32 (asserted above).
+    let c: &[TI] = unsafe { std::slice::from_raw_parts(v.as_ptr() as *const TI, len) };
+    let got = v.clone();
+    let store = mmm_stride_storage(&got, ker.nr());
+    let ops = [
+        FusedKerSpec::Clear,
+        FusedKerSpec::AddUnicast(mmm_stride_storage(c, ker.nr())),
+        FusedKerSpec::Silu,
+        FusedKerSpec::Store(store),
+        FusedKerSpec::Done,
+    ];
+    assert_eq!(ker.kernel(&ops), 0);
+    for (i, ((g, w), x)) in got.iter().zip(&want).zip(&v).enumerate() {
+        // The element-wise kernel divides, the fused one multiplies by a refined reciprocal:
+        // the quotient differs by an ulp or two of 0.5, which the final product scales by
+        // f = max(x, -14.5) (the sigmoid's own cancellation in the negative tail).
+        let f = x.max(-14.5).abs();
+        let tol = 4.0 * f32::EPSILON * (w.abs() + 0.5 * f).max(f32::MIN_POSITIVE);
+        assert!((*g - *w).abs() <= tol, "item {i}: silu({x}) fused {g}, element-wise {w}");
+    }
 }
 
 pub fn return_c_add_row_col_product<K, TI>(ker: &K)
