@@ -148,7 +148,7 @@ impl Holder {
     /// Whether `run` (a constant) holds these values of `whole`.
     fn holds(&self, whole: &[u8], run: &[u8], size: usize) -> bool {
         let len = run.len() / size;
-        len % self.width == 0
+        len.is_multiple_of(self.width)
             && self
                 .runs(len)
                 .zip(run.chunks(self.width * size))
@@ -278,7 +278,7 @@ fn swappable(
                         width *= d;
                         if width < cols
                             && c + width <= cols
-                            && len % width == 0
+                            && len.is_multiple_of(width)
                             && r + len / width <= rows
                         {
                             let h = Holder {
