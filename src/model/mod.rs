@@ -666,6 +666,21 @@ fn executor(threads: usize) -> Option<Executor> {
     None
 }
 
+/// The op types of the nodes reading each tensor of `graph`, by tensor name (a node reading a
+/// tensor twice counts twice).
+fn consumer_ops(graph: &pb::GraphProto) -> HashMap<&str, Vec<&str>> {
+    let mut consumers: HashMap<&str, Vec<&str>> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            consumers
+                .entry(i.as_str())
+                .or_default()
+                .push(n.op_type.as_str());
+        }
+    }
+    consumers
+}
+
 fn input_dims(input: &pb::ValueInfoProto) -> Option<Vec<Option<usize>>> {
     use pb::tensor_shape_proto::dimension::Value;
     use pb::type_proto::Value as TypeValue;

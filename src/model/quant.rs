@@ -108,15 +108,7 @@ pub(super) fn quantizable_convs(graph: &pb::GraphProto) -> Vec<usize> {
         .iter()
         .map(|t| (t.name.as_str(), t))
         .collect();
-    let mut consumers: HashMap<&str, Vec<&str>> = HashMap::new();
-    for n in &graph.node {
-        for i in &n.input {
-            consumers
-                .entry(i.as_str())
-                .or_default()
-                .push(n.op_type.as_str());
-        }
-    }
+    let consumers = super::consumer_ops(graph);
     graph
         .node
         .iter()

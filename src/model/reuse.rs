@@ -182,15 +182,7 @@ fn swappable(
     model: &TypedModel,
     model_dir: Option<&str>,
 ) -> HashMap<String, Vec<Holder>> {
-    let mut consumers: HashMap<&str, Vec<&str>> = HashMap::new();
-    for n in &graph.node {
-        for i in &n.input {
-            consumers
-                .entry(i.as_str())
-                .or_default()
-                .push(n.op_type.as_str());
-        }
-    }
+    let consumers = super::consumer_ops(graph);
     let outputs = model.output_outlets().unwrap_or(&[]);
     // Constants that may hold weights (plain, float, read by one input), by type and first value.
     let mut candidates: HashMap<(DatumType, Vec<u8>), Vec<usize>> = HashMap::new();
