@@ -3,11 +3,14 @@
 //! Parsing, typing and decluttering depend on the graph's structure, not on the values of the
 //! weights of its Conv/Gemm/MatMul layers, so an adapter merge (which changes those values and
 //! nothing else) can start from the graph tract decluttered for the base and only swap the
-//! constants. A weight is swappable when tract demonstrably kept it as it was:
+//! constants. Declutter renames, reshapes and splits weights, so they are found by their bytes.
+//! A weight is swappable when tract demonstrably kept its values as they were:
 //! - in the ONNX graph it feeds exactly one node, a `Conv`, `ConvInteger`, `Gemm` or `MatMul`;
-//! - the decluttered graph still holds a constant of that name with the same type, shape and
-//!   bytes, not uniform (a uniform value is one declutter may have specialised on), feeding
-//!   exactly one input (so it was not shared with an equal constant).
+//! - its float values are held, each exactly once, by constants of the decluttered graph that
+//!   each read as one [`Holder`] of it: the whole weight (maybe reshaped), runs of its rows, or
+//!   blocks of its columns;
+//! - each such constant feeds exactly one input (so it was not shared with an equal constant)
+//!   and is not a value declutter may have specialised on (see [`plain_enough`]).
 //!
 //! Any other difference (another node, input size, precision rewrite, a changed value tract may
 //! have folded) is a miss, and the caller runs the full pipeline.
@@ -169,7 +172,7 @@ impl Holder {
 /// single value that no simplification rule singles out (0, 1, -1, non-finite).
 fn plain_enough(t: &Tensor) -> bool {
     if t.len() >= 2 {
-        return TypedFact::try_from(t.clone().into_arc_tensor()).is_ok_and(|f| f.uniform.is_none());
+        return !t.is_uniform();
     }
     t.cast_to_scalar::<f64>()
         .is_ok_and(|v| v.is_finite() && v != 0.0 && v.abs() != 1.0)

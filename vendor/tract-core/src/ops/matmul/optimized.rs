@@ -78,7 +78,7 @@ pub enum ProtoFusedSpec {
     },
     BinScalar(usize, BinOp),
     LeakyRelu(usize),
-    /// SiLU on the f32 tile, as the host's element-wise `Silu` computes it.
+    /// SiLU on the f32 tile (`FusedSpec::Silu`: within a few ulps of the element-wise `Silu`).
     Silu,
     BinPerRow(usize, BinOp, MapOutputAxisToInput),
     BinPerCol(usize, BinOp, MapOutputAxisToInput),

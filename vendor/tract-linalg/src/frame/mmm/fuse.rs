@@ -43,9 +43,10 @@ pub enum FusedSpec<'t> {
     AddRowColProducts(&'t Tensor, &'t Tensor),
     AddUnicast(OutputStore),
     LeakyRelu(&'t Tensor),
-    /// SiLU, `x * sigmoid(x)`, on every item of the f32 tile, with the arithmetic of the host's
-    /// f32 `Silu` element-wise kernel (so fusing changes no bit). Only kernels whose `can_fuse`
-    /// says so run it; the default refuses it.
+    /// SiLU, `x * sigmoid(x)`, on every item of the f32 tile, with the rational approximation of
+    /// the host's f32 `Silu` element-wise kernel; a kernel may divide differently, so results can
+    /// differ from that kernel's by a few ulps. Only kernels whose `can_fuse` says so run it; the
+    /// default refuses it.
     Silu,
     QScale(isize, RoundingPolicy, i32),
     RoundingShiftRight(usize, RoundingPolicy),
