@@ -31,7 +31,10 @@ pub struct ModelSettings {
     pub imgsz: Option<(usize, usize)>,
     pub layout: Option<Layout>,
     pub labels: Option<PathBuf>,
-    pub adapter: Option<PathBuf>,
+    /// Adapters merged into the base: none, one (today's single model), or several, each its
+    /// own task on a shared trunk (`perch detect --adapter A --adapter B`; the service's
+    /// `model.adapter` names at most one).
+    pub adapters: Vec<PathBuf>,
     pub adapter_scale: f32,
     pub params: PostprocessParams,
     /// Numeric precision (`f32` default; `int8` needs `calibration`).
@@ -495,7 +498,7 @@ fn model(ctx: &Ctx, m: RawModel) -> Result<ModelSettings, ConfigError> {
         imgsz,
         layout,
         labels: m.labels.as_deref().map(|p| ctx.path(p)),
-        adapter: m.adapter.as_ref().map(|p| ctx.path(p.get_ref())),
+        adapters: m.adapter.iter().map(|p| ctx.path(p.get_ref())).collect(),
         adapter_scale: ctx.in_range(&m.adapter_scale, "model.adapter_scale", -10.0, 10.0, 1.0)?
             as f32,
         params,

@@ -75,14 +75,26 @@ pub fn read_labels(path: &Path) -> Result<Vec<String>, DetectorError> {
     Ok(labels)
 }
 
+/// One task of a detector: its name (none for a single-task model), class names and outputs.
+#[derive(Debug, Clone)]
+struct Task {
+    name: Option<String>,
+    labels: Vec<String>,
+    /// Index of the task's first output (the one decoded) among the model's outputs.
+    output: usize,
+}
+
 /// A detector bound to one model and input size. Owns its inference state: use one per thread.
+///
+/// A shared-trunk model ([`OnnxModel::shared_trunk`]) is one detector with several tasks, all
+/// decoded from one run; every other model has one task.
 pub struct Detector {
     path: PathBuf,
     prepared: PreparedModel,
     session: Session,
     spec: OutputSpec,
     format: InputFormat,
-    labels: Vec<String>,
+    tasks: Vec<Task>,
     input_hw: (usize, usize),
     input: Vec<f32>,
     params: PostprocessParams,
@@ -155,7 +167,11 @@ impl Detector {
             );
         }
         let prepared = model.prepare_with(input_hw.0, input_hw.1, &opts.prepare)?;
-        let outputs = prepared.output_shapes();
+        let all_outputs = prepared.output_shapes();
+        let outputs = match model.tasks().first() {
+            Some(t) => all_outputs.get(t.outputs.clone()).unwrap_or(all_outputs),
+            None => all_outputs,
+        };
         if outputs.len() > 1 {
             log::warn!(
                 "{}: model has {} outputs; using the first",
@@ -168,7 +184,7 @@ impl Detector {
             postprocess::infer_layout(outputs, input_hw, meta_classes, meta.end2end, opts.layout)
                 .map_err(not_detector)?;
         let num_classes = spec.num_classes.max(meta_classes.unwrap_or(0));
-        let labels = match opts.labels {
+        let labels = match opts.labels.clone() {
             Some(l) if num_classes > 0 && l.len() != num_classes => {
                 return Err(DetectorError::Labels {
                     path: path.clone(),
@@ -194,6 +210,26 @@ impl Detector {
                 ),
             });
         }
+        let tasks = if model.tasks().is_empty() {
+            vec![Task {
+                name: None,
+                labels,
+                output: 0,
+            }]
+        } else {
+            model
+                .tasks()
+                .iter()
+                .map(|t| Task {
+                    name: Some(t.name.clone()),
+                    labels: match (&opts.labels, &t.names) {
+                        (Some(_), _) | (None, None) => labels.clone(),
+                        (None, Some(names)) => names.clone(),
+                    },
+                    output: t.outputs.start,
+                })
+                .collect()
+        };
         let format = match spec.layout {
             Layout::Yolox => InputFormat::YOLOX,
             _ => InputFormat::ULTRALYTICS,
@@ -214,7 +250,7 @@ impl Detector {
             session,
             spec,
             format,
-            labels,
+            tasks,
             input_hw,
             input,
             params: opts.params,
@@ -231,25 +267,39 @@ impl Detector {
         self.spec
     }
 
-    /// Class names (may be shorter than the class count when the model carries none).
+    /// Class names of the first task (may be shorter than the class count when the model
+    /// carries none).
     pub fn labels(&self) -> &[String] {
-        &self.labels
+        &self.tasks[0].labels
     }
 
-    /// Label of a class id, or `class<N>`.
+    /// Class names of task `task` (see [`Detector::task_names`]); empty for an unknown task.
+    pub fn task_labels(&self, task: usize) -> &[String] {
+        self.tasks.get(task).map_or(&[], |t| &t.labels)
+    }
+
+    /// The tasks' names, in output order: `[None]` for a single-task model.
+    pub fn task_names(&self) -> Vec<Option<&str>> {
+        self.tasks.iter().map(|t| t.name.as_deref()).collect()
+    }
+
+    /// Label of a class id of the first task, or `class<N>`.
     pub fn label(&self, class_id: usize) -> String {
-        self.labels
-            .get(class_id)
-            .cloned()
-            .unwrap_or_else(|| format!("class{class_id}"))
+        label_of(self.labels(), class_id)
     }
 
-    /// Detections as printed in records, with their labels.
+    /// Detections of the first task as printed in records, with their labels.
     pub fn records(&self, dets: &[Detection]) -> Vec<DetectionRecord> {
+        self.task_records(0, dets)
+    }
+
+    /// Detections of task `task` as printed in records, with that task's labels.
+    pub fn task_records(&self, task: usize, dets: &[Detection]) -> Vec<DetectionRecord> {
+        let labels = self.task_labels(task);
         dets.iter()
             .map(|d| DetectionRecord {
                 class_id: d.class_id,
-                label: self.label(d.class_id),
+                label: label_of(labels, d.class_id),
                 score: d.score,
                 bbox: d.bbox,
             })
@@ -279,33 +329,41 @@ impl Detector {
         Ok((o.shape, o.data))
     }
 
-    /// Letterboxes `frame` as `lb` says, runs the model and postprocesses: detections in
-    /// model-input pixels, best first, with the time of each stage.
+    /// Letterboxes `frame` as `lb` says, runs the model and postprocesses: each task's
+    /// detections in model-input pixels, best first, with the time of each stage.
     fn infer(
         &mut self,
         frame: &RgbFrame,
         lb: &Letterbox,
-    ) -> Result<(Vec<Detection>, StageTimings), DetectorError> {
+    ) -> Result<(Vec<Vec<Detection>>, StageTimings), DetectorError> {
         let t0 = Instant::now();
         letterbox_into(frame, lb, &self.format, &mut self.input);
         let t1 = Instant::now();
         let outs = self.session.run(&self.input)?;
         let t2 = Instant::now();
-        let out = &outs[0];
-        if let Some(index) = out.data.iter().position(|v| !v.is_finite()) {
-            return Err(DetectorError::NonFinite {
-                path: self.path.clone(),
-                index,
-                value: out.data[index],
-            });
+        let mut dets = Vec::with_capacity(self.tasks.len());
+        for task in &self.tasks {
+            let out = outs.get(task.output).ok_or_else(|| {
+                DetectorError::Model(ModelError::Run {
+                    path: self.path.clone(),
+                    reason: format!("no output {} for task {:?}", task.output, task.name),
+                })
+            })?;
+            if let Some(index) = out.data.iter().position(|v| !v.is_finite()) {
+                return Err(DetectorError::NonFinite {
+                    path: self.path.clone(),
+                    index,
+                    value: out.data[index],
+                });
+            }
+            dets.push(postprocess::postprocess(
+                self.spec,
+                &out.shape,
+                &out.data,
+                self.input_hw,
+                &self.params,
+            ));
         }
-        let dets = postprocess::postprocess(
-            self.spec,
-            &out.shape,
-            &out.data,
-            self.input_hw,
-            &self.params,
-        );
         let timings = StageTimings {
             preprocess: t1 - t0,
             inference: t2 - t1,
@@ -335,29 +393,50 @@ impl Detector {
         Ok(self.session.profile(&self.input, runs)?)
     }
 
-    /// Detects objects in `frame`: boxes in frame pixels, clipped, best first.
+    /// Detects objects in `frame` (the first task's, for a multi-task model): boxes in frame
+    /// pixels, clipped, best first.
     ///
     /// Fails with [`DetectorError::NonFinite`] when the model output holds NaN or infinity.
     pub fn detect(
         &mut self,
         frame: &RgbFrame,
     ) -> Result<(Vec<Detection>, StageTimings), DetectorError> {
+        let (mut dets, timings) = self.detect_tasks(frame)?;
+        Ok((dets.swap_remove(0), timings))
+    }
+
+    /// Like [`Detector::detect`], for every task: one list per task, in
+    /// [`Detector::task_names`] order, all from one run of the model.
+    pub fn detect_tasks(
+        &mut self,
+        frame: &RgbFrame,
+    ) -> Result<(Vec<Vec<Detection>>, StageTimings), DetectorError> {
         let (h, w) = self.input_hw;
         let lb = Letterbox::new(frame.width(), frame.height(), w, h, self.format.placement);
         let (mut dets, timings) = self.infer(frame, &lb)?;
-        for d in &mut dets {
+        for d in dets.iter_mut().flatten() {
             d.bbox = lb.box_to_source(d.bbox);
         }
         Ok((dets, timings))
     }
 
-    /// Runs the model on `frame` letterboxed as `lb` says and returns the detections in
-    /// model-input pixels (no mapping back), best first. For evaluation, which matches there.
+    /// Runs the model on `frame` letterboxed as `lb` says and returns the first task's
+    /// detections in model-input pixels (no mapping back), best first. For evaluation, which
+    /// matches there.
     pub fn detect_in_input_space(
         &mut self,
         frame: &RgbFrame,
         lb: &Letterbox,
     ) -> Result<Vec<Detection>, DetectorError> {
+        Ok(self.infer(frame, lb)?.0.swap_remove(0))
+    }
+
+    /// Like [`Detector::detect_in_input_space`], for every task.
+    pub fn detect_tasks_in_input_space(
+        &mut self,
+        frame: &RgbFrame,
+        lb: &Letterbox,
+    ) -> Result<Vec<Vec<Detection>>, DetectorError> {
         Ok(self.infer(frame, lb)?.0)
     }
 
@@ -373,4 +452,12 @@ impl Detector {
     pub fn prepared(&self) -> &PreparedModel {
         &self.prepared
     }
+}
+
+/// Label of `class_id` in `labels`, or `class<N>`.
+fn label_of(labels: &[String], class_id: usize) -> String {
+    labels
+        .get(class_id)
+        .cloned()
+        .unwrap_or_else(|| format!("class{class_id}"))
 }

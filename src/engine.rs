@@ -220,6 +220,38 @@ impl EngineBuilder {
         Ok(Cow::Owned(merged))
     }
 
+    /// The model running every adapter of `tasks` as its own task on one shared trunk
+    /// ([`OnnxModel::shared_trunk`]), each merged at its scale; with one adapter (or none) this
+    /// is [`EngineBuilder::merged`] and the model is exactly today's.
+    ///
+    /// Fails with [`EngineError::Adapter`] naming the adapter whose merge failed, and with
+    /// [`EngineError::Model`] when the graph cannot be split (see `shared_trunk`).
+    pub fn merged_tasks(
+        &self,
+        tasks: &[(&Adapter, f32)],
+        timings: Option<&mut BuildTimings>,
+    ) -> Result<Cow<'_, OnnxModel>, EngineError> {
+        if tasks.len() < 2 {
+            return self.merged(tasks.first().copied(), timings);
+        }
+        let t = Instant::now();
+        let mut merged = Vec::with_capacity(tasks.len());
+        for (a, scale) in tasks {
+            merged.push((
+                a.header.name.clone(),
+                adapter::merge::apply(&self.base, a, *scale)?,
+            ));
+        }
+        let refs: Vec<(String, &OnnxModel)> = merged.iter().map(|(n, m)| (n.clone(), m)).collect();
+        let (model, _) = self.base.shared_trunk(&refs)?;
+        let merge_ms = ms(t.elapsed());
+        log::info!("merged {} task adapters in {merge_ms:.1} ms", tasks.len());
+        if let Some(timings) = timings {
+            timings.merge_ms = merge_ms;
+        }
+        Ok(Cow::Owned(model))
+    }
+
     /// The calibration a build of `model` with `adapter` merged uses (module documentation).
     fn calibration_for(
         &self,
@@ -257,12 +289,45 @@ impl EngineBuilder {
         }
     }
 
+    /// The calibration of a shared-trunk `model` of `tasks`: each task's own, combined.
+    fn tasks_calibration(
+        &self,
+        model: &OnnxModel,
+        tasks: &[&Adapter],
+    ) -> Result<Option<Arc<Calibration>>, EngineError> {
+        if tasks.len() < 2 || model.tasks().is_empty() {
+            return self.calibration_for(model, tasks.first().copied());
+        }
+        let mut per_task = Vec::with_capacity(tasks.len());
+        for a in tasks {
+            match self.calibration_for(&self.base, Some(a))? {
+                Some(c) => per_task.push(c),
+                None => return Ok(None),
+            }
+        }
+        let refs: Vec<&Calibration> = per_task.iter().map(|c| &**c).collect();
+        Ok(model.task_calibration(&refs).map(Arc::new))
+    }
+
     /// A detector for `model` (the base, or [`EngineBuilder::merged`] with `adapter`) at
     /// `size`.
     pub fn detector(
         &self,
         model: &OnnxModel,
         adapter: Option<&Adapter>,
+        size: InputSize,
+        timings: Option<&mut BuildTimings>,
+    ) -> Result<Detector, EngineError> {
+        self.tasks_detector(model, adapter.as_slice(), size, timings)
+    }
+
+    /// A detector for `model` as [`EngineBuilder::merged_tasks`] made it from `tasks` (in the
+    /// same order), at `size`: one detector whose [`Detector::detect_tasks`] gives every task's
+    /// detections.
+    pub fn tasks_detector(
+        &self,
+        model: &OnnxModel,
+        tasks: &[&Adapter],
         size: InputSize,
         timings: Option<&mut BuildTimings>,
     ) -> Result<Detector, EngineError> {
@@ -279,7 +344,7 @@ impl EngineBuilder {
             prepare: PrepareOptions {
                 precision: self.settings.precision,
                 threads: self.settings.threads,
-                calibration: self.calibration_for(model, adapter)?,
+                calibration: self.tasks_calibration(model, tasks)?,
                 reuse_graph: self.reuse_graph,
             },
             rect_for,

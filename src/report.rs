@@ -116,6 +116,30 @@ pub struct ImageRecord {
     pub output: Option<String>,
 }
 
+/// One task's detections in a [`TasksImageRecord`].
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TaskDetections {
+    /// The task's name (its adapter's name).
+    pub task: String,
+    pub adapter: AdapterRef,
+    pub detections: Vec<DetectionRecord>,
+}
+
+/// The record `perch detect` prints for one image when several task adapters run together: as
+/// [`ImageRecord`], with `tasks` (one entry per `--adapter`, in order) instead of `detections`
+/// and `adapter`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TasksImageRecord {
+    pub source: String,
+    pub width: usize,
+    pub height: usize,
+    pub tasks: Vec<TaskDetections>,
+    pub timings_ms: TimingsMs,
+    /// The annotated image written for this one (`detect --output-dir`), when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

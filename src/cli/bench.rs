@@ -40,7 +40,7 @@ pub(super) fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         .as_ref()
         .filter(|_| a.rect)
         .map(|f| (f.width(), f.height()));
-    let (mut det, adapter) = build_detector(&a.model.settings(PREDICT_CONF), &mut load, rect_for)?;
+    let (mut det, adapters) = build_detector(&a.model.settings(PREDICT_CONF), &mut load, rect_for)?;
     let scale = a.model.source.adapter_scale;
     let frame = match image {
         Some(f) => f,
@@ -92,7 +92,7 @@ pub(super) fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             "inference_precision".into(),
             det.prepared().precision().to_string().into(),
         );
-        obj.insert("adapter".into(), adapter_json(adapter.as_ref(), scale));
+        insert_adapters(&mut obj, &adapters, scale);
         obj.insert("f32_kernels".into(), float_kernels.into());
         obj.insert("int8_kernels".into(), int_kernels.into());
         obj.insert("read_ms".into(), load.read_ms.into());
@@ -128,9 +128,15 @@ pub(super) fn bench(a: BenchArgs) -> anyhow::Result<u8> {
             load.read_ms,
             load.merge_ms,
             load.prepare_ms,
-            adapter
-                .as_ref()
-                .map_or(String::new(), |x| format!("  adapter {}", x.id()))
+            match adapters.as_slice() {
+                [] => String::new(),
+                [x] => format!("  adapter {}", x.id()),
+                many => format!(
+                    "  {} tasks: {}",
+                    many.len(),
+                    many.iter().map(|x| x.id()).collect::<Vec<_>>().join(", ")
+                ),
+            }
         ))?;
         out_line(format_args!(
             "matrix kernels: f32 {}; int8 {}",

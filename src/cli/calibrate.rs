@@ -23,7 +23,14 @@ pub(super) struct CalibrateArgs {
 
 pub(super) fn calibrate(a: CalibrateArgs) -> anyhow::Result<u8> {
     let settings = a.model.settings();
-    let (builder, adapter) = load_engine(&settings, &mut Default::default())?;
+    if settings.adapters.len() > 1 {
+        anyhow::bail!(
+            "calibrate: one adapter at a time (got {}); each task's calibration is measured with that adapter alone and combined when the tasks run together",
+            settings.adapters.len()
+        );
+    }
+    let (builder, adapters) = load_engine(&settings, &mut Default::default())?;
+    let adapter = adapters.into_iter().next();
     let model = builder.merged(adapter.as_ref().map(|x| (x, settings.adapter_scale)), None)?;
     let mut det = builder.detector(&model, adapter.as_ref(), InputSize::Configured, None)?;
     let (h, w) = det.input_hw();

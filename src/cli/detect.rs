@@ -2,6 +2,7 @@
 
 use super::*;
 use perch::engine::DetectorsBySize;
+use perch::report::{TaskDetections, TasksImageRecord};
 
 #[derive(Args, Debug)]
 pub(super) struct DetectArgs {
@@ -62,9 +63,10 @@ pub(super) enum Failure {
 /// predictor does it (`LetterBox(auto=True)`) runs at a size that depends on each image.
 pub(super) struct DetectorCache {
     builder: EngineBuilder,
-    /// The base with the adapter merged (`None`: the base alone).
+    /// The base with the adapters merged (`None`: the base alone).
     merged: Option<OnnxModel>,
-    adapter: Option<Adapter>,
+    /// One adapter per task (none: the base alone).
+    adapters: Vec<Adapter>,
     /// Fit each image (dynamic models without `--square`).
     rect: bool,
     built: DetectorsBySize,
@@ -79,20 +81,71 @@ impl DetectorCache {
     /// The detector for a `width` x `height` image, built on first use of its input size.
     fn for_image(&mut self, width: usize, height: usize) -> anyhow::Result<&mut Detector> {
         let rect_for = self.rect.then_some((width, height));
-        let (builder, adapter) = (&self.builder, self.adapter.as_ref());
+        let builder = &self.builder;
+        let adapters: Vec<&Adapter> = self.adapters.iter().collect();
         let model = self.merged.as_ref().unwrap_or(builder.base());
         let hw = perch::detector::input_size(model, builder.settings().imgsz, rect_for);
         let size = rect_for.map_or(InputSize::Configured, |(w, h)| InputSize::FitFrame(w, h));
         let det = self
             .built
-            .get_or_build(hw, || builder.detector(model, adapter, size, None))?;
+            .get_or_build(hw, || builder.tasks_detector(model, &adapters, size, None))?;
         Ok(det)
     }
 }
 
+/// The record of one image: today's single-task shape, or one entry per task.
+enum Record {
+    One(ImageRecord),
+    Tasks(TasksImageRecord),
+}
+
+impl Record {
+    fn set_output(&mut self, output: String) {
+        match self {
+            Record::One(r) => r.output = Some(output),
+            Record::Tasks(r) => r.output = Some(output),
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Result<String> {
+        match self {
+            Record::One(r) => serde_json::to_string(r),
+            Record::Tasks(r) => serde_json::to_string(r),
+        }
+    }
+}
+
+/// Every task's detections drawn on one image: each task's classes get their own colours and
+/// `task:label` names.
+fn draw_tasks(frame: &mut RgbFrame, det: &Detector, found: &[Vec<perch::Detection>]) {
+    let names = det.task_names();
+    if let [(None, dets)] = [(names[0], &found[0])] {
+        let _ = draw_detections(&mut RgbCanvas::new(frame), dets, det.labels());
+        return;
+    }
+    let classes = det.spec().num_classes.max(1);
+    let mut labels = Vec::new();
+    let mut all = Vec::new();
+    for (k, dets) in found.iter().enumerate() {
+        let task = names.get(k).copied().flatten().unwrap_or("task");
+        for c in 0..classes {
+            let label = det
+                .task_labels(k)
+                .get(c)
+                .map_or(format!("class{c}"), Clone::clone);
+            labels.push(format!("{task}:{label}"));
+        }
+        all.extend(dets.iter().map(|d| perch::Detection {
+            class_id: k * classes + d.class_id.min(classes - 1),
+            ..d.clone()
+        }));
+    }
+    let _ = draw_detections(&mut RgbCanvas::new(frame), &all, &labels);
+}
+
 pub(super) fn detect_one(
     dets: &mut DetectorCache,
-    adapter: Option<&AdapterRef>,
+    adapters: &[AdapterRef],
     path: &Path,
     out_dir: Option<&Path>,
     used: &mut std::collections::HashSet<PathBuf>,
@@ -101,28 +154,51 @@ pub(super) fn detect_one(
     let det = dets
         .for_image(frame.width(), frame.height())
         .map_err(Failure::Model)?;
-    let (found, timings) = det.detect(&frame).map_err(|e| Failure::Input(e.into()))?;
-    let mut record = ImageRecord {
-        source: path.display().to_string(),
-        width: frame.width(),
-        height: frame.height(),
-        detections: det.records(&found),
-        timings_ms: timings.into(),
-        adapter: adapter.cloned(),
-        output: None,
+    let (found, timings) = det
+        .detect_tasks(&frame)
+        .map_err(|e| Failure::Input(e.into()))?;
+    let (source, width, height) = (path.display().to_string(), frame.width(), frame.height());
+    let mut record = if adapters.len() > 1 {
+        Record::Tasks(TasksImageRecord {
+            source,
+            width,
+            height,
+            tasks: adapters
+                .iter()
+                .zip(&found)
+                .enumerate()
+                .map(|(k, (a, f))| TaskDetections {
+                    task: a.name.clone(),
+                    adapter: a.clone(),
+                    detections: det.task_records(k, f),
+                })
+                .collect(),
+            timings_ms: timings.into(),
+            output: None,
+        })
+    } else {
+        Record::One(ImageRecord {
+            source,
+            width,
+            height,
+            detections: det.records(&found[0]),
+            timings_ms: timings.into(),
+            adapter: adapters.first().cloned(),
+            output: None,
+        })
     };
     // The annotated image is written first, so that the record names only a file that exists;
     // the record is printed either way.
     let mut saved = Ok(());
     if let Some(dir) = out_dir {
-        let _ = draw_detections(&mut RgbCanvas::new(&mut frame), &found, det.labels());
+        draw_tasks(&mut frame, det, &found);
         let dst = annotated_path(dir, path, used);
         saved = save_rgb(&frame, &dst);
         if saved.is_ok() {
-            record.output = Some(dst.display().to_string());
+            record.set_output(dst.display().to_string());
         }
     }
-    let line = serde_json::to_string(&record).map_err(|e| Failure::Output(e.into()))?;
+    let line = record.to_json().map_err(|e| Failure::Output(e.into()))?;
     out_line(line).map_err(Failure::StdoutClosed)?;
     saved.map_err(|e| Failure::Output(e.into()))
 }
@@ -132,22 +208,23 @@ pub(super) fn detect(a: DetectArgs) -> u8 {
         return report_error(&e.into(), exit::FAILURE);
     }
     let settings = a.model.settings(PREDICT_CONF);
-    let (builder, adapter) = match load_engine(&settings, &mut Default::default()) {
+    let (builder, adapters) = match load_engine(&settings, &mut Default::default()) {
         Ok(m) => m,
         Err(e) => return report_error(&e, exit::BAD_INPUT),
     };
-    let merged = match builder.merged(adapter.as_ref().map(|x| (x, settings.adapter_scale)), None) {
+    let merged = match builder.merged_tasks(&scaled(&adapters, settings.adapter_scale), None) {
         Ok(Cow::Owned(m)) => Some(m),
         Ok(Cow::Borrowed(_)) => None,
         Err(e) => return report_error(&e.into(), exit::BAD_INPUT),
     };
-    let adapter_ref = adapter
-        .as_ref()
-        .map(|x| x.reference(settings.adapter_scale));
+    let adapter_refs: Vec<AdapterRef> = adapters
+        .iter()
+        .map(|x| x.reference(settings.adapter_scale))
+        .collect();
     let mut dets = DetectorCache {
         builder,
         merged,
-        adapter,
+        adapters,
         rect: false,
         built: DetectorsBySize::default(),
     };
@@ -168,13 +245,7 @@ pub(super) fn detect(a: DetectArgs) -> u8 {
     let mut used = std::collections::HashSet::new();
     for input in expand_inputs(&a.inputs) {
         let result = input.map_err(Failure::Input).and_then(|path| {
-            detect_one(
-                &mut dets,
-                adapter_ref.as_ref(),
-                &path,
-                a.out.as_deref(),
-                &mut used,
-            )
+            detect_one(&mut dets, &adapter_refs, &path, a.out.as_deref(), &mut used)
         });
         match result {
             Ok(()) => {}

@@ -83,9 +83,11 @@ struct ModelSource {
     #[arg(long, value_parser = |s: &str| s.parse::<Layout>())]
     layout: Option<Layout>,
     /// Adapter merged into the model at load (a perch .safetensors adapter or a PEFT directory).
+    /// Repeat it to run several task adapters at once on the layers they share (`detect`,
+    /// `eval`, `bench`): each adapter is one task, with its own detections.
     #[arg(long, value_name = "X")]
-    adapter: Option<PathBuf>,
-    /// Multiplier of the adapter's LoRA deltas (-10..=10).
+    adapter: Vec<PathBuf>,
+    /// Multiplier of the adapters' LoRA deltas (-10..=10).
     #[arg(long, default_value_t = 1.0, requires = "adapter", value_parser = parse_scale,
           allow_negative_numbers = true)]
     adapter_scale: f32,
@@ -231,7 +233,7 @@ impl ModelSource {
             imgsz: self.imgsz,
             layout: self.layout,
             labels: None,
-            adapter: self.adapter.clone(),
+            adapters: self.adapter.clone(),
             adapter_scale: self.adapter_scale,
             params: PostprocessParams {
                 conf: PREDICT_CONF,
@@ -271,36 +273,54 @@ const PREDICT_CONF: f32 = 0.25;
 /// Default confidence of `eval` (Ultralytics val).
 const VAL_CONF: f32 = 0.001;
 
-/// The builder over the base model `settings` names, and the adapter they name (read and checked
-/// against the base; `BuildTimings::read_ms` covers both).
+/// The builder over the base model `settings` names, and the adapters they name (read and
+/// checked against the base; `BuildTimings::read_ms` covers both). The same adapter file twice,
+/// or two adapters with the same name, is refused: their tasks could not be told apart.
 fn load_engine(
     settings: &ModelSettings,
     times: &mut BuildTimings,
-) -> anyhow::Result<(EngineBuilder, Option<Adapter>)> {
+) -> anyhow::Result<(EngineBuilder, Vec<Adapter>)> {
     let t = Instant::now();
     let builder = EngineBuilder::load(settings)?;
-    let adapter = settings
-        .adapter
-        .as_deref()
-        .map(|p| builder.load_adapter(p))
-        .transpose()?;
+    let mut adapters: Vec<Adapter> = Vec::with_capacity(settings.adapters.len());
+    for p in &settings.adapters {
+        let x = builder.load_adapter(p)?;
+        if let Some(same) = adapters
+            .iter()
+            .find(|y| y.sha256() == x.sha256() || y.header.name == x.header.name)
+        {
+            anyhow::bail!(
+                "{}: adapter '{}' is given twice (also as {}); each task needs its own adapter",
+                p.display(),
+                x.header.name,
+                same.path().display()
+            );
+        }
+        adapters.push(x);
+    }
     times.read_ms = t.elapsed().as_secs_f64() * 1e3;
-    Ok((builder, adapter))
+    Ok((builder, adapters))
+}
+
+/// The adapters with the scale they are merged at.
+fn scaled(adapters: &[Adapter], scale: f32) -> Vec<(&Adapter, f32)> {
+    adapters.iter().map(|x| (x, scale)).collect()
 }
 
 /// A detector as `settings` ask, built in one go (the input size fitted to `rect_for`, a frame's
-/// width and height, where given and the model is dynamic).
+/// width and height, where given and the model is dynamic); several adapters make one
+/// detector with one task each.
 fn build_detector(
     settings: &ModelSettings,
     times: &mut BuildTimings,
     rect_for: Option<(usize, usize)>,
-) -> anyhow::Result<(Detector, Option<Adapter>)> {
-    let (builder, adapter) = load_engine(settings, times)?;
-    let scaled = adapter.as_ref().map(|x| (x, settings.adapter_scale));
-    let model = builder.merged(scaled, Some(times))?;
+) -> anyhow::Result<(Detector, Vec<Adapter>)> {
+    let (builder, adapters) = load_engine(settings, times)?;
+    let model = builder.merged_tasks(&scaled(&adapters, settings.adapter_scale), Some(times))?;
     let size = rect_for.map_or(InputSize::Configured, |(w, h)| InputSize::FitFrame(w, h));
-    let det = builder.detector(&model, adapter.as_ref(), size, Some(times))?;
-    Ok((det, adapter))
+    let refs: Vec<&Adapter> = adapters.iter().collect();
+    let det = builder.tasks_detector(&model, &refs, size, Some(times))?;
+    Ok((det, adapters))
 }
 
 /// Expands directories into their image files (sorted, non-recursive).
@@ -340,6 +360,27 @@ fn adapter_json(adapter: Option<&Adapter>, scale: f32) -> serde_json::Value {
     adapter.map_or(serde_json::Value::Null, |x| {
         serde_json::to_value(x.reference(scale)).unwrap_or_default()
     })
+}
+
+/// Adds to a report object the adapters it ran with: `"adapter"` (one, or null) as before, and
+/// with several, `"adapter": null` and `"tasks"`, one adapter identity per task.
+fn insert_adapters(
+    obj: &mut serde_json::Map<String, serde_json::Value>,
+    adapters: &[Adapter],
+    scale: f32,
+) {
+    match adapters {
+        [] | [_] => {
+            obj.insert("adapter".into(), adapter_json(adapters.first(), scale));
+        }
+        many => {
+            obj.insert("adapter".into(), serde_json::Value::Null);
+            obj.insert(
+                "tasks".into(),
+                many.iter().map(|x| adapter_json(Some(x), scale)).collect(),
+            );
+        }
+    }
 }
 
 fn list_or_none(names: &[String]) -> String {

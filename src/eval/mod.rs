@@ -312,6 +312,18 @@ pub fn evaluate(
     split: &str,
     geometry: ValGeometry,
 ) -> Result<EvalReport, EvalError> {
+    let mut reports = evaluate_tasks(build, data, split, geometry)?;
+    Ok(reports.swap_remove(0))
+}
+
+/// Like [`evaluate`], for every task of the detectors (see [`Detector::detect_tasks`]): one
+/// report per task, in task order, from one run of the model per image.
+pub fn evaluate_tasks(
+    build: &mut dyn FnMut(usize, usize) -> Result<Detector, crate::engine::EngineError>,
+    data: &Dataset,
+    split: &str,
+    geometry: ValGeometry,
+) -> Result<Vec<EvalReport>, EvalError> {
     let (imgsz, shapes) = match geometry {
         ValGeometry::Square(s) => (s, vec![(s, s); data.images.len()]),
         ValGeometry::Rect {
@@ -329,15 +341,17 @@ pub fn evaluate(
     };
     let mut built = crate::engine::DetectorsBySize::default();
     let mut thresholds = None;
-    let (mut tp, mut conf, mut pred_cls, mut target_cls) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Per task: true-positive rows, confidences and predicted classes.
+    let mut per_task: Vec<(Vec<_>, Vec<f32>, Vec<usize>)> = Vec::new();
+    let mut target_cls = Vec::new();
     for (image, &(h, w)) in data.images.iter().zip(&shapes) {
         let frame = load_rgb(image)?;
         let labels = data.labels(image)?;
         let det = built.get_or_build((h, w), || build(h, w))?;
         thresholds.get_or_insert((det.params().conf, det.params().iou));
         let lb = val_letterbox(frame.width(), frame.height(), imgsz, w, h);
-        let dets = det.detect_in_input_space(&frame, &lb)?;
+        let tasks = det.detect_tasks_in_input_space(&frame, &lb)?;
+        per_task.resize_with(tasks.len(), Default::default);
         let to_input = |b: &[f32; 4]| {
             let sx = lb.new_w as f32;
             let sy = lb.new_h as f32;
@@ -350,23 +364,30 @@ pub fn evaluate(
         };
         let targets: Vec<(usize, [f32; 4])> =
             labels.iter().map(|(c, b)| (*c, to_input(b))).collect();
-        let preds: Vec<(usize, [f32; 4])> = dets.iter().map(|d| (d.class_id, d.bbox)).collect();
-        tp.extend(metrics::match_predictions(&preds, &targets));
-        conf.extend(dets.iter().map(|d| d.score));
-        pred_cls.extend(dets.iter().map(|d| d.class_id));
+        for (dets, (tp, conf, pred_cls)) in tasks.iter().zip(per_task.iter_mut()) {
+            let preds: Vec<(usize, [f32; 4])> = dets.iter().map(|d| (d.class_id, d.bbox)).collect();
+            tp.extend(metrics::match_predictions(&preds, &targets));
+            conf.extend(dets.iter().map(|d| d.score));
+            pred_cls.extend(dets.iter().map(|d| d.class_id));
+        }
         target_cls.extend(targets.iter().map(|t| t.0));
     }
-    let summary = metrics::ap_per_class(&tp, &conf, &pred_cls, &target_cls);
-    let (conf, iou) = thresholds.unwrap_or_default();
-    Ok(EvalReport {
-        data: data.yaml.display().to_string(),
-        split: split.to_string(),
-        images: data.images.len(),
-        instances: target_cls.len(),
-        conf,
-        iou,
-        summary,
-    })
+    if per_task.is_empty() {
+        per_task.push(Default::default());
+    }
+    let (conf_t, iou) = thresholds.unwrap_or_default();
+    Ok(per_task
+        .iter()
+        .map(|(tp, conf, pred_cls)| EvalReport {
+            data: data.yaml.display().to_string(),
+            split: split.to_string(),
+            images: data.images.len(),
+            instances: target_cls.len(),
+            conf: conf_t,
+            iou,
+            summary: metrics::ap_per_class(tp, conf, pred_cls, &target_cls),
+        })
+        .collect())
 }
 
 #[cfg(test)]

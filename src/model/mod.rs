@@ -6,12 +6,14 @@
 
 mod guard;
 mod metadata;
+mod multitask;
 mod quant;
 mod reuse;
 mod rewrite;
 mod weights;
 
 pub use metadata::{ModelMetadata, parse_imgsz, parse_names};
+pub use multitask::{TaskInfo, TrunkSplit};
 pub use quant::Calibration;
 
 use std::collections::HashMap;
@@ -83,6 +85,8 @@ pub struct OnnxModel {
     /// Decluttered graphs kept by prepares that asked for [`PrepareOptions::reuse_graph`],
     /// shared with the copies [`OnnxModel::with_weights`] makes.
     graphs: Arc<reuse::GraphCache>,
+    /// The tasks of a shared-trunk model ([`OnnxModel::shared_trunk`]); empty otherwise.
+    tasks: Vec<TaskInfo>,
 }
 
 impl std::fmt::Debug for OnnxModel {
@@ -205,6 +209,7 @@ impl OnnxModel {
             output_names,
             fingerprint: std::sync::OnceLock::new(),
             graphs: Arc::default(),
+            tasks: Vec::new(),
         })
     }
 

@@ -92,8 +92,8 @@ fn fixed_engine(builder: &EngineBuilder, m: &ModelSettings) -> Result<Engine, Se
     let config =
         |e: &(dyn std::error::Error + 'static)| ServiceError::Config(crate::exit::one_line(e));
     let adapter = m
-        .adapter
-        .as_deref()
+        .adapters
+        .first()
         .map(|p| builder.load_adapter(p))
         .transpose()
         .map_err(|e| config(&e))?;

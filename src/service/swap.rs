@@ -780,7 +780,7 @@ mod tests {
             imgsz: None,
             layout: None,
             labels: None,
-            adapter: None,
+            adapters: Vec::new(),
             adapter_scale: 1.0,
             params: PostprocessParams::default(),
             precision: Default::default(),
