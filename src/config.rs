@@ -113,10 +113,11 @@ pub struct AdapterSettings {
     pub store: PathBuf,
     /// Largest adapter file accepted by `install`, in bytes.
     pub max_bytes: u64,
-    /// Adapter to activate when the store has no state yet, or when this value changes on
-    /// reload.
-    pub active: Option<String>,
-    /// LoRA scale for `active`.
+    /// Adapters to activate when the store has no state yet, or when this value changes on
+    /// reload: none (the base model), one, or several, each its own task on a shared trunk
+    /// (`active = "a"` or `active = ["a", "b"]`).
+    pub active: Vec<String>,
+    /// LoRA scale for `active` (every task).
     pub scale: f32,
     /// Frames a new adapter must process without an error before it is committed as the last
     /// known good one; 0 commits at once.
@@ -158,7 +159,7 @@ struct RawConfig {
 struct RawAdapters {
     store: String,
     max_mb: Option<Spanned<f64>>,
-    active: Option<Spanned<String>>,
+    active: Option<Spanned<OneOrMany>>,
     scale: Option<Spanned<f64>>,
     probation_frames: Option<Spanned<i64>>,
     health_images: Option<String>,
@@ -402,16 +403,50 @@ pub fn parse(text: &str, file: &Path) -> Result<Settings, ConfigError> {
     })
 }
 
+/// A string or an array of strings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
 fn adapters(ctx: &Ctx, a: RawAdapters) -> Result<AdapterSettings, ConfigError> {
+    let mut active = Vec::new();
     if let Some(n) = &a.active {
-        crate::adapter::store::check_name(n.get_ref())
-            .map_err(|e| ctx.err(n, "adapters.active", e.to_string()))?;
+        let names = match n.get_ref() {
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        };
+        for name in &names {
+            crate::adapter::store::check_name(name)
+                .map_err(|e| ctx.err(n, "adapters.active", e.to_string()))?;
+            if active.contains(name) {
+                return Err(ctx.err(
+                    n,
+                    "adapters.active",
+                    format!("'{name}' is named twice; each task runs once"),
+                ));
+            }
+            active.push(name.clone());
+        }
+        let max = crate::service::swap::MAX_TASKS;
+        if active.len() > max {
+            return Err(ctx.err(
+                n,
+                "adapters.active",
+                format!(
+                    "{} adapters named; at most {max} run together",
+                    active.len()
+                ),
+            ));
+        }
     }
     Ok(AdapterSettings {
         store: ctx.path(&a.store),
         max_bytes: (ctx.in_range(&a.max_mb, "adapters.max_mb", 0.001, 256.0, 64.0)? * 1048576.0)
             as u64,
-        active: a.active.map(Spanned::into_inner),
+        active,
         scale: ctx.in_range(&a.scale, "adapters.scale", -10.0, 10.0, 1.0)? as f32,
         probation_frames: ctx
             .count(

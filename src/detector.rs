@@ -283,6 +283,42 @@ impl Detector {
         self.tasks.iter().map(|t| t.name.as_deref()).collect()
     }
 
+    /// Class names for drawing [`Detector::overlay_detections`]: the first task's labels for a
+    /// single-task model; with several tasks, `task:label` for every class of every task.
+    pub fn overlay_labels(&self) -> Vec<String> {
+        if self.tasks.len() == 1 {
+            return self.labels().to_vec();
+        }
+        let classes = self.spec.num_classes.max(1);
+        self.tasks
+            .iter()
+            .flat_map(|t| {
+                let task = t.name.as_deref().unwrap_or("task");
+                (0..classes).map(move |c| format!("{task}:{}", label_of(&t.labels, c)))
+            })
+            .collect()
+    }
+
+    /// Every task's detections (as [`Detector::detect_tasks`] returns them) as one list to draw
+    /// with [`Detector::overlay_labels`]: task `k`'s class `c` becomes `k * classes + c`, so
+    /// that each task's boxes get their own colours and names.
+    pub fn overlay_detections(&self, found: &[Vec<Detection>]) -> Vec<Detection> {
+        if self.tasks.len() == 1 {
+            return found.first().cloned().unwrap_or_default();
+        }
+        let classes = self.spec.num_classes.max(1);
+        found
+            .iter()
+            .enumerate()
+            .flat_map(|(k, dets)| {
+                dets.iter().map(move |d| Detection {
+                    class_id: k * classes + d.class_id.min(classes - 1),
+                    ..d.clone()
+                })
+            })
+            .collect()
+    }
+
     /// Label of a class id of the first task, or `class<N>`.
     pub fn label(&self, class_id: usize) -> String {
         label_of(self.labels(), class_id)

@@ -362,10 +362,20 @@ impl EngineBuilder {
     pub fn build(
         &self,
         adapter: Option<(&Adapter, f32)>,
+        timings: Option<&mut BuildTimings>,
+    ) -> Result<Detector, EngineError> {
+        self.build_tasks(adapter.as_slice(), timings)
+    }
+
+    /// Like [`EngineBuilder::build`] for any number of adapters: several make one detector
+    /// with one task each, on a shared trunk ([`EngineBuilder::merged_tasks`]).
+    pub fn build_tasks(
+        &self,
+        tasks: &[(&Adapter, f32)],
         mut timings: Option<&mut BuildTimings>,
     ) -> Result<Detector, EngineError> {
         let t = Instant::now();
-        let model = self.merged(adapter, timings.as_deref_mut())?;
+        let model = self.merged_tasks(tasks, timings.as_deref_mut())?;
         let fit = match self.settings.rect {
             Some(explicit) => explicit,
             None => self.base.input_shape().is_dynamic(),
@@ -374,15 +384,24 @@ impl EngineBuilder {
             Some((w, h)) => InputSize::FitFrame(w, h),
             None => InputSize::Configured,
         };
-        let detector = self.detector(&model, adapter.map(|(a, _)| a), size, timings)?;
+        let adapters: Vec<&Adapter> = tasks.iter().map(|(a, _)| *a).collect();
+        let detector = self.tasks_detector(&model, &adapters, size, timings)?;
         log::info!(
             "model {} ready in {:.0} ms{}",
             self.settings.path.display(),
             ms(t.elapsed()),
-            adapter.map_or(String::new(), |(a, s)| format!(
-                " with adapter {} (scale {s})",
-                a.id()
-            ))
+            match tasks {
+                [] => String::new(),
+                [(a, s)] => format!(" with adapter {} (scale {s})", a.id()),
+                many => format!(
+                    " with {} task adapters: {}",
+                    many.len(),
+                    many.iter()
+                        .map(|(a, s)| format!("{} (scale {s})", a.id()))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            }
         );
         Ok(detector)
     }

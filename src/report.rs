@@ -86,7 +86,13 @@ pub struct FrameRecord<'a> {
     pub source: &'a str,
     pub width: usize,
     pub height: usize,
-    pub detections: Vec<DetectionRecord>,
+    /// The detections of a single-task engine (absent when several tasks run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detections: Option<Vec<DetectionRecord>>,
+    /// Each task's detections when several task adapters run on a shared trunk, in task
+    /// order (then `detections` and `adapter` are absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<TaskDetections>>,
     pub timings_ms: FrameTimingsMs,
     /// Capture to the moment the record was written, milliseconds.
     pub frame_age_ms: f64,

@@ -65,21 +65,86 @@ pub struct Selection {
     pub sha256: String,
 }
 
+/// The adapters that run: none (the base model alone), one, or several, each its own task on
+/// the shared trunk (in task order; names are unique).
+///
+/// In JSON: `null`, one selection object, or an array of them (two or more), so that a state
+/// file written before task sets existed reads unchanged.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskSet(pub Vec<Selection>);
+
+impl TaskSet {
+    /// One adapter, or none.
+    pub fn single(sel: Option<Selection>) -> TaskSet {
+        TaskSet(sel.into_iter().collect())
+    }
+
+    /// True for the base model alone.
+    pub fn is_base(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Whether store entry `name` is one of the tasks.
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|s| s.name == name)
+    }
+
+    /// `'a'`, `'a' + 'b'`, or `the base model`, for messages.
+    pub fn describe(&self) -> String {
+        if self.0.is_empty() {
+            return "the base model".into();
+        }
+        self.0
+            .iter()
+            .map(|s| format!("'{}'", s.name))
+            .collect::<Vec<_>>()
+            .join(" + ")
+    }
+}
+
+impl Serialize for TaskSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [] => s.serialize_none(),
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TaskSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            One(Selection),
+            Many(Vec<Selection>),
+        }
+        Ok(match Option::<Form>::deserialize(d)? {
+            None => TaskSet::default(),
+            Some(Form::One(s)) => TaskSet(vec![s]),
+            Some(Form::Many(v)) => TaskSet(v),
+        })
+    }
+}
+
 /// What should run: persisted in `state.json`.
 ///
-/// `active: None` means the base model alone. While `probation` is true the active selection
-/// has not proven itself yet, and a restart falls back to `last_good`.
+/// An empty `active` means the base model alone. While `probation` is true the active
+/// selection has not proven itself yet, and a restart falls back to `last_good`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StoreState {
     #[serde(default)]
     pub version: u32,
-    pub active: Option<Selection>,
+    #[serde(default)]
+    pub active: TaskSet,
     #[serde(default)]
     pub probation: bool,
-    pub last_good: Option<Selection>,
+    #[serde(default)]
+    pub last_good: TaskSet,
     /// The committed selection before the current one (target of a manual rollback).
     #[serde(default)]
-    pub previous: Option<Selection>,
+    pub previous: TaskSet,
 }
 
 /// One installed adapter, as listed.
@@ -341,11 +406,11 @@ impl AdapterStore {
 impl StoreState {
     /// Whether entry `name` is the active adapter or the rollback target.
     pub fn role_of(&self, name: &str) -> Option<&'static str> {
-        if self.active.as_ref().is_some_and(|s| s.name == name) {
+        if self.active.contains(name) {
             Some("active")
-        } else if self.last_good.as_ref().is_some_and(|s| s.name == name) {
+        } else if self.last_good.contains(name) {
             Some("the last known good adapter (the rollback target)")
-        } else if self.previous.as_ref().is_some_and(|s| s.name == name) {
+        } else if self.previous.contains(name) {
             Some("the previous adapter (what `rollback` returns to)")
         } else {
             None
@@ -419,15 +484,46 @@ mod tests {
         };
         let state = StoreState {
             version: 1,
-            active: sel("a"),
+            active: TaskSet::single(sel("a")),
             probation: false,
-            last_good: sel("b"),
-            previous: sel("c"),
+            last_good: TaskSet::single(sel("b")),
+            previous: TaskSet::single(sel("c")),
         };
         for n in ["a", "b", "c"] {
             assert!(state.role_of(n).is_some(), "{n}");
         }
         assert!(state.role_of("d").is_none());
+    }
+
+    /// A task set is `null`, one object (as state files were before task sets) or an array.
+    #[test]
+    fn task_sets_read_every_form_and_write_the_shortest() {
+        let one = |n: &str| Selection {
+            name: n.into(),
+            scale: 1.0,
+            sha256: "00".into(),
+        };
+        for (json, set) in [
+            ("null", TaskSet::default()),
+            (
+                r#"{"name":"a","scale":1.0,"sha256":"00"}"#,
+                TaskSet(vec![one("a")]),
+            ),
+            (
+                r#"[{"name":"a","scale":1.0,"sha256":"00"},{"name":"b","scale":1.0,"sha256":"00"}]"#,
+                TaskSet(vec![one("a"), one("b")]),
+            ),
+        ] {
+            assert_eq!(serde_json::from_str::<TaskSet>(json).unwrap(), set);
+            assert_eq!(serde_json::to_string(&set).unwrap(), json);
+        }
+        let old: StoreState = serde_json::from_str(
+            r#"{"version":1,"active":{"name":"a","scale":1.0,"sha256":"00"},"probation":false,"last_good":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.active, TaskSet(vec![one("a")]));
+        assert!(old.last_good.is_base() && old.previous.is_base());
+        assert!(serde_json::from_str::<TaskSet>("7").is_err());
     }
 
     #[test]
@@ -460,7 +556,7 @@ mod tests {
         assert_eq!(listed[0].sha256, a.sha256());
         // In-use entries cannot be replaced or removed.
         let st = StoreState {
-            active: Some(sel("osbs")),
+            active: TaskSet::single(Some(sel("osbs"))),
             ..Default::default()
         };
         assert!(matches!(
@@ -500,14 +596,14 @@ mod tests {
     fn uncommitted_activation_rolls_back() {
         let s = StoreState {
             version: STATE_VERSION,
-            active: Some(sel("new")),
+            active: TaskSet::single(Some(sel("new"))),
             probation: true,
-            last_good: Some(sel("old")),
-            previous: None,
+            last_good: TaskSet::single(Some(sel("old"))),
+            previous: TaskSet::default(),
         };
         let (r, rolled) = s.recovered();
         assert!(rolled);
-        assert_eq!(r.active, Some(sel("old")));
+        assert_eq!(r.active, TaskSet::single(Some(sel("old"))));
         assert!(!r.probation);
         let committed = StoreState {
             probation: false,

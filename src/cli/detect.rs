@@ -115,34 +115,6 @@ impl Record {
     }
 }
 
-/// Every task's detections drawn on one image: each task's classes get their own colours and
-/// `task:label` names.
-fn draw_tasks(frame: &mut RgbFrame, det: &Detector, found: &[Vec<perch::Detection>]) {
-    let names = det.task_names();
-    if let [(None, dets)] = [(names[0], &found[0])] {
-        let _ = draw_detections(&mut RgbCanvas::new(frame), dets, det.labels());
-        return;
-    }
-    let classes = det.spec().num_classes.max(1);
-    let mut labels = Vec::new();
-    let mut all = Vec::new();
-    for (k, dets) in found.iter().enumerate() {
-        let task = names.get(k).copied().flatten().unwrap_or("task");
-        for c in 0..classes {
-            let label = det
-                .task_labels(k)
-                .get(c)
-                .map_or(format!("class{c}"), Clone::clone);
-            labels.push(format!("{task}:{label}"));
-        }
-        all.extend(dets.iter().map(|d| perch::Detection {
-            class_id: k * classes + d.class_id.min(classes - 1),
-            ..d.clone()
-        }));
-    }
-    let _ = draw_detections(&mut RgbCanvas::new(frame), &all, &labels);
-}
-
 pub(super) fn detect_one(
     dets: &mut DetectorCache,
     adapters: &[AdapterRef],
@@ -191,7 +163,11 @@ pub(super) fn detect_one(
     // the record is printed either way.
     let mut saved = Ok(());
     if let Some(dir) = out_dir {
-        draw_tasks(&mut frame, det, &found);
+        let _ = draw_detections(
+            &mut RgbCanvas::new(&mut frame),
+            &det.overlay_detections(&found),
+            &det.overlay_labels(),
+        );
         let dst = annotated_path(dir, path, used);
         saved = save_rgb(&frame, &dst);
         if saved.is_ok() {

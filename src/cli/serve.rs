@@ -55,27 +55,18 @@ pub(super) enum CtlCommand {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Builds and health-checks an installed adapter ahead of time, so that activating it
-    /// later only waits for the next frame.
-    Stage {
-        /// Store name of an installed adapter.
-        name: String,
-        /// Multiplier of the adapter's LoRA deltas (-10..=10).
-        #[arg(long = "adapter-scale", alias = "scale", default_value_t = 1.0,
-              value_parser = parse_scale, allow_negative_numbers = true)]
-        scale: f32,
+    /// Builds and health-checks an adapter set ahead of time (as `activate` would change it),
+    /// so that activating it later only waits for the next frame.
+    Stage(TaskChange),
+    /// Builds, health-checks and swaps in installed adapters while frames keep flowing: one
+    /// (it alone runs), several (each its own task on a shared trunk), or, with --add or
+    /// --replace, one task of the running set.
+    Activate(TaskChange),
+    /// Runs the base model alone, or with a name, stops that one task of the running set.
+    Deactivate {
+        /// Store name of the running task to stop.
+        name: Option<String>,
     },
-    /// Builds, health-checks and swaps in an installed adapter while frames keep flowing.
-    Activate {
-        /// Store name of an installed adapter.
-        name: String,
-        /// Multiplier of the adapter's LoRA deltas (-10..=10).
-        #[arg(long = "adapter-scale", alias = "scale", default_value_t = 1.0,
-              value_parser = parse_scale, allow_negative_numbers = true)]
-        scale: f32,
-    },
-    /// Runs the base model alone.
-    Deactivate,
     /// Returns to the last known good adapter (or the one before the current one).
     Rollback,
     /// Deletes an installed adapter that is neither active nor the rollback target.
@@ -83,6 +74,45 @@ pub(super) enum CtlCommand {
         /// Store name of an installed adapter.
         name: String,
     },
+}
+
+/// Which adapters `stage` and `activate` ask for.
+#[derive(Args, Debug)]
+pub(super) struct TaskChange {
+    /// Store names of installed adapters: one, or several to run as tasks on a shared trunk.
+    #[arg(required = true, num_args = 1.., value_name = "NAME")]
+    names: Vec<String>,
+    /// Add NAME as one more task of the running set.
+    #[arg(long, conflicts_with = "replace")]
+    add: bool,
+    /// Put NAME in the place of the running task OLD.
+    #[arg(long, value_name = "OLD")]
+    replace: Option<String>,
+    /// Multiplier of the adapters' LoRA deltas (-10..=10).
+    #[arg(long = "adapter-scale", alias = "scale", default_value_t = 1.0,
+          value_parser = parse_scale, allow_negative_numbers = true)]
+    scale: f32,
+}
+
+impl TaskChange {
+    /// The control request for command `cmd`.
+    fn request(self, cmd: &str) -> anyhow::Result<serde_json::Value> {
+        let mut req = serde_json::json!({"cmd": cmd, "scale": self.scale});
+        match (self.names.as_slice(), self.add, self.replace) {
+            ([name], false, None) => req["name"] = name.clone().into(),
+            ([name], true, None) => {
+                req["name"] = name.clone().into();
+                req["add"] = true.into();
+            }
+            ([name], false, Some(old)) => {
+                req["name"] = name.clone().into();
+                req["replace"] = old.into();
+            }
+            (many, false, None) => req["names"] = many.to_vec().into(),
+            _ => anyhow::bail!("--add and --replace change one task: give one NAME"),
+        }
+        Ok(req)
+    }
 }
 
 pub(super) fn run_service(a: RunArgs) -> u8 {
@@ -154,15 +184,18 @@ pub(super) fn ctl(a: CtlArgs) -> u8 {
         CtlCommand::Ping => json!({"cmd": "ping"}),
         CtlCommand::Reload => json!({"cmd": "reload"}),
         CtlCommand::List => json!({"cmd": "list"}),
-        CtlCommand::Deactivate => json!({"cmd": "deactivate"}),
+        CtlCommand::Deactivate { name: None } => json!({"cmd": "deactivate"}),
+        CtlCommand::Deactivate { name: Some(n) } => json!({"cmd": "deactivate", "name": n}),
         CtlCommand::Rollback => json!({"cmd": "rollback"}),
         CtlCommand::Remove { name } => json!({"cmd": "remove", "name": name}),
-        CtlCommand::Stage { name, scale } => {
-            json!({"cmd": "stage", "name": name, "scale": scale})
-        }
-        CtlCommand::Activate { name, scale } => {
-            json!({"cmd": "activate", "name": name, "scale": scale})
-        }
+        CtlCommand::Stage(t) => match t.request("stage") {
+            Ok(r) => r,
+            Err(e) => return report_error(&e, exit::BAD_INPUT),
+        },
+        CtlCommand::Activate(t) => match t.request("activate") {
+            Ok(r) => r,
+            Err(e) => return report_error(&e, exit::BAD_INPUT),
+        },
         CtlCommand::Install { file, name } => {
             let name = name.unwrap_or_else(|| {
                 file.file_stem()

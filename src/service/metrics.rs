@@ -61,6 +61,13 @@ pub struct Status {
     pub rss_bytes: u64,
     pub model: Option<ModelRef>,
     pub adapter: Option<AdapterRef>,
+    /// The task adapters running together on a shared trunk, in task order (empty otherwise).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<AdapterRef>,
+    /// Detections written per task name since the service started, for every task that has run
+    /// in a set of several.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub task_detections: std::collections::BTreeMap<String, u64>,
     pub last_error: Option<String>,
     pub subscribers: usize,
     pub snapshots_written: u64,
@@ -104,6 +111,8 @@ impl Default for Metrics {
                     rss_bytes: 0,
                     model: None,
                     adapter: None,
+                    tasks: Vec::new(),
+                    task_detections: Default::default(),
                     last_error: None,
                     subscribers: 0,
                     snapshots_written: 0,
@@ -225,6 +234,30 @@ pub fn prometheus(s: &Status) -> String {
         "Times the source was reopened.",
         &[("", s.reconnects as f64)],
     );
+    if !s.task_detections.is_empty() {
+        let labels: Vec<(String, f64)> = s
+            .task_detections
+            .iter()
+            .map(|(t, n)| {
+                (
+                    format!(
+                        "{{task=\"{}\"}}",
+                        t.replace('\\', "\\\\")
+                            .replace('"', "\\\"")
+                            .replace('\n', "\\n")
+                    ),
+                    *n as f64,
+                )
+            })
+            .collect();
+        let samples: Vec<(&str, f64)> = labels.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+        metric(
+            "task_detections_total",
+            "counter",
+            "Detections written per task (adapter) of a multi-task set.",
+            &samples,
+        );
+    }
     metric(
         "fps",
         "gauge",

@@ -40,7 +40,7 @@ use control::{ControlServer, Handler};
 use metrics::Metrics;
 use notify::Notifier;
 use pipeline::{CaptureCtx, CaptureEnd, Handoff, InferenceCtx, Outputs};
-use swap::{Job, Mailbox, SwapCtx, SwapLink, Swapper};
+use swap::{Change, Job, Mailbox, SwapCtx, SwapLink, Swapper};
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +57,10 @@ pub enum ServiceError {
 pub struct Engine {
     pub detector: Detector,
     pub model: ModelRef,
+    /// The adapter merged in, when exactly one runs.
     pub adapter: Option<AdapterRef>,
+    /// The task adapters, in task order, when several run on a shared trunk (else empty).
+    pub tasks: Vec<AdapterRef>,
     /// Distinguishes the engines built by one service run (swaps, probation).
     pub generation: u64,
 }
@@ -70,17 +73,23 @@ struct Core {
 }
 
 impl Engine {
-    /// Merges `adapter` at its scale into a copy of `builder`'s base and prepares it;
-    /// `generation` identifies the result.
+    /// Merges `adapters` at their scales into a copy of `builder`'s base (several: one task
+    /// each on a shared trunk) and prepares it; `generation` identifies the result.
     pub fn build(
         builder: &EngineBuilder,
-        adapter: Option<(&Adapter, f32)>,
+        adapters: &[(&Adapter, f32)],
         generation: u64,
     ) -> Result<Engine, EngineError> {
+        let refs: Vec<AdapterRef> = adapters.iter().map(|(a, s)| a.reference(*s)).collect();
         Ok(Engine {
-            detector: builder.build(adapter, None)?,
+            detector: builder.build_tasks(adapters, None)?,
             model: builder.model_ref(),
-            adapter: adapter.map(|(a, s)| a.reference(s)),
+            adapter: if refs.len() == 1 {
+                refs.first().cloned()
+            } else {
+                None
+            },
+            tasks: if refs.len() > 1 { refs } else { Vec::new() },
             generation,
         })
     }
@@ -97,8 +106,8 @@ fn fixed_engine(builder: &EngineBuilder, m: &ModelSettings) -> Result<Engine, Se
         .map(|p| builder.load_adapter(p))
         .transpose()
         .map_err(|e| config(&e))?;
-    Engine::build(builder, adapter.as_ref().map(|a| (a, m.adapter_scale)), 0)
-        .map_err(|e| config(&e))
+    let pairs: Vec<(&Adapter, f32)> = adapter.iter().map(|a| (a, m.adapter_scale)).collect();
+    Engine::build(builder, &pairs, 0).map_err(|e| config(&e))
 }
 
 /// Loads the base model and builds the engine to start with: the configured `model.adapter`,
@@ -269,6 +278,48 @@ fn str_field<'a>(req: &'a Map<String, Value>, key: &str) -> Result<&'a str, Stri
         .ok_or_else(|| format!("\"{key}\" (a string) is required"))
 }
 
+/// The set change an `activate`, `deactivate` or `stage` request asks for: `names` (a list,
+/// possibly empty) sets the whole set; `name` with `add: true` adds a task, with `replace:
+/// OLD` replaces task OLD, alone sets the set to that one adapter; `deactivate` with `name`
+/// stops that task and without it runs the base alone.
+fn change_field(cmd: &str, req: &Map<String, Value>) -> Result<Change, String> {
+    let scale = scale_field(req)?;
+    if cmd == "deactivate" {
+        return Ok(match req.get("name") {
+            None => Change::Set(Vec::new()),
+            Some(_) => Change::Remove(str_field(req, "name")?.to_string()),
+        });
+    }
+    if let Some(v) = req.get("names") {
+        let names = v
+            .as_array()
+            .and_then(|a| a.iter().map(Value::as_str).collect::<Option<Vec<_>>>())
+            .ok_or("\"names\" must be a list of store names")?;
+        if req.contains_key("name") || req.contains_key("add") || req.contains_key("replace") {
+            return Err(
+                "\"names\" sets the whole set; it goes without name, add or replace".into(),
+            );
+        }
+        return Ok(Change::Set(
+            names.into_iter().map(|n| (n.to_string(), scale)).collect(),
+        ));
+    }
+    let name = str_field(req, "name")?.to_string();
+    let add = match req.get("add") {
+        None => false,
+        Some(v) => v.as_bool().ok_or("\"add\" must be true or false")?,
+    };
+    match (add, req.get("replace")) {
+        (true, Some(_)) => Err("\"add\" and \"replace\" exclude each other".into()),
+        (true, None) => Ok(Change::Add(name, scale)),
+        (false, Some(_)) => Ok(Change::Replace {
+            old: str_field(req, "replace")?.to_string(),
+            new: (name, scale),
+        }),
+        (false, None) => Ok(Change::Set(vec![(name, scale)])),
+    }
+}
+
 fn scale_field(req: &Map<String, Value>) -> Result<f32, String> {
     match req.get("scale") {
         None => Ok(1.0),
@@ -324,20 +375,16 @@ fn control_handler(metrics: Arc<Metrics>, reload: Sender<ReloadReply>, swap: Swa
             )
         }
         "stage" => {
-            let (name, scale) = (str_field(req, "name")?.to_string(), scale_field(req)?);
-            swap::ask(&swap, |reply| Job::Stage { name, scale, reply }, SWAP_REPLY)
+            let change = change_field(cmd, req)?;
+            swap::ask(&swap, |reply| Job::Stage { change, reply }, SWAP_REPLY)
         }
         "activate" | "deactivate" => {
             let at = Instant::now();
-            let target = if cmd == "activate" {
-                Some((str_field(req, "name")?.to_string(), scale_field(req)?))
-            } else {
-                None
-            };
+            let change = change_field(cmd, req)?;
             swap::ask(
                 &swap,
                 |reply| Job::Activate {
-                    target,
+                    change,
                     at,
                     reply: Some(reply),
                 },
@@ -485,6 +532,7 @@ impl Pipeline {
             st.source = described;
             st.model = Some(engine.model.clone());
             st.adapter = engine.adapter.clone();
+            st.tasks = engine.tasks.clone();
         });
         let handoff = Arc::new(Handoff::default());
         let spawn_err =
@@ -587,21 +635,22 @@ pub struct Invocation {
 fn without_selection(s: &Settings) -> Settings {
     let mut c = s.clone();
     if let Some(a) = &mut c.adapters {
-        a.active = None;
+        a.active = Vec::new();
         a.scale = 1.0;
     }
     c
 }
 
-/// The adapter `next` asks for when it differs from what `current` asked for.
-fn selection_change(current: &Settings, next: &Settings) -> Option<(String, f32)> {
+/// The adapters `next` asks for when they differ from what `current` asked for (a
+/// configuration that stops naming any keeps what runs).
+fn selection_change(current: &Settings, next: &Settings) -> Option<Vec<(String, f32)>> {
     let pick = |s: &Settings| {
-        s.adapters
-            .as_ref()
-            .and_then(|a| a.active.clone().map(|n| (n, a.scale)))
+        s.adapters.as_ref().map_or(Vec::new(), |a| {
+            a.active.iter().map(|n| (n.clone(), a.scale)).collect()
+        })
     };
     let wanted = pick(next);
-    (wanted != pick(current)).then_some(wanted).flatten()
+    (!wanted.is_empty() && wanted != pick(current)).then_some(wanted)
 }
 
 /// Where a reload request came from: a control client waiting for the outcome (`Ok` once the
@@ -706,15 +755,18 @@ fn wait_event(
 
 /// Asks the swap thread to activate `target` without waiting for the result (it is logged and
 /// shown in the status).
-fn activate_async(swap: &SwapLink, target: (String, f32)) {
+fn activate_async(swap: &SwapLink, target: Vec<(String, f32)>) {
     log::info!(
-        "configuration selects adapter '{}' (scale {})",
-        target.0,
-        target.1
+        "configuration selects {}",
+        target
+            .iter()
+            .map(|(n, s)| format!("adapter '{n}' (scale {s})"))
+            .collect::<Vec<_>>()
+            .join(" + ")
     );
     if let Some(tx) = swap.lock().expect("swap link lock").as_ref() {
         let _ = tx.send(Job::Activate {
-            target: Some(target),
+            change: Change::Set(target),
             at: Instant::now(),
             reply: None,
         });

@@ -20,7 +20,7 @@ use crate::output::http::Latest;
 use crate::output::jsonl::RotatingFile;
 use crate::output::snapshots::Snapshots;
 use crate::output::subscribers::Subscribers;
-use crate::report::{FrameRecord, FrameTimingsMs, ms};
+use crate::report::{FrameRecord, FrameTimingsMs, TaskDetections, ms};
 
 use super::Engine;
 use super::metrics::Metrics;
@@ -314,7 +314,7 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
         source_name,
         max_frames,
     } = ctx;
-    let mut labels: Arc<[String]> = engine.detector.labels().to_vec().into();
+    let mut labels: Arc<[String]> = engine.detector.overlay_labels().into();
     let mut taken_frames = 0u64;
     loop {
         if max_frames.is_some_and(|m| taken_frames >= m) {
@@ -328,11 +328,14 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
         taken_frames += 1;
         let retired = mailbox.swap_in(engine);
         if retired.is_some() {
-            labels = engine.detector.labels().to_vec().into();
-            metrics.update(|s| s.adapter = engine.adapter.clone());
+            labels = engine.detector.overlay_labels().into();
+            metrics.update(|s| {
+                s.adapter = engine.adapter.clone();
+                s.tasks = engine.tasks.clone();
+            });
         }
         let taken = Instant::now();
-        let (dets, timings) = match engine.detector.detect(&c.frame) {
+        let (found, timings) = match engine.detector.detect_tasks(&c.frame) {
             Ok(x) => x,
             Err(e) => {
                 log::error!("frame {}: {e}", c.seq);
@@ -349,14 +352,30 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
             .wall
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let records = engine.detector.records(&dets);
+        let (detections, tasks) = if engine.tasks.is_empty() {
+            (Some(engine.detector.records(&found[0])), None)
+        } else {
+            let tasks: Vec<TaskDetections> = engine
+                .tasks
+                .iter()
+                .zip(&found)
+                .enumerate()
+                .map(|(k, (a, f))| TaskDetections {
+                    task: a.name.clone(),
+                    adapter: a.clone(),
+                    detections: engine.detector.task_records(k, f),
+                })
+                .collect();
+            (None, Some(tasks))
+        };
         let mut record = FrameRecord {
             seq: c.seq,
             ts: ts_ms as f64 / 1e3,
             source: c.origin.as_deref().unwrap_or(source_name),
             width: c.frame.width(),
             height: c.frame.height(),
-            detections: records,
+            detections,
+            tasks,
             timings_ms: FrameTimingsMs {
                 wait: ms(taken - c.at),
                 stages: timings.into(),
@@ -367,7 +386,13 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
         };
         record.frame_age_ms = ms(c.at.elapsed());
         let line = serde_json::to_string(&record).expect("records serialise");
-        let labels_found: Vec<&str> = record.detections.iter().map(|d| d.label.as_str()).collect();
+        let labels_found: Vec<&str> = record
+            .detections
+            .iter()
+            .flatten()
+            .chain(record.tasks.iter().flatten().flat_map(|t| &t.detections))
+            .map(|d| d.label.as_str())
+            .collect();
         let snap = outputs
             .snapshots
             .as_mut()
@@ -378,7 +403,7 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
                 seq: c.seq,
                 ts_ms,
                 frame: c.frame,
-                detections: dets,
+                detections: engine.detector.overlay_detections(&found),
                 labels: labels.clone(),
             });
             if snap && let Some(s) = outputs.snapshots.as_mut() {
@@ -391,7 +416,16 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
         let dropped = handoff.dropped();
         let subscribers = outputs.subscribers.as_ref().map_or(0, Subscribers::count);
         let snapshots = outputs.snapshots.as_ref().map_or(0, Snapshots::written);
+        let per_task: Vec<(String, u64)> = record
+            .tasks
+            .iter()
+            .flatten()
+            .map(|t| (t.task.clone(), t.detections.len() as u64))
+            .collect();
         metrics.update(|s| {
+            for (task, n) in per_task {
+                *s.task_detections.entry(task).or_default() += n;
+            }
             s.frames_dropped = dropped;
             s.subscribers = subscribers;
             s.snapshots_written = snapshots;

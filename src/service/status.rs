@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::adapter::store::Selection;
+use crate::adapter::store::TaskSet;
 
 /// Swap timings of the last activation, in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
@@ -23,13 +23,13 @@ pub struct SwapTimes {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AdapterStatus {
     pub store: String,
-    /// The selection running now (`null`: the base model alone).
-    pub active: Option<Selection>,
+    /// The selection running now (`null`: the base model alone; an array: several tasks).
+    pub active: TaskSet,
     /// Whether the active selection is on probation (not yet committed).
     pub probation: bool,
     /// Frames processed cleanly / needed while on probation.
     pub probation_frames: Option<[u64; 2]>,
-    pub last_good: Option<Selection>,
+    pub last_good: TaskSet,
     pub generation: u64,
     pub swaps: u64,
     pub rollbacks: u64,
@@ -38,5 +38,5 @@ pub struct AdapterStatus {
     /// The selection being built, if a swap is in progress.
     pub building: Option<String>,
     /// Built and checked ahead of its activation.
-    pub staged: Option<Selection>,
+    pub staged: Option<TaskSet>,
 }

@@ -13,6 +13,11 @@
 //!
 //! Memory stays bounded: the pristine base, the serving engine, and at most one engine being
 //! built, staged, or published and not yet taken.
+//!
+//! What runs is a [`TaskSet`]: the base alone, one adapter, or several task adapters on a
+//! shared trunk. An activation ([`Change`]) sets the whole set or adds, replaces or removes one
+//! task; the new set is built, checked, published and put on probation as a whole, so a task
+//! that fails rolls the set back to the last good one and the other tasks keep their adapters.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,7 +31,7 @@ use serde_json::{Map, Value, json};
 use super::Engine;
 use super::metrics::Metrics;
 use super::status::{AdapterStatus, SwapTimes};
-use crate::adapter::store::{AdapterStore, Selection, StoreState};
+use crate::adapter::store::{AdapterStore, Selection, StoreState, TaskSet};
 use crate::adapter::{self, Adapter};
 use crate::config::AdapterSettings;
 use crate::engine::EngineBuilder;
@@ -136,18 +141,34 @@ impl Mailbox {
 
 type Reply = Sender<Result<Map<String, Value>, String>>;
 
+/// Most task adapters one set may run.
+pub const MAX_TASKS: usize = 8;
+
+/// How an activation changes the set of adapters that runs: store names with their scales.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Run exactly these, in this order (none: the base model alone; one: that adapter).
+    Set(Vec<(String, f32)>),
+    /// Add a task after the running ones.
+    Add(String, f32),
+    /// Put `new` in the place of the running task `old`.
+    Replace { old: String, new: (String, f32) },
+    /// Stop one task; the others keep running.
+    Remove(String),
+}
+
 /// A request to the swap thread.
 pub enum Job {
-    /// Activate `name` at `scale` (`None`: the base model alone).
+    /// Build, check, publish and put on probation the set `change` makes.
     Activate {
-        target: Option<(String, f32)>,
+        change: Change,
         at: Instant,
         reply: Option<Reply>,
     },
-    /// Build and check `name` now; a later `Activate` of it only publishes.
+    /// Build and check the set `change` makes now; a later `Activate` of the same set only
+    /// publishes.
     Stage {
-        name: String,
-        scale: f32,
+        change: Change,
         reply: Reply,
     },
     Rollback {
@@ -258,11 +279,30 @@ fn lower_priority() {
 
 /// An engine built and checked ahead of its activation.
 struct Staged {
-    name: String,
-    scale: f32,
-    sha256: String,
+    target: Vec<(String, f32)>,
+    shas: Vec<String>,
     engine: Engine,
     times: SwapTimes,
+}
+
+/// The set `target` names, with the files' hashes.
+fn task_set(target: &[(String, f32)], shas: &[String]) -> TaskSet {
+    TaskSet(
+        target
+            .iter()
+            .zip(shas)
+            .map(|((name, scale), sha)| Selection {
+                name: name.clone(),
+                scale: *scale,
+                sha256: sha.clone(),
+            })
+            .collect(),
+    )
+}
+
+/// The store names and scales of a set.
+fn names_of(set: &TaskSet) -> Vec<(String, f32)> {
+    set.0.iter().map(|s| (s.name.clone(), s.scale)).collect()
 }
 
 /// Everything the swap thread owns.
@@ -281,11 +321,6 @@ pub struct SwapCtx {
     /// The generation of the active selection (serving, or published and about to serve).
     pub active_generation: u64,
     pub status: AdapterStatus,
-}
-
-fn sel_name(s: &Option<Selection>) -> String {
-    s.as_ref()
-        .map_or("the base model".into(), |s| format!("'{}'", s.name))
 }
 
 impl SwapCtx {
@@ -308,18 +343,24 @@ impl SwapCtx {
         if rolled {
             log::warn!(
                 "the activation of {} was not committed before the service stopped; rolled back to {}",
-                sel_name(&saved.active),
-                sel_name(&saved.last_good)
+                saved.active.describe(),
+                saved.last_good.describe()
             );
         }
-        if fresh && let Some(name) = &settings.active {
-            let sel = Selection {
-                name: name.clone(),
-                scale: settings.scale,
-                sha256: String::new(),
-            };
-            state.active = Some(sel.clone());
-            state.last_good = Some(sel);
+        if fresh && !settings.active.is_empty() {
+            let sel = TaskSet(
+                settings
+                    .active
+                    .iter()
+                    .map(|name| Selection {
+                        name: name.clone(),
+                        scale: settings.scale,
+                        sha256: String::new(),
+                    })
+                    .collect(),
+            );
+            state.active = sel.clone();
+            state.last_good = sel;
         }
         let mut ctx = SwapCtx {
             staged: None,
@@ -342,18 +383,16 @@ impl SwapCtx {
         if state.last_good != state.active {
             candidates.push(state.last_good.clone());
         }
-        if !candidates.contains(&None) {
-            candidates.push(None);
+        if !candidates.iter().any(TaskSet::is_base) {
+            candidates.push(TaskSet::default());
         }
         let mut engine = None;
         let mut base_error = None;
         for c in candidates {
-            match ctx.build_checked(c.as_ref().map(|s| (s.name.as_str(), s.scale))) {
-                Ok((e, sha, _)) => {
-                    let sel = c.map(|s| Selection {
-                        sha256: sha.unwrap_or_default(),
-                        ..s
-                    });
+            let target = names_of(&c);
+            match ctx.build_checked(&target) {
+                Ok((e, shas, _)) => {
+                    let sel = task_set(&target, &shas);
                     ctx.state = StoreState {
                         version: 0,
                         active: sel.clone(),
@@ -365,10 +404,10 @@ impl SwapCtx {
                     break;
                 }
                 Err(e) => {
-                    log::error!("cannot start on {}: {e}", sel_name(&c));
+                    log::error!("cannot start on {}: {e}", c.describe());
                     ctx.metrics
                         .update(|s| s.last_error = Some(format!("adapter store: {e}")));
-                    if c.is_none() {
+                    if c.is_base() {
                         base_error = Some(e.to_string());
                     }
                 }
@@ -395,23 +434,83 @@ impl SwapCtx {
         self.generation
     }
 
-    /// Loads `target` from the store, builds and health-checks it.
+    /// The set `change` makes of the running one, or why it is not a valid set.
+    fn resolve(&self, change: Change) -> Result<Vec<(String, f32)>, String> {
+        let mut set = names_of(&self.state.active);
+        let running = || self.state.active.describe();
+        let position = |set: &[(String, f32)], name: &str| set.iter().position(|(n, _)| n == name);
+        match change {
+            Change::Set(v) => set = v,
+            Change::Add(name, scale) => {
+                if position(&set, &name).is_some() {
+                    return Err(format!("'{name}' is already a running task"));
+                }
+                set.push((name, scale));
+            }
+            Change::Replace { old, new } => {
+                let i = position(&set, &old).ok_or_else(|| {
+                    format!("'{old}' is not a running task (running: {})", running())
+                })?;
+                if new.0 != old && position(&set, &new.0).is_some() {
+                    return Err(format!("'{}' is already a running task", new.0));
+                }
+                set[i] = new;
+            }
+            Change::Remove(name) => {
+                let i = position(&set, &name).ok_or_else(|| {
+                    format!("'{name}' is not a running task (running: {})", running())
+                })?;
+                set.remove(i);
+            }
+        }
+        if let Some((dup, _)) = set
+            .iter()
+            .enumerate()
+            .find(|(i, (n, _))| position(&set[..*i], n).is_some())
+            .map(|(_, x)| x)
+        {
+            return Err(format!("'{dup}' is named twice; each task runs once"));
+        }
+        if set.len() > MAX_TASKS {
+            return Err(format!(
+                "{} tasks asked for; at most {MAX_TASKS} run together",
+                set.len()
+            ));
+        }
+        Ok(set)
+    }
+
+    /// Loads every adapter of `target` from the store, builds and health-checks the set.
     fn build_checked(
         &mut self,
-        target: Option<(&str, f32)>,
-    ) -> Result<(Engine, Option<String>, SwapTimes), String> {
+        target: &[(String, f32)],
+    ) -> Result<(Engine, Vec<String>, SwapTimes), String> {
         let t = Instant::now();
-        let adapter = match target {
-            Some((name, _)) => Some(self.store.load(name).map_err(|e| e.to_string())?),
-            None => None,
-        };
+        let adapters = target
+            .iter()
+            .map(|(name, _)| self.store.load(name).map_err(|e| e.to_string()))
+            .collect::<Result<Vec<Adapter>, String>>()?;
+        // Records name each task by its adapter's name: two entries holding the same adapter
+        // could not be told apart.
+        for (i, a) in adapters.iter().enumerate() {
+            if let Some(j) = adapters[..i]
+                .iter()
+                .position(|b| b.header.name == a.header.name)
+            {
+                return Err(format!(
+                    "'{}' and '{}' are both adapter '{}'; each task needs its own adapter",
+                    target[j].0, target[i].0, a.header.name
+                ));
+            }
+        }
         let generation = self.next_generation();
-        let mut engine = Engine::build(
-            &self.factory,
-            adapter.as_ref().zip(target.map(|(_, s)| s)),
-            generation,
-        )
-        .map_err(|e| crate::exit::one_line(&e))?;
+        let pairs: Vec<(&Adapter, f32)> = adapters
+            .iter()
+            .zip(target)
+            .map(|(a, (_, s))| (a, *s))
+            .collect();
+        let mut engine = Engine::build(&self.factory, &pairs, generation)
+            .map_err(|e| crate::exit::one_line(&e))?;
         let build_ms = ms(t.elapsed());
         let graph_reused = engine.detector.prepared().graph_reused();
         let t = Instant::now();
@@ -422,7 +521,7 @@ impl SwapCtx {
             .map_err(|e| format!("cannot start an inference state: {e}"))?;
         Ok((
             engine,
-            adapter.map(|a| a.sha256().to_string()),
+            adapters.iter().map(|a| a.sha256().to_string()).collect(),
             SwapTimes {
                 build_ms,
                 graph_reused,
@@ -436,11 +535,7 @@ impl SwapCtx {
         self.status.active = self.state.active.clone();
         self.status.last_good = self.state.last_good.clone();
         self.status.generation = self.active_generation;
-        self.status.staged = self.staged.as_ref().map(|s| Selection {
-            name: s.name.clone(),
-            scale: s.scale,
-            sha256: s.sha256.clone(),
-        });
+        self.status.staged = self.staged.as_ref().map(|s| task_set(&s.target, &s.shas));
         self.status.probation = self.state.probation;
         self.status.probation_frames = self.state.probation.then(|| {
             let done = self
@@ -460,35 +555,27 @@ impl SwapCtx {
     /// and the base model are known good).
     fn activate(
         &mut self,
-        target: Option<(String, f32)>,
+        target: Vec<(String, f32)>,
         at: Instant,
         committed: bool,
     ) -> Result<Map<String, Value>, String> {
-        self.status.building = Some(
-            target
-                .as_ref()
-                .map_or("base".into(), |(n, s)| format!("{n} (scale {s})")),
-        );
+        self.status.building = Some(describe_target(&target));
         self.refresh_status();
         let staged = self.staged.take();
         let mut was_staged = false;
         let built = match staged {
-            Some(st)
-                if target
-                    .as_ref()
-                    .is_some_and(|(n, s)| *n == st.name && *s == st.scale) =>
-            {
+            Some(st) if !target.is_empty() && st.target == target => {
                 was_staged = true;
-                Ok((st.engine, Some(st.sha256), st.times))
+                Ok((st.engine, st.shas, st.times))
             }
             other => {
                 // At most one model besides the serving one: a different staged one goes.
                 drop(other);
-                self.build_checked(target.as_ref().map(|(n, s)| (n.as_str(), *s)))
+                self.build_checked(&target)
             }
         };
         self.status.building = None;
-        let (engine, sha, mut times) = match built {
+        let (engine, shas, mut times) = match built {
             Ok(b) => b,
             Err(e) => {
                 self.status.rejected += 1;
@@ -499,12 +586,8 @@ impl SwapCtx {
                 return Err(e);
             }
         };
-        let sel = target.map(|(name, scale)| Selection {
-            name,
-            scale,
-            sha256: sha.unwrap_or_default(),
-        });
-        let probation = !committed && self.settings.probation_frames > 0 && sel.is_some();
+        let sel = task_set(&target, &shas);
+        let probation = !committed && self.settings.probation_frames > 0 && !sel.is_base();
         let mut next = self.state.clone();
         if !self.state.probation && self.state.active != sel {
             next.previous = self.state.active.clone();
@@ -526,7 +609,7 @@ impl SwapCtx {
         self.refresh_status();
         log::info!(
             "activated {} as generation {generation}{}",
-            sel_name(&sel),
+            sel.describe(),
             if probation { " (on probation)" } else { "" }
         );
         // Report the first frame on the new engine (frames may not flow: bounded wait).
@@ -573,14 +656,14 @@ impl SwapCtx {
                 .unwrap_or_default();
             log::error!(
                 "{} failed its probation ({errors} errors in {frames} frames: {why}); rolling back to {}",
-                sel_name(&self.state.active),
-                sel_name(&self.state.last_good)
+                self.state.active.describe(),
+                self.state.last_good.describe()
             );
             self.status.rollbacks += 1;
-            let target = self.state.last_good.clone().map(|s| (s.name, s.scale));
+            let target = names_of(&self.state.last_good);
             if let Err(e) = self.activate(target, Instant::now(), true) {
                 log::error!("rollback failed, falling back to the base model: {e}");
-                let _ = self.activate(None, Instant::now(), true);
+                let _ = self.activate(Vec::new(), Instant::now(), true);
             }
             self.metrics.update(|s| {
                 s.last_error = Some(format!("adapter rolled back after probation: {why}"))
@@ -593,7 +676,7 @@ impl SwapCtx {
                 Ok(()) => {
                     log::info!(
                         "{} committed after {frames} clean frames",
-                        sel_name(&next.active)
+                        next.active.describe()
                     );
                     self.state = next;
                 }
@@ -603,27 +686,26 @@ impl SwapCtx {
         self.refresh_status();
     }
 
-    /// Builds and health-checks `name` at `scale` ahead of time, so that activating it later
-    /// only waits for the next frame. Replaces an earlier staged engine.
-    fn stage(&mut self, name: String, scale: f32) -> Result<Map<String, Value>, String> {
+    /// Builds and health-checks the set `change` makes ahead of time, so that activating the
+    /// same set later only waits for the next frame. Replaces an earlier staged engine.
+    fn stage(&mut self, change: Change) -> Result<Map<String, Value>, String> {
         self.staged = None;
-        self.status.building = Some(format!("{name} (scale {scale}, staging)"));
+        let target = self.resolve(change)?;
+        if target.is_empty() {
+            return Err("the base model is always ready; nothing to stage".into());
+        }
+        self.status.building = Some(format!("{} (staging)", describe_target(&target)));
         self.refresh_status();
-        let built = self.build_checked(Some((&name, scale)));
+        let built = self.build_checked(&target);
         self.status.building = None;
         self.refresh_status();
-        let (engine, sha, times) = built.inspect_err(|_| self.status.rejected += 1)?;
-        let sha256 = sha.unwrap_or_default();
+        let (engine, shas, times) = built.inspect_err(|_| self.status.rejected += 1)?;
         let mut m = Map::new();
-        m.insert(
-            "staged".into(),
-            json!({"name": name, "scale": scale, "sha256": sha256}),
-        );
+        m.insert("staged".into(), json!(task_set(&target, &shas)));
         m.insert("times".into(), json!(times));
         self.staged = Some(Staged {
-            name,
-            scale,
-            sha256,
+            target,
+            shas,
             engine,
             times,
         });
@@ -632,17 +714,18 @@ impl SwapCtx {
     }
 
     fn rollback(&mut self) -> Result<Map<String, Value>, String> {
+        let (active, previous) = (&self.state.active, &self.state.previous);
         let target = if self.state.probation {
             self.state.last_good.clone()
+        } else if !previous.is_base() && previous != active {
+            previous.clone()
+        } else if !active.is_base() {
+            TaskSet::default()
         } else {
-            match &self.state.previous {
-                Some(p) if Some(p) != self.state.active.as_ref() => Some(p.clone()),
-                _ if self.state.active.is_some() => None,
-                _ => return Err("nothing to roll back to: the base model is active".into()),
-            }
+            return Err("nothing to roll back to: the base model is active".into());
         };
         self.status.rollbacks += 1;
-        self.activate(target.map(|s| (s.name, s.scale)), Instant::now(), true)
+        self.activate(names_of(&target), Instant::now(), true)
     }
 
     fn install(&mut self, name: &str, bytes: &[u8]) -> Result<Map<String, Value>, String> {
@@ -677,27 +760,37 @@ impl SwapCtx {
         Ok(m)
     }
 
+    /// Whether the staged engine runs store entry `name`.
+    fn staged_uses(&self, name: &str) -> bool {
+        self.staged
+            .as_ref()
+            .is_some_and(|s| s.target.iter().any(|(n, _)| n == name))
+    }
+
     fn handle(&mut self, job: Job) {
         let answer = |r: &Reply, v| {
             let _ = r.send(v);
         };
         match job {
-            Job::Activate { target, at, reply } => {
-                let r = self.activate(target, at, false);
+            Job::Activate { change, at, reply } => {
+                let r = self
+                    .resolve(change)
+                    .inspect_err(|_| self.status.rejected += 1)
+                    .and_then(|target| self.activate(target, at, false));
                 if let Some(reply) = reply {
                     answer(&reply, r);
                 }
             }
-            Job::Stage { name, scale, reply } => answer(&reply, self.stage(name, scale)),
+            Job::Stage { change, reply } => answer(&reply, self.stage(change)),
             Job::Rollback { reply } => answer(&reply, self.rollback()),
             Job::Install { name, bytes, reply } => {
-                if self.staged.as_ref().is_some_and(|s| s.name == name) {
+                if self.staged_uses(&name) {
                     self.staged = None;
                 }
                 answer(&reply, self.install(&name, &bytes))
             }
             Job::Remove { name, reply } => {
-                if self.staged.as_ref().is_some_and(|s| s.name == name) {
+                if self.staged_uses(&name) {
                     self.staged = None;
                 }
                 answer(
@@ -767,6 +860,18 @@ impl Drop for Swapper {
     }
 }
 
+/// `base`, `a (scale 1)` or `a (scale 1) + b (scale 0.5)`, for status and logs.
+fn describe_target(target: &[(String, f32)]) -> String {
+    if target.is_empty() {
+        return "base".into();
+    }
+    target
+        .iter()
+        .map(|(n, s)| format!("{n} (scale {s})"))
+        .collect::<Vec<_>>()
+        .join(" + ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -797,7 +902,7 @@ mod tests {
         AdapterSettings {
             store: dir.to_path_buf(),
             max_bytes: 1 << 20,
-            active: None,
+            active: Vec::new(),
             scale: 1.0,
             probation_frames: 3,
             health_images: None,
@@ -808,12 +913,12 @@ mod tests {
     fn mailbox_swaps_between_frames_and_tracks_progress() {
         let f = EngineBuilder::load(&settings()).unwrap();
         let mb = Mailbox::default();
-        let mut serving = Engine::build(&f, None, 1).unwrap();
+        let mut serving = Engine::build(&f, &[], 1).unwrap();
         mb.frame_done(1, None);
         assert_eq!(mb.progress(1), Some((1, 0)));
         assert!(mb.swap_in(&mut serving).is_none(), "nothing published");
-        mb.publish(Engine::build(&f, None, 2).unwrap());
-        mb.publish(Engine::build(&f, None, 3).unwrap());
+        mb.publish(Engine::build(&f, &[], 2).unwrap());
+        mb.publish(Engine::build(&f, &[], 3).unwrap());
         let old = mb.swap_in(&mut serving).unwrap();
         assert_eq!(old.generation, 1);
         assert_eq!(serving.generation, 3, "the newest publication wins");
@@ -846,12 +951,12 @@ mod tests {
             mb.frame_done(e.generation, err);
             mb.release(old);
         };
-        ctx.activate(Some(("osbs".into(), 1.0)), Instant::now(), false)
+        ctx.activate(vec![("osbs".into(), 1.0)], Instant::now(), false)
             .unwrap();
         assert!(ctx.state.probation);
         // Staging the next adapter meanwhile does not disturb the probation of this one.
-        ctx.stage("soap".into(), 0.5).unwrap();
-        assert_eq!(ctx.status.staged.as_ref().unwrap().name, "soap");
+        ctx.stage(Change::Set(vec![("soap".into(), 0.5)])).unwrap();
+        assert_eq!(ctx.status.staged.as_ref().unwrap().0[0].name, "soap");
         for _ in 0..3 {
             frame(&mb, &mut serving, None);
             ctx.check_probation();
@@ -859,10 +964,10 @@ mod tests {
         assert_eq!(serving.adapter.as_ref().unwrap().name, "osbs-lora");
         let saved = ctx.store.load_state().unwrap();
         assert!(!saved.probation);
-        assert_eq!(saved.last_good.unwrap().name, "osbs");
+        assert_eq!(saved.last_good.0[0].name, "osbs");
 
         let r = ctx
-            .activate(Some(("soap".into(), 0.5)), Instant::now(), false)
+            .activate(vec![("soap".into(), 0.5)], Instant::now(), false)
             .unwrap();
         assert_eq!(r["staged"], true);
         frame(&mb, &mut serving, None);
@@ -877,12 +982,101 @@ mod tests {
         frame(&mb, &mut serving, None);
         assert_eq!(serving.adapter.as_ref().unwrap().name, "osbs-lora");
         let saved = ctx.store.load_state().unwrap();
-        assert_eq!(saved.active.as_ref().unwrap().name, "osbs");
+        assert_eq!(saved.active.0[0].name, "osbs");
         assert!(!saved.probation);
         assert_eq!(ctx.status.rollbacks, 1);
         // Neither the active nor the rollback target can be removed; the failed one can.
         assert!(ctx.store.remove("osbs", &ctx.state).is_err());
         ctx.store.remove("soap", &ctx.state).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Task sets: adding, replacing and removing one task; a replaced task that fails its
+    /// probation rolls the set back with the other task untouched; invalid changes are refused
+    /// with a reason and change nothing.
+    #[test]
+    fn task_changes_and_their_rollback() {
+        let dir = std::env::temp_dir().join(format!("perch-tasks-{}", std::process::id()));
+        let adapters = store_settings(&dir);
+        let factory = Arc::new(EngineBuilder::load(&settings()).unwrap());
+        let mb = Arc::new(Mailbox::default());
+        let (mut ctx, mut serving) =
+            SwapCtx::start(factory, &adapters, mb.clone(), Arc::new(Metrics::default())).unwrap();
+        ctx.first_frame_wait = Duration::ZERO;
+        for (name, file) in [
+            ("osbs", "osbs-head"),
+            ("soap", "soap-head"),
+            ("lora", "osbs-lora"),
+        ] {
+            let bytes = std::fs::read(format!("models/adapters/{file}.safetensors")).unwrap();
+            ctx.install(name, &bytes).unwrap();
+        }
+        let frame = |mb: &Mailbox, e: &mut Engine, err: Option<&str>| {
+            let old = mb.swap_in(e);
+            mb.frame_done(e.generation, err);
+            mb.release(old);
+        };
+        let names = |e: &Engine| e.tasks.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        let run = |ctx: &mut SwapCtx, c: Change| {
+            ctx.resolve(c)
+                .and_then(|t| ctx.activate(t, Instant::now(), false))
+        };
+        run(&mut ctx, Change::Set(vec![("osbs".into(), 1.0)])).unwrap();
+        run(&mut ctx, Change::Add("soap".into(), 1.0)).unwrap();
+        for _ in 0..3 {
+            frame(&mb, &mut serving, None);
+            ctx.check_probation();
+        }
+        assert_eq!(names(&serving), ["osbs-head", "soap-head"]);
+        assert!(serving.adapter.is_none());
+        assert_eq!(ctx.store.load_state().unwrap().last_good.0.len(), 2);
+
+        for (bad, why) in [
+            (Change::Add("osbs".into(), 1.0), "already a running task"),
+            (Change::Remove("nope".into()), "not a running task"),
+            (
+                Change::Replace {
+                    old: "osbs".into(),
+                    new: ("soap".into(), 1.0),
+                },
+                "already a running task",
+            ),
+            (
+                Change::Set(vec![("osbs".into(), 1.0), ("osbs".into(), 0.5)]),
+                "named twice",
+            ),
+        ] {
+            let e = ctx.resolve(bad).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+        assert!(run(&mut ctx, Change::Add("missing".into(), 1.0)).is_err());
+        assert_eq!(ctx.state.active.0.len(), 2);
+
+        // Replace one task; its probation fails: back to the last good set.
+        run(
+            &mut ctx,
+            Change::Replace {
+                old: "soap".into(),
+                new: ("lora".into(), 1.0),
+            },
+        )
+        .unwrap();
+        frame(&mb, &mut serving, None);
+        assert_eq!(names(&serving), ["osbs-head", "osbs-lora"]);
+        frame(
+            &mb,
+            &mut serving,
+            Some("frame 3: output has a non-finite value"),
+        );
+        ctx.check_probation();
+        frame(&mb, &mut serving, None);
+        assert_eq!(names(&serving), ["osbs-head", "soap-head"]);
+
+        // Removing one task leaves a single adapter: today's single-task engine.
+        run(&mut ctx, Change::Remove("osbs".into())).unwrap();
+        frame(&mb, &mut serving, None);
+        assert!(serving.tasks.is_empty());
+        assert_eq!(serving.adapter.as_ref().unwrap().name, "soap-head");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -921,12 +1115,12 @@ mod tests {
     fn health_check_rejects_non_finite_output() {
         let f = EngineBuilder::load(&settings()).unwrap();
         let frames = health_frames(None).unwrap();
-        let mut ok = Engine::build(&f, None, 1).unwrap();
+        let mut ok = Engine::build(&f, &[], 1).unwrap();
         health_check(&mut ok, &frames).unwrap();
         // A replace adapter that puts NaN into the first conv passes no file check (loading
         // refuses non-finite values), so build the broken model through a huge finite scale.
         let a = Adapter::load("models/adapters/osbs-lora-all.safetensors").unwrap();
-        let mut bad = Engine::build(&f, Some((&a, 1e30)), 2).unwrap();
+        let mut bad = Engine::build(&f, &[(&a, 1e30)], 2).unwrap();
         let e = health_check(&mut bad, &frames).unwrap_err();
         assert!(e.contains("non-finite"), "{e}");
     }
