@@ -278,6 +278,165 @@ fn swaps_lose_no_frame_and_records_name_their_adapter() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Several task adapters on one trunk in the running service: a set is activated, one task
+/// is replaced, then one is stopped, while a looping image source runs losslessly. No frame is
+/// lost or repeated; the task that stays keeps giving exactly what `perch detect` gives with
+/// its adapter alone, before and after the other task changes; each record's tasks follow the
+/// activation order; the status counts detections per task.
+#[test]
+fn task_swaps_leave_the_other_tasks_records_alone() {
+    let dir = scratch("swap-tasks");
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let files = ["tests/data/osbs_029.jpg", "tests/data/yell_val_480x320.png"];
+    for (i, f) in files.iter().enumerate() {
+        let ext = Path::new(f).extension().unwrap().to_str().unwrap();
+        std::fs::copy(path(f), images.join(format!("{i}.{ext}"))).unwrap();
+    }
+    let sock = dir.join("control.sock");
+    let cfg = write_config(
+        &dir,
+        &format!(
+            "conf = 0.05\n[source]\nuri = \"images:{}\"\nloop = true\n[output]\nstdout = false\nfile = \"records.jsonl\"\n\
+             [control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\nprobation_frames = 3\n",
+            images.display(),
+            sock.display()
+        ),
+    );
+    let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    wait_frames(&sock, 0);
+    for (file, name) in [
+        ("osbs-head", "osbs"),
+        ("soap-head", "soap"),
+        ("osbs-lora", "lora"),
+    ] {
+        let r = install(&sock, &adapter(file), name);
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let steps: [&[&str]; 3] = [
+        &["activate", "osbs", "soap"],
+        &["activate", "lora", "--replace", "soap"],
+        &["deactivate", "osbs"],
+    ];
+    for args in steps {
+        let before = status(&sock)["frames_processed"].as_u64().unwrap();
+        let r = ctl_args(&sock, args);
+        assert_eq!(r["ok"], true, "{args:?}: {r}");
+        wait_frames(&sock, before + 6);
+        if args[0] == "activate" {
+            let st = status(&sock);
+            assert_eq!(st["tasks"].as_array().unwrap().len(), 2, "{st}");
+            assert!(st["adapters"]["active"].is_array(), "{st}");
+        }
+    }
+    let bad = ctl_args(&sock, &["activate", "soap", "--replace", "nope"]);
+    assert_eq!(bad["ok"], false, "{bad}");
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a running task"),
+        "{bad}"
+    );
+    let st = status(&sock);
+    for t in ["osbs-head", "soap-head", "osbs-lora"] {
+        assert!(st["task_detections"][t].as_u64().unwrap() > 0, "{t}: {st}");
+    }
+    signal(&svc, libc::SIGTERM);
+    let (code, _, err) = finish(svc, 60);
+    assert_eq!(code, Some(0), "{err}");
+
+    let recs = records(&std::fs::read_to_string(dir.join("records.jsonl")).unwrap());
+    let s = seqs(&recs);
+    assert_eq!(
+        s,
+        (0..s.len() as u64).collect::<Vec<_>>(),
+        "every frame exactly once"
+    );
+    // Each record as (task or adapter name, detections) pairs.
+    let tasks_of = |r: &Value| -> Vec<(String, Value)> {
+        match r["tasks"].as_array() {
+            Some(ts) => ts
+                .iter()
+                .map(|t| {
+                    (
+                        t["task"].as_str().unwrap().to_string(),
+                        t["detections"].clone(),
+                    )
+                })
+                .collect(),
+            None => vec![(
+                r["adapter"]["name"].as_str().unwrap_or("").to_string(),
+                r["detections"].clone(),
+            )],
+        }
+    };
+    let mut runs: Vec<Vec<String>> = Vec::new();
+    for r in &recs {
+        let names: Vec<String> = tasks_of(r).into_iter().map(|(n, _)| n).collect();
+        if runs.last() != Some(&names) {
+            runs.push(names);
+        }
+    }
+    let want: Vec<Vec<&str>> = vec![
+        vec![""],
+        vec!["osbs-head", "soap-head"],
+        vec!["osbs-head", "osbs-lora"],
+        vec!["osbs-lora"],
+    ];
+    assert_eq!(runs, want, "task sets follow the activation order");
+    let mut expected = std::collections::HashMap::new();
+    for file in ["osbs-head", "soap-head", "osbs-lora"] {
+        for (i, f) in files.iter().enumerate() {
+            let a = adapter(file);
+            let p = path(f).display().to_string();
+            let out = perch(&[
+                "detect",
+                "--model",
+                &model(),
+                "--conf",
+                "0.05",
+                "--adapter",
+                &a,
+                &p,
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let rec: Value = serde_json::from_slice(&out.stdout).unwrap();
+            expected.insert((file.to_string(), i), rec["detections"].clone());
+        }
+    }
+    let mut checked = 0;
+    for r in &recs {
+        let i = (r["seq"].as_u64().unwrap() % 2) as usize;
+        for (name, got) in tasks_of(r) {
+            let Some(want) = expected.get(&(name.clone(), i)) else {
+                continue;
+            };
+            let (g, w) = (got.as_array().unwrap(), want.as_array().unwrap());
+            assert_eq!(g.len(), w.len(), "seq {} task {name}", r["seq"]);
+            for (a, b) in g.iter().zip(w) {
+                let (fa, fb) = (f32s(&a["box"]), f32s(&b["box"]));
+                for (x, y) in fa.iter().zip(&fb) {
+                    assert!(
+                        (x - y).abs() <= 1e-5 * y.abs().max(1.0),
+                        "seq {} {name}: {fa:?} vs {fb:?}",
+                        r["seq"]
+                    );
+                }
+                let ds = a["score"].as_f64().unwrap() - b["score"].as_f64().unwrap();
+                assert!(ds.abs() <= 1e-5, "seq {} {name}", r["seq"]);
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked > 30, "{checked}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Corrupt, truncated, wrong-base, NaN, oversized and badly named adapters are refused at
 /// install; a valid adapter whose merged model overflows is refused by the health check at
 /// activation. Each time the reply says why, the running adapter keeps serving without an
