@@ -10,11 +10,18 @@ Per site:
   lora:  PEFT LoRA (r=8) on every non-grouped conv of the fused Detect head, trained with
          Ultralytics' detection loss, then `perch adapter import` -> models/adapters/<site>-lora.safetensors
   lora-all: the same on every non-grouped conv of the model -> models/adapters/<site>-lora-all.safetensors
+  neck:  Ultralytics freeze=10 (backbone layers 0-9 frozen, their BN statistics fixed; neck and head train),
+         exported, then `perch adapter diff --freeze 10` -> models/adapters/<site>-neck.safetensors
   full:  Ultralytics fine-tune of all layers (same data and epochs), for comparison (not committed)
-Then `perch eval` of base, base+head, base+lora, base+lora-all and full on the YELL held-out band (base site) and
-on the site's test half writes models/adapters/results.json.
+Then `perch eval` of base and of each variant run (base+head, base+lora, base+lora-all, base+neck, full) on the
+YELL held-out band (base site) and on the site's test half; the rows are merged into models/adapters/results.json
+(rows of variants not run this time are kept).
 
-Usage: $PY models/recipe/train_adapters.py [--epochs 300] [--perch PATH]  (one image: one step per epoch)
+The base checkpoint: train_base.py's best.pt when it exists, else the checkpoint rebuilt bit-exactly from the
+committed ONNX by base_from_onnx.py (built here on first use), or --base-pt.
+
+Usage: $PY models/recipe/train_adapters.py [--epochs 300] [--perch PATH] [--sites osbs,soap]
+           [--variants head,lora,lora-all,neck,full] [--base-pt PATH]  (one image: one step per epoch)
 """
 import argparse
 import copy
@@ -22,6 +29,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import xml.etree.ElementTree as ET  # noqa: F401  (prepare_data parses VOC)
 import zipfile
@@ -37,7 +45,9 @@ HERE = Path(__file__).resolve().parent
 MODELS = HERE.parent
 BASE_ONNX = MODELS / "tree-yolo11n-320.onnx"
 CACHE = Path.home() / ".cache/perch"
-BASE_PT = CACHE / "runs/tree-yolo11n/weights/best.pt"
+BASE_PT = CACHE / "runs/tree-yolo11n/weights/best.pt"  # train_base.py's checkpoint
+REBUILT_PT = CACHE / "runs/tree-yolo11n-from-onnx/weights/best.pt"  # base_from_onnx.py's rebuild of it
+VARIANTS = ["head", "lora", "lora-all", "neck", "full"]
 SITES = {"osbs": "OSBS_029", "soap": "SOAP_061"}
 
 
@@ -65,10 +75,10 @@ def site_data(root: Path):
     return out
 
 
-def ultralytics_finetune(data: Path, freeze, epochs: int, name: str) -> Path:
+def ultralytics_finetune(base_pt: Path, data: Path, freeze, epochs: int, name: str) -> Path:
     from ultralytics import YOLO
 
-    model = YOLO(str(BASE_PT))
+    model = YOLO(str(base_pt))
     model.train(data=str(data), epochs=epochs, imgsz=320, batch=8, freeze=freeze, device="cpu", workers=0,
                 seed=0, deterministic=True, amp=False, plots=False, val=False, project=str(CACHE / "runs"),
                 name=name, exist_ok=True, pretrained=True, verbose=False, flipud=0.5, cache=True)
@@ -87,7 +97,7 @@ def conv_modules(model, prefix: str) -> list[str]:
             if n.startswith(prefix) and isinstance(m, torch.nn.Conv2d) and m.groups == 1 and ".dfl" not in n]
 
 
-def lora_finetune(data: Path, epochs: int, out_dir: Path, rank=8, prefix="model.23."):
+def lora_finetune(base_pt: Path, data: Path, epochs: int, out_dir: Path, rank=8, prefix="model.23."):
     from peft import LoraConfig, get_peft_model
     from ultralytics import YOLO
     from ultralytics.cfg import get_cfg
@@ -96,7 +106,7 @@ def lora_finetune(data: Path, epochs: int, out_dir: Path, rank=8, prefix="model.
     from ultralytics.utils import DEFAULT_CFG
 
     torch.manual_seed(0)
-    model = YOLO(str(BASE_PT)).model.float()
+    model = YOLO(str(base_pt)).model.float()
     model.fuse()  # train on the fused convs, as exported: the LoRA then imports without BN scales
     cfg = get_cfg(DEFAULT_CFG, {"imgsz": 320, "flipud": 0.5, "batch": 8, "seed": 0})
     model.args = cfg
@@ -129,35 +139,83 @@ def perch(binary: str, *args) -> dict:
     return json.loads(r.stdout)
 
 
+def base_checkpoint(arg) -> Path:
+    if arg:
+        return Path(arg)
+    if BASE_PT.exists():
+        return BASE_PT
+    if not REBUILT_PT.exists():
+        print(f"{BASE_PT} not found: rebuilding it from {BASE_ONNX.name} with base_from_onnx.py")
+        subprocess.run([sys.executable, str(HERE / "base_from_onnx.py"), "--out", str(REBUILT_PT)], check=True)
+    return REBUILT_PT
+
+
+def merge_results(path: Path, rows: list) -> list:
+    """Rows of this run replace the stored rows with the same (site, model); the others are kept."""
+    old = json.loads(path.read_text()) if path.exists() else []
+    new = {(r["site"], r["model"]): r for r in rows}
+    merged = [r for r in old if (r["site"], r["model"]) not in new] + rows
+
+    def rank(r):
+        site, label = r["site"], r["model"]
+        kinds = ["base"] + [f"base + {site}-{v}" for v in VARIANTS if v != "full"] + [f"{site} full fine-tune"]
+        sites = list(SITES)
+        return (sites.index(site) if site in sites else len(sites), kinds.index(label) if label in kinds else len(kinds))
+
+    merged.sort(key=rank)
+    return merged
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=300)
     ap.add_argument("--perch", default=os.environ.get("PERCH_BIN", str(CACHE / "target/release/perch")))
     ap.add_argument("--sites", default="osbs,soap")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {VARIANTS}")
+    ap.add_argument("--base-pt", help=f"base checkpoint (default: {BASE_PT} if present, else {REBUILT_PT})")
     a = ap.parse_args()
+    variants = a.variants.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    base_pt = base_checkpoint(a.base_pt)
+    print(f"base checkpoint: {base_pt}")
     adapters = MODELS / "adapters"
     adapters.mkdir(exist_ok=True)
     data = site_data(CACHE / "data")
     yell = CACHE / "data/yell/data.yaml"
     results = []
     for site in a.sites.split(","):
-        head_onnx = ultralytics_finetune(data[site], 23, a.epochs, f"{site}-freeze23")
-        head = adapters / f"{site}-head.safetensors"
-        perch(a.perch, "adapter", "diff", "--model", str(BASE_ONNX), "--tuned", str(head_onnx), "--freeze", "23",
-              "-o", str(head), "--name", f"{site}-head")
-        peft_dir = lora_finetune(data[site], a.epochs, CACHE / "work" / f"{site}-lora-peft")
-        lora = adapters / f"{site}-lora.safetensors"
-        perch(a.perch, "adapter", "import", "--peft", str(peft_dir), "--model", str(BASE_ONNX), "-o", str(lora),
-              "--name", f"{site}-lora")
-        peft_all = lora_finetune(data[site], a.epochs, CACHE / "work" / f"{site}-lora-all-peft", prefix="model.")
-        lora_all = adapters / f"{site}-lora-all.safetensors"
-        perch(a.perch, "adapter", "import", "--peft", str(peft_all), "--model", str(BASE_ONNX), "-o", str(lora_all),
-              "--name", f"{site}-lora-all")
-        full_onnx = ultralytics_finetune(data[site], None, a.epochs, f"{site}-full")
-        variants = [("base", BASE_ONNX, None), (f"base + {site}-head", BASE_ONNX, head),
-                    (f"base + {site}-lora", BASE_ONNX, lora), (f"base + {site}-lora-all", BASE_ONNX, lora_all),
-                    (f"{site} full fine-tune", full_onnx, None)]
-        for label, model, adapter in variants:
+        rows = [("base", BASE_ONNX, None)]
+        if "head" in variants:
+            head_onnx = ultralytics_finetune(base_pt, data[site], 23, a.epochs, f"{site}-freeze23")
+            head = adapters / f"{site}-head.safetensors"
+            perch(a.perch, "adapter", "diff", "--model", str(BASE_ONNX), "--tuned", str(head_onnx), "--freeze", "23",
+                  "-o", str(head), "--name", f"{site}-head")
+            rows.append((f"base + {site}-head", BASE_ONNX, head))
+        if "lora" in variants:
+            peft_dir = lora_finetune(base_pt, data[site], a.epochs, CACHE / "work" / f"{site}-lora-peft")
+            lora = adapters / f"{site}-lora.safetensors"
+            perch(a.perch, "adapter", "import", "--peft", str(peft_dir), "--model", str(BASE_ONNX), "-o", str(lora),
+                  "--name", f"{site}-lora")
+            rows.append((f"base + {site}-lora", BASE_ONNX, lora))
+        if "lora-all" in variants:
+            peft_all = lora_finetune(base_pt, data[site], a.epochs, CACHE / "work" / f"{site}-lora-all-peft",
+                                     prefix="model.")
+            lora_all = adapters / f"{site}-lora-all.safetensors"
+            perch(a.perch, "adapter", "import", "--peft", str(peft_all), "--model", str(BASE_ONNX), "-o",
+                  str(lora_all), "--name", f"{site}-lora-all")
+            rows.append((f"base + {site}-lora-all", BASE_ONNX, lora_all))
+        if "neck" in variants:
+            neck_onnx = ultralytics_finetune(base_pt, data[site], 10, a.epochs, f"{site}-freeze10")
+            neck = adapters / f"{site}-neck.safetensors"
+            perch(a.perch, "adapter", "diff", "--model", str(BASE_ONNX), "--tuned", str(neck_onnx), "--freeze", "10",
+                  "-o", str(neck), "--name", f"{site}-neck")
+            rows.append((f"base + {site}-neck", BASE_ONNX, neck))
+        if "full" in variants:
+            full_onnx = ultralytics_finetune(base_pt, data[site], None, a.epochs, f"{site}-full")
+            rows.append((f"{site} full fine-tune", full_onnx, None))
+        for label, model, adapter in rows:
             row = {"site": site, "model": label,
                    "bytes": (adapter or model).stat().st_size}
             for key, yaml, split in (("base_site", yell, "val"), ("target_site", data[site], "test")):
@@ -168,7 +226,8 @@ def main():
                 row[key] = {"map50": r["map50"], "map50_95": r["map50_95"], "images": r["images"], "instances": r["instances"]}
             results.append(row)
             print(json.dumps(row))
-    (adapters / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    out = adapters / "results.json"
+    out.write_text(json.dumps(merge_results(out, results), indent=1) + "\n")
 
 
 if __name__ == "__main__":
