@@ -23,10 +23,10 @@ reproduce the ONNX weight and bias bit-for-bit under exactly that arithmetic:
      (the largest weight's FP16 mantissa is enumerated, 1024 candidates);
   2. (v, g): FP16 running variance and weight with fl(g * rsqrt(v + eps)) == s (all 31743
      positive FP16 v are tried; only a few solutions exist, the original among them);
-  3. the power-of-two split between Wc and g (which the fused weight cannot tell) and the choice
-     among solutions: the one whose running variance best matches the variance of Wc * x
-     measured on the base's own training tiles (YELL), so that train-mode BatchNorm (batch
-     statistics) starts close to the base;
+  3. the power-of-two split between Wc and g (which the fused weight cannot tell), picked so the
+     running variance is within 2x of the variance of Wc * x measured on the base's own training
+     tiles (YELL), so that train-mode BatchNorm (batch statistics) starts close to the base; among
+     the solutions left, the one whose Wc RMS is closest to PyTorch's initial conv scale;
   4. (m, b): FP16 running mean and bias with fl(fl(fl(-m * r) * g) + b) == B, the mean closest
      to the measured mean of Wc * x.
 The checkpoint is written in FP16, as Ultralytics writes its own, so a round trip through the
