@@ -450,3 +450,26 @@ fn cli_runs_tasks_and_reports_each() {
         );
     }
 }
+
+/// Shared-trunk graphs are never kept for reuse (their shape depends on which weights each
+/// task changes): every prepare is a full one, and the base's kept graph is not pushed out.
+#[test]
+fn task_sets_take_the_full_prepare() {
+    let base = OnnxModel::load(path(DEMO)).unwrap();
+    let merged = |n: &str| (n.to_string(), apply(&base, &adapter(n), 1.0).unwrap());
+    let (a, b) = (merged("osbs-head"), merged("soap-head"));
+    let shared = |x: &(String, OnnxModel), y: &(String, OnnxModel)| {
+        base.shared_trunk(&[(x.0.clone(), &x.1), (y.0.clone(), &y.1)])
+            .unwrap()
+            .0
+    };
+    let reuse = perch::model::PrepareOptions {
+        reuse_graph: true,
+        ..Default::default()
+    };
+    let reused = |m: &OnnxModel| m.prepare_with(320, 320, &reuse).unwrap().graph_reused();
+    assert!(!reused(&base));
+    assert!(!reused(&shared(&a, &b)));
+    assert!(!reused(&shared(&a, &b)), "a task set is never kept");
+    assert!(reused(&a.1), "single adapters still reuse the base's graph");
+}

@@ -413,6 +413,9 @@ impl OnnxModel {
         // into the protobuf input before tract analyses the graph; declared output and
         // intermediate shapes then carry stale symbols and are ignored.
         let dynamic = self.input_shape.is_dynamic() || self.input_shape.batch.is_none();
+        // Which weights a task set changes decides its graph's shape, and tract's declutter
+        // does not keep every per-task weight identifiable: shared-trunk graphs are not kept.
+        let reuse = reuse && self.tasks.is_empty();
         if dynamic {
             set_input_dims(&mut proto, &self.input_name, [1, 3, height, width]);
         }

@@ -280,8 +280,12 @@ impl OnnxModel {
         }
         // Initializers: the base's that some node still reads, and each task's changed ones.
         out.initializer.retain(|t| read.contains(&t.name));
+        // In the base's order, so that task sets of the same shape give the same graph.
         for (k, set) in changed.iter().enumerate() {
-            for n in set {
+            for n in graph.initializer.iter().map(|t| t.name.as_str()) {
+                if !set.contains(n) {
+                    continue;
+                }
                 let r = renamed(n, k);
                 if read.contains(&r) {
                     let mut t = task_inits[k][n].clone();
