@@ -747,8 +747,9 @@ fn committed_site_adapters_fit_the_demo_base_and_switching_back_is_exact() {
     assert!(files.len() >= 2, "site adapters missing: {files:?}");
     for f in files {
         let x = Adapter::load(&f).unwrap();
+        // The largest (freeze=10: neck and head) are 28 % of the base; heads and LoRAs 1-8 %.
         assert!(
-            x.file_bytes() * 10
+            x.file_bytes() * 3
                 < std::fs::metadata(path("models/tree-yolo11n-320.onnx"))
                     .unwrap()
                     .len()
