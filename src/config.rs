@@ -405,7 +405,10 @@ pub fn parse(text: &str, file: &Path) -> Result<Settings, ConfigError> {
 
 /// A string or an array of strings.
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "adapters.active: a store name or a list of store names"
+)]
 enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -732,6 +735,32 @@ socket = "/run/perch/control.sock"
 
     fn parse_str(text: &str) -> Result<Settings, ConfigError> {
         parse(text, Path::new("/etc/perch/perch.toml"))
+    }
+
+    /// `adapters.active` is one name or a list of task names; duplicates and bad names are
+    /// refused with the line and key.
+    #[test]
+    fn active_adapters_are_one_name_or_a_list() {
+        let with = |active: &str| {
+            parse_str(&format!(
+                "{GOOD}\n[adapters]\nstore = \"store\"\nactive = {active}\n"
+            ))
+        };
+        let active = |s: Settings| s.adapters.unwrap().active;
+        assert_eq!(active(with("\"osbs\"").unwrap()), ["osbs"]);
+        assert_eq!(
+            active(with("[\"osbs\", \"soap\"]").unwrap()),
+            ["osbs", "soap"]
+        );
+        assert!(active(with("[]").unwrap()).is_empty());
+        for (bad, why) in [
+            ("[\"osbs\", \"osbs\"]", "named twice"),
+            ("[\"../x\"]", "adapters.active"),
+            ("7", "adapters.active"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]
