@@ -7,22 +7,14 @@
 //! `cargo bench --bench swap` (env: `PERCH_SWAPS`, default 100 per phase; `PERCH_SWAP_FPS`,
 //! default 15; `PERCH_SWAP_BASELINE_S`, default 20).
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::{env_or, pct, root};
 use serde_json::{Value, json};
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn request(sock: &Path, req: Value) -> Value {
     perch::service::control::request(sock, &req, Duration::from_secs(300))
@@ -46,15 +38,6 @@ fn now_s() -> f64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
-}
-
-fn pct(v: &[f64], q: f64) -> f64 {
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
 }
 
 fn vm_hwm_kb(pid: u32) -> Option<u64> {

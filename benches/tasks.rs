@@ -9,27 +9,18 @@
 //! `cargo bench --bench tasks` (env: `PERCH_TASK_ROUNDS`, default 40; `PERCH_TASK_THREADS`,
 //! default 1).
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::Instant;
 
+use common::{env_or, pct, root};
 use perch::adapter::Adapter;
 use perch::adapter::merge::apply;
 use perch::config::ModelSettings;
-use perch::engine::{CalibrationRole, EngineBuilder, InputSize};
+use perch::engine::{EngineBuilder, InputSize};
 use perch::image_io::load_rgb;
-use perch::model::{OnnxModel, Precision};
-use perch::{Detector, PostprocessParams, RgbFrame};
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
+use perch::model::OnnxModel;
+use perch::{Detector, RgbFrame};
 
 fn cpu() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -59,12 +50,6 @@ fn cpu() -> String {
     format!("{} [{}]", field("model name"), picked.join(" "))
 }
 
-fn pct(v: &[f64], q: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
-}
-
 fn frame_ms(det: &mut Detector, frame: &RgbFrame) -> f64 {
     let t = Instant::now();
     det.detect_tasks(frame).expect("detect");
@@ -75,18 +60,8 @@ fn main() {
     let rounds: usize = env_or("PERCH_TASK_ROUNDS", 40);
     let threads: usize = env_or("PERCH_TASK_THREADS", 1);
     let settings = ModelSettings {
-        path: root().join("models/tree-yolo11n-320.onnx"),
-        imgsz: None,
-        layout: None,
-        labels: None,
-        adapters: Vec::new(),
-        adapter_scale: 1.0,
-        params: PostprocessParams::default(),
-        precision: Precision::F32,
         threads,
-        calibration: None,
-        calibration_role: CalibrationRole::Base,
-        rect: None,
+        ..ModelSettings::new(root().join("models/tree-yolo11n-320.onnx"))
     };
     let builder = EngineBuilder::load(&settings).expect("base model");
     let base: &OnnxModel = builder.base();

@@ -76,7 +76,7 @@ if [ "$test" -eq 1 ]; then
   # The model-level suites compare against the committed goldens with the same tolerances as
   # on x86_64. The service suites are run by hand (cross/README.md): their timing windows are
   # sized for native speed.
-  suites=(--lib --test goldens --test cli --test adapters --test eval --test precision)
+  suites=(--lib --test goldens --test cli --test adapters --test eval --test precision --test tasks)
   for t in "${targets[@]}"; do
     runner=$(runner_of "$t")
     cpu=$(echo "$runner" | awk '{print $3}')

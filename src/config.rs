@@ -55,6 +55,28 @@ pub struct ModelSettings {
     pub rect: Option<bool>,
 }
 
+impl ModelSettings {
+    /// Settings for the model at `path` with perch's defaults: its own input size and layout,
+    /// no labels file or adapter, Ultralytics' predict thresholds, f32 on one thread, and a
+    /// calibration (for int8) from beside the model.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        ModelSettings {
+            path: path.into(),
+            imgsz: None,
+            layout: None,
+            labels: None,
+            adapters: Vec::new(),
+            adapter_scale: 1.0,
+            params: PostprocessParams::default(),
+            precision: Precision::F32,
+            threads: 1,
+            calibration: None,
+            calibration_role: crate::engine::CalibrationRole::Base,
+            rect: None,
+        }
+    }
+}
+
 /// Where JSON records go.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OutputSettings {

@@ -8,7 +8,7 @@ use crate::frame::RgbFrame;
 use crate::model::{ModelError, OnnxModel, PreparedModel, Session};
 use crate::postprocess::{self, Detection, Layout, OutputSpec, PostprocessParams};
 use crate::preprocess::{InputFormat, Letterbox, letterbox_into};
-use crate::report::{DetectionRecord, StageTimings};
+use crate::report::{AdapterRef, DetectionRecord, StageTimings, TaskDetections};
 
 /// Input size used for dynamic models without `imgsz` metadata (Ultralytics' default).
 pub const DEFAULT_IMGSZ: usize = 640;
@@ -281,6 +281,25 @@ impl Detector {
     /// The tasks' names, in output order: `[None]` for a single-task model.
     pub fn task_names(&self) -> Vec<Option<&str>> {
         self.tasks.iter().map(|t| t.name.as_deref()).collect()
+    }
+
+    /// Every task's detections as records name them: task `k` is `adapters[k]` (its name is
+    /// the task's name) with `found[k]`, labelled with that task's classes.
+    pub fn task_detections(
+        &self,
+        adapters: &[AdapterRef],
+        found: &[Vec<Detection>],
+    ) -> Vec<TaskDetections> {
+        adapters
+            .iter()
+            .zip(found)
+            .enumerate()
+            .map(|(k, (a, f))| TaskDetections {
+                task: a.name.clone(),
+                adapter: a.clone(),
+                detections: self.task_records(k, f),
+            })
+            .collect()
     }
 
     /// Class names for drawing [`Detector::overlay_detections`]: the first task's labels for a

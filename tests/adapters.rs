@@ -897,34 +897,16 @@ fn reused_graph_prepares_match_full_prepares_bit_for_bit() {
 #[test]
 fn reused_graphs_are_exact_on_every_fixture_family() {
     use perch::model::PrepareOptions;
-    use perch::tensor::WeightUse;
     let reuse = PrepareOptions {
         reuse_graph: true,
         ..Default::default()
     };
     let mut hits = Vec::new();
-    for file in [
-        "v5-t160-op12",
-        "v8-t160-op11",
-        "v8-dyn-op17",
-        "v10-t160-op17",
-        "y11-t160-op13",
-        "y26-t160-op18",
-        "y26-o2m-t160-op17",
-        "yolox-t160-op11",
-    ] {
+    for file in FAMILIES {
         let base = OnnxModel::load(path(&format!("tests/fixtures/{file}.onnx"))).unwrap();
-        let changed: Vec<NamedTensor> = base
-            .weight_shapes()
+        let changed: Vec<NamedTensor> = conv_weights(&base)
             .into_iter()
-            .filter(|(n, s)| {
-                // The DFL projection is a fixed arange that tract folds: changing it is a miss.
-                s.len() == 4
-                    && !n.contains("dfl")
-                    && matches!(base.weight_use(n), WeightUse::Conv { .. })
-                    && base.weight_consumers(n) == 1
-            })
-            .filter_map(|(n, _)| base.weight(&n).ok())
+            .filter_map(|n| base.weight(&n).ok())
             .map(|mut w| {
                 w.data.iter_mut().for_each(|v| *v = *v * 0.97 + 1e-3);
                 w

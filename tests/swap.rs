@@ -21,6 +21,14 @@ fn install(sock: &Path, file: &str, name: &str) -> Value {
     ctl_args(sock, &["install", file, "--name", name])
 }
 
+/// Installs each committed adapter `(file stem, store name)`; each must be accepted.
+fn install_all(sock: &Path, adapters: &[(&str, &str)]) {
+    for (file, name) in adapters {
+        let r = install(sock, &adapter(file), name);
+        assert_eq!(r["ok"], true, "{r}");
+    }
+}
+
 fn activate(sock: &Path, name: &str, scale: &str) -> Value {
     ctl_args(sock, &["activate", name, "--adapter-scale", scale])
 }
@@ -121,6 +129,34 @@ fn wait_frames(sock: &Path, more_than: u64) -> u64 {
     })
 }
 
+/// The two images [`image_loop_service`] loops over; frame `seq` shows `LOOP_FILES[seq % 2]`.
+const LOOP_FILES: [&str; 2] = ["tests/data/osbs_029.jpg", "tests/data/yell_val_480x320.png"];
+
+/// A service in `dir` on a lossless, looping image source (`LOOP_FILES`), records in
+/// `records.jsonl`, a control socket and an empty adapter store with a 3-frame probation;
+/// `model` adds lines to `[model]`. Returns once the first frame is processed.
+fn image_loop_service(dir: &Path, model: &str) -> (std::path::PathBuf, Running) {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for (i, f) in LOOP_FILES.iter().enumerate() {
+        let ext = Path::new(f).extension().unwrap().to_str().unwrap();
+        std::fs::copy(path(f), images.join(format!("{i}.{ext}"))).unwrap();
+    }
+    let sock = dir.join("control.sock");
+    let cfg = write_config(
+        dir,
+        &format!(
+            "{model}[source]\nuri = \"images:{}\"\nloop = true\n[output]\nstdout = false\nfile = \"records.jsonl\"\n\
+             [control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\nprobation_frames = 3\n",
+            images.display(),
+            sock.display()
+        ),
+    );
+    let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    wait_frames(&sock, 0);
+    (sock, svc)
+}
+
 /// 10 activations cycling through adapters, scales and the bare base while a looping image
 /// source runs losslessly at full speed: no frame is lost or processed twice, the records'
 /// adapter identities change exactly in activation order, and each record's detections are
@@ -129,33 +165,15 @@ fn wait_frames(sock: &Path, more_than: u64) -> u64 {
 #[test]
 fn swaps_lose_no_frame_and_records_name_their_adapter() {
     let dir = scratch("swap-cycle");
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let files = ["tests/data/osbs_029.jpg", "tests/data/yell_val_480x320.png"];
-    for (i, f) in files.iter().enumerate() {
-        let ext = Path::new(f).extension().unwrap().to_str().unwrap();
-        std::fs::copy(path(f), images.join(format!("{i}.{ext}"))).unwrap();
-    }
-    let sock = dir.join("control.sock");
-    let cfg = write_config(
-        &dir,
-        &format!(
-            "[source]\nuri = \"images:{}\"\nloop = true\n[output]\nstdout = false\nfile = \"records.jsonl\"\n\
-             [control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\nprobation_frames = 3\n",
-            images.display(),
-            sock.display()
-        ),
+    let (sock, svc) = image_loop_service(&dir, "");
+    install_all(
+        &sock,
+        &[
+            ("osbs-lora-all", "osbs"),
+            ("soap-lora", "soap"),
+            ("osbs-head", "head"),
+        ],
     );
-    let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
-    wait_frames(&sock, 0);
-    for (file, name) in [
-        ("osbs-lora-all", "osbs"),
-        ("soap-lora", "soap"),
-        ("osbs-head", "head"),
-    ] {
-        let r = install(&sock, &adapter(file), name);
-        assert_eq!(r["ok"], true, "{r}");
-    }
     // (store name, scale, adapter name in records, staged first)
     let plan: Vec<(Option<&str>, &str, &str, bool)> = vec![
         (Some("osbs"), "1", "osbs-lora-all", false),
@@ -231,7 +249,7 @@ fn swaps_lose_no_frame_and_records_name_their_adapter() {
         ("osbs-head", "osbs-head"),
     ];
     for (n, scale) in want.iter().skip(1).chain(std::iter::once(&want[0])) {
-        for (i, f) in files.iter().enumerate() {
+        for (i, f) in LOOP_FILES.iter().enumerate() {
             let key = (n.clone(), scale.to_bits(), i);
             if expected.contains_key(&key) {
                 continue;
@@ -286,33 +304,15 @@ fn swaps_lose_no_frame_and_records_name_their_adapter() {
 #[test]
 fn task_swaps_leave_the_other_tasks_records_alone() {
     let dir = scratch("swap-tasks");
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let files = ["tests/data/osbs_029.jpg", "tests/data/yell_val_480x320.png"];
-    for (i, f) in files.iter().enumerate() {
-        let ext = Path::new(f).extension().unwrap().to_str().unwrap();
-        std::fs::copy(path(f), images.join(format!("{i}.{ext}"))).unwrap();
-    }
-    let sock = dir.join("control.sock");
-    let cfg = write_config(
-        &dir,
-        &format!(
-            "conf = 0.05\n[source]\nuri = \"images:{}\"\nloop = true\n[output]\nstdout = false\nfile = \"records.jsonl\"\n\
-             [control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\nprobation_frames = 3\n",
-            images.display(),
-            sock.display()
-        ),
+    let (sock, svc) = image_loop_service(&dir, "conf = 0.05\n");
+    install_all(
+        &sock,
+        &[
+            ("osbs-head", "osbs"),
+            ("soap-head", "soap"),
+            ("osbs-lora", "lora"),
+        ],
     );
-    let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
-    wait_frames(&sock, 0);
-    for (file, name) in [
-        ("osbs-head", "osbs"),
-        ("soap-head", "soap"),
-        ("osbs-lora", "lora"),
-    ] {
-        let r = install(&sock, &adapter(file), name);
-        assert_eq!(r["ok"], true, "{r}");
-    }
     let steps: [&[&str]; 3] = [
         &["activate", "osbs", "soap"],
         &["activate", "lora", "--replace", "soap"],
@@ -387,7 +387,7 @@ fn task_swaps_leave_the_other_tasks_records_alone() {
     assert_eq!(runs, want, "task sets follow the activation order");
     let mut expected = std::collections::HashMap::new();
     for file in ["osbs-head", "soap-head", "osbs-lora"] {
-        for (i, f) in files.iter().enumerate() {
+        for (i, f) in LOOP_FILES.iter().enumerate() {
             let a = adapter(file);
             let p = path(f).display().to_string();
             let out = perch(&[

@@ -11,11 +11,11 @@ use common::*;
 use perch::adapter::Adapter;
 use perch::adapter::merge::apply;
 use perch::config::ModelSettings;
-use perch::engine::{CalibrationRole, EngineBuilder, InputSize};
+use perch::engine::{EngineBuilder, InputSize};
 use perch::image_io::load_rgb;
 use perch::model::{ModelError, OnnxModel, Precision};
-use perch::tensor::{NamedTensor, WeightUse};
-use perch::{Detector, DetectorOptions, PostprocessParams};
+use perch::tensor::NamedTensor;
+use perch::{Detection, Detector, DetectorOptions, PostprocessParams};
 
 const DEMO: &str = "models/tree-yolo11n-320.onnx";
 
@@ -38,6 +38,29 @@ fn assert_close(got: &[f32], want: &[f32], tol: f32, ctx: &str) {
         .map(|(a, b)| (a - b).abs() / b.abs().max(1.0))
         .fold(0f32, f32::max);
     assert!(worst <= tol, "{ctx}: worst difference {worst} > {tol}");
+}
+
+/// The same detections: count, classes, scores within 1e-5 and boxes within 1e-5 relative to
+/// max(1, |coordinate|).
+fn assert_same_detections(got: &[Detection], want: &[Detection], ctx: &str) {
+    assert_eq!(got.len(), want.len(), "{ctx}: detection count");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.class_id, w.class_id, "{ctx}");
+        assert!(
+            (g.score - w.score).abs() <= 1e-5,
+            "{ctx}: score {} vs {}",
+            g.score,
+            w.score
+        );
+        for (a, b) in g.bbox.iter().zip(&w.bbox) {
+            assert!(
+                (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                "{ctx}: box {:?} vs {:?}",
+                g.bbox,
+                w.bbox
+            );
+        }
+    }
 }
 
 /// Checks that each task's outputs of the shared graph built from `tasks` equal the outputs of
@@ -152,24 +175,7 @@ fn demo_tasks_equal_each_adapter_alone() {
             .detect(&frame)
             .unwrap();
         assert!(want.len() > 10, "{name}: {}", want.len());
-        assert_eq!(got.len(), want.len(), "{name}: detection count");
-        for (g, w) in got.iter().zip(&want) {
-            assert_eq!(g.class_id, w.class_id, "{name}");
-            assert!(
-                (g.score - w.score).abs() <= 1e-5,
-                "{name}: score {} vs {}",
-                g.score,
-                w.score
-            );
-            for (a, b) in g.bbox.iter().zip(&w.bbox) {
-                assert!(
-                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
-                    "{name}: box {:?} vs {:?}",
-                    g.bbox,
-                    w.bbox
-                );
-            }
-        }
+        assert_same_detections(got, &want, name);
     }
 }
 
@@ -178,27 +184,9 @@ fn demo_tasks_equal_each_adapter_alone() {
 /// alone, on static, dynamic, NMS-free and anchor-free exports.
 #[test]
 fn every_fixture_family_splits_exactly() {
-    for file in [
-        "v5-t160-op12",
-        "v8-t160-op11",
-        "v8-dyn-op17",
-        "v10-t160-op17",
-        "y11-t160-op13",
-        "y26-t160-op18",
-        "y26-o2m-t160-op17",
-        "yolox-t160-op11",
-    ] {
+    for file in FAMILIES {
         let base = OnnxModel::load(path(&format!("tests/fixtures/{file}.onnx"))).unwrap();
-        let convs: Vec<String> = base
-            .weight_shapes()
-            .into_iter()
-            .filter(|(n, s)| {
-                s.len() == 4
-                    && !n.contains("dfl")
-                    && matches!(base.weight_use(n), WeightUse::Conv { .. })
-            })
-            .map(|(n, _)| n)
-            .collect();
+        let convs = conv_weights(&base);
         assert!(convs.len() > 6, "{file}: {}", convs.len());
         let change = |names: &[&String], f: f32| -> OnnxModel {
             let ws: Vec<NamedTensor> = names
@@ -227,21 +215,12 @@ fn every_fixture_family_splits_exactly() {
 
 fn settings(precision: Precision) -> ModelSettings {
     ModelSettings {
-        path: path(DEMO),
-        imgsz: None,
-        layout: None,
-        labels: None,
-        adapters: Vec::new(),
-        adapter_scale: 1.0,
         params: PostprocessParams {
             conf: 0.01,
             ..Default::default()
         },
         precision,
-        threads: 1,
-        calibration: None,
-        calibration_role: CalibrationRole::Base,
-        rect: None,
+        ..ModelSettings::new(path(DEMO))
     }
 }
 
@@ -280,18 +259,7 @@ fn one_task_is_todays_model_and_int8_tasks_match() {
         let (want, _) = alone.detect(&frame).unwrap();
         let name = &x.header.name;
         assert!(want.len() > 5, "{name}");
-        assert_eq!(got.len(), want.len(), "{name}: int8 detection count");
-        for (g, w) in got.iter().zip(&want) {
-            assert!(
-                (g.score - w.score).abs() <= 1e-5,
-                "{name}: int8 score {} vs {}",
-                g.score,
-                w.score
-            );
-            for (a, b) in g.bbox.iter().zip(&w.bbox) {
-                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{name}: int8 box");
-            }
-        }
+        assert_same_detections(got, &want, &format!("{name} (int8)"));
     }
 }
 
@@ -338,20 +306,15 @@ fn cli_runs_tasks_and_reports_each() {
     let a = "models/adapters/osbs-head.safetensors";
     let b = "models/adapters/soap-lora-all.safetensors";
     let img = "tests/data/osbs_029.png";
-    let both = stdout_json(&perch(&[
-        "detect",
-        "--model",
-        DEMO,
-        "--conf",
-        "0.05",
-        "--adapter",
-        a,
-        "--adapter",
-        b,
-        img,
-    ]));
-    assert_eq!(both.len(), 1);
-    let r = &both[0];
+    let detect = |adapters: &[&str]| {
+        let mut args = vec!["detect", "--model", DEMO, "--conf", "0.05"];
+        for x in adapters {
+            args.extend(["--adapter", x]);
+        }
+        args.push(img);
+        stdout_json(&perch(&args)).swap_remove(0)
+    };
+    let r = detect(&[a, b]);
     assert!(
         r.get("detections").is_none() && r.get("adapter").is_none(),
         "{r}"
@@ -359,16 +322,7 @@ fn cli_runs_tasks_and_reports_each() {
     let tasks = r["tasks"].as_array().unwrap();
     assert_eq!(tasks.len(), 2);
     for (t, file) in tasks.iter().zip([a, b]) {
-        let alone = &stdout_json(&perch(&[
-            "detect",
-            "--model",
-            DEMO,
-            "--conf",
-            "0.05",
-            "--adapter",
-            file,
-            img,
-        ]))[0];
+        let alone = &detect(&[file]);
         assert_eq!(t["adapter"], alone["adapter"]);
         assert_eq!(t["task"], alone["adapter"]["name"]);
         let (g, w) = (

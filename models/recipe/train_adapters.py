@@ -187,12 +187,16 @@ def main():
     results = []
     for site in a.sites.split(","):
         rows = [("base", BASE_ONNX, None)]
+        def freeze_adapter(freeze: int, variant: str):
+            """Ultralytics freeze=N fine-tune, then `perch adapter diff --freeze N`."""
+            tuned = ultralytics_finetune(base_pt, data[site], freeze, a.epochs, f"{site}-freeze{freeze}")
+            out = adapters / f"{site}-{variant}.safetensors"
+            perch(a.perch, "adapter", "diff", "--model", str(BASE_ONNX), "--tuned", str(tuned), "--freeze",
+                  str(freeze), "-o", str(out), "--name", f"{site}-{variant}")
+            rows.append((f"base + {site}-{variant}", BASE_ONNX, out))
+
         if "head" in variants:
-            head_onnx = ultralytics_finetune(base_pt, data[site], 23, a.epochs, f"{site}-freeze23")
-            head = adapters / f"{site}-head.safetensors"
-            perch(a.perch, "adapter", "diff", "--model", str(BASE_ONNX), "--tuned", str(head_onnx), "--freeze", "23",
-                  "-o", str(head), "--name", f"{site}-head")
-            rows.append((f"base + {site}-head", BASE_ONNX, head))
+            freeze_adapter(23, "head")
         if "lora" in variants:
             peft_dir = lora_finetune(base_pt, data[site], a.epochs, CACHE / "work" / f"{site}-lora-peft")
             lora = adapters / f"{site}-lora.safetensors"
@@ -207,11 +211,7 @@ def main():
                   str(lora_all), "--name", f"{site}-lora-all")
             rows.append((f"base + {site}-lora-all", BASE_ONNX, lora_all))
         if "neck" in variants:
-            neck_onnx = ultralytics_finetune(base_pt, data[site], 10, a.epochs, f"{site}-freeze10")
-            neck = adapters / f"{site}-neck.safetensors"
-            perch(a.perch, "adapter", "diff", "--model", str(BASE_ONNX), "--tuned", str(neck_onnx), "--freeze", "10",
-                  "-o", str(neck), "--name", f"{site}-neck")
-            rows.append((f"base + {site}-neck", BASE_ONNX, neck))
+            freeze_adapter(10, "neck")
         if "full" in variants:
             full_onnx = ultralytics_finetune(base_pt, data[site], None, a.epochs, f"{site}-full")
             rows.append((f"{site} full fine-tune", full_onnx, None))

@@ -2,7 +2,7 @@
 
 use super::*;
 use perch::engine::DetectorsBySize;
-use perch::report::{TaskDetections, TasksImageRecord};
+use perch::report::TasksImageRecord;
 
 #[derive(Args, Debug)]
 pub(super) struct DetectArgs {
@@ -135,16 +135,7 @@ pub(super) fn detect_one(
             source,
             width,
             height,
-            tasks: adapters
-                .iter()
-                .zip(&found)
-                .enumerate()
-                .map(|(k, (a, f))| TaskDetections {
-                    task: a.name.clone(),
-                    adapter: a.clone(),
-                    detections: det.task_records(k, f),
-                })
-                .collect(),
+            tasks: det.task_detections(adapters, &found),
             timings_ms: timings.into(),
             output: None,
         })

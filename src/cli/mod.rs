@@ -229,21 +229,13 @@ impl ModelSource {
     /// The engine settings for this model at f32 with Ultralytics' predict thresholds.
     fn settings(&self) -> ModelSettings {
         ModelSettings {
-            path: self.model.clone(),
             imgsz: self.imgsz,
             layout: self.layout,
-            labels: None,
             adapters: self.adapter.clone(),
             adapter_scale: self.adapter_scale,
-            params: PostprocessParams {
-                conf: PREDICT_CONF,
-                ..Default::default()
-            },
-            precision: Precision::F32,
             threads: self.threads as usize,
-            calibration: None,
             calibration_role: CalibrationRole::Override,
-            rect: None,
+            ..ModelSettings::new(self.model.clone())
         }
     }
 }

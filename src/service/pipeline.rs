@@ -20,7 +20,7 @@ use crate::output::http::Latest;
 use crate::output::jsonl::RotatingFile;
 use crate::output::snapshots::Snapshots;
 use crate::output::subscribers::Subscribers;
-use crate::report::{FrameRecord, FrameTimingsMs, TaskDetections, ms};
+use crate::report::{FrameRecord, FrameTimingsMs, ms};
 
 use super::Engine;
 use super::metrics::Metrics;
@@ -355,17 +355,7 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
         let (detections, tasks) = if engine.tasks.is_empty() {
             (Some(engine.detector.records(&found[0])), None)
         } else {
-            let tasks: Vec<TaskDetections> = engine
-                .tasks
-                .iter()
-                .zip(&found)
-                .enumerate()
-                .map(|(k, (a, f))| TaskDetections {
-                    task: a.name.clone(),
-                    adapter: a.clone(),
-                    detections: engine.detector.task_records(k, f),
-                })
-                .collect();
+            let tasks = engine.detector.task_detections(&engine.tasks, &found);
             (None, Some(tasks))
         };
         let mut record = FrameRecord {

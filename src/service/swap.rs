@@ -875,25 +875,17 @@ fn describe_target(target: &[(String, f32)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::postprocess::PostprocessParams;
-
     use crate::config::ModelSettings;
 
     fn settings() -> ModelSettings {
-        ModelSettings {
-            path: "models/tree-yolo11n-320.onnx".into(),
-            imgsz: None,
-            layout: None,
-            labels: None,
-            adapters: Vec::new(),
-            adapter_scale: 1.0,
-            params: PostprocessParams::default(),
-            precision: Default::default(),
-            threads: 1,
-            calibration: None,
-            calibration_role: Default::default(),
-            rect: None,
-        }
+        ModelSettings::new("models/tree-yolo11n-320.onnx")
+    }
+
+    /// One frame on whatever engine the mailbox holds, reported done (with `err`, if any).
+    fn frame(mb: &Mailbox, e: &mut Engine, err: Option<&str>) {
+        let old = mb.swap_in(e);
+        mb.frame_done(e.generation, err);
+        mb.release(old);
     }
 
     /// Settings for a fresh, empty store at `dir` (removed first), probation of 3 frames.
@@ -946,11 +938,6 @@ mod tests {
             let bytes = std::fs::read(format!("models/adapters/{file}.safetensors")).unwrap();
             ctx.install(name, &bytes).unwrap();
         }
-        let frame = |mb: &Mailbox, e: &mut Engine, err: Option<&str>| {
-            let old = mb.swap_in(e);
-            mb.frame_done(e.generation, err);
-            mb.release(old);
-        };
         ctx.activate(vec![("osbs".into(), 1.0)], Instant::now(), false)
             .unwrap();
         assert!(ctx.state.probation);
@@ -1011,11 +998,6 @@ mod tests {
             let bytes = std::fs::read(format!("models/adapters/{file}.safetensors")).unwrap();
             ctx.install(name, &bytes).unwrap();
         }
-        let frame = |mb: &Mailbox, e: &mut Engine, err: Option<&str>| {
-            let old = mb.swap_in(e);
-            mb.frame_done(e.generation, err);
-            mb.release(old);
-        };
         let names = |e: &Engine| e.tasks.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
         let run = |ctx: &mut SwapCtx, c: Change| {
             ctx.resolve(c)

@@ -272,3 +272,31 @@ pub fn finish(mut running: Running, secs: u64) -> (Option<i32>, String, String) 
     err.push_str(&t_err.join().unwrap());
     (code, out, err)
 }
+
+/// One fixture of each detector family in `tests/fixtures` (v5, v8, v8 dynamic, v10, 11, 26,
+/// 26 one-to-many, YOLOX), for properties that must hold on all of them.
+pub const FAMILIES: [&str; 8] = [
+    "v5-t160-op12",
+    "v8-t160-op11",
+    "v8-dyn-op17",
+    "v10-t160-op17",
+    "y11-t160-op13",
+    "y26-t160-op18",
+    "y26-o2m-t160-op17",
+    "yolox-t160-op11",
+];
+
+/// The weights of `base`'s single-consumer Conv layers, in graph order: what adapters change.
+/// The DFL projection (a fixed arange tract folds) is left out.
+pub fn conv_weights(base: &perch::model::OnnxModel) -> Vec<String> {
+    base.weight_shapes()
+        .into_iter()
+        .filter(|(n, s)| {
+            s.len() == 4
+                && !n.contains("dfl")
+                && matches!(base.weight_use(n), perch::tensor::WeightUse::Conv { .. })
+                && base.weight_consumers(n) == 1
+        })
+        .map(|(n, _)| n)
+        .collect()
+}
