@@ -408,7 +408,12 @@ fn reload_applies_valid_and_rejects_invalid_config() {
     wait_for(10, "the same threads as before the reloads", || {
         (thread_names(&child) == threads).then_some(())
     });
-    // Memory: 150 more frames at the same settings.
+    // Memory: 150 more frames at the same settings, counted from a steady state (the new
+    // pipeline's threads grow their malloc arenas over their first frames).
+    let settled = status(&control)["frames_processed"].as_u64().unwrap() + 50;
+    wait_for(120, "50 frames after the reloads", || {
+        (status(&control)["frames_processed"].as_u64().unwrap() >= settled).then_some(())
+    });
     let st = status(&control);
     let (start, rss_early) = (
         st["frames_processed"].as_u64().unwrap(),
