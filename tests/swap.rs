@@ -682,3 +682,81 @@ fn kill_9_at_any_point_restarts_on_a_good_adapter() {
     assert_eq!(code, Some(0), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A task set survives restarts as a set: `kill -9` during the probation of a replaced task
+/// restarts on the committed set (`state.json` holds it as an array), and a configuration that
+/// names another set activates it on SIGHUP.
+#[test]
+fn kill_9_with_a_task_set_restarts_on_the_committed_set() {
+    let dir = scratch("swap-crash-tasks");
+    let store = dir.join("store");
+    let sock = dir.join("control.sock");
+    let body = |active: &str| {
+        format!(
+            "[source]\nuri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 10\n[output]\nstdout = false\n\
+             [control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\nprobation_frames = 10\n{active}",
+            sock.display()
+        )
+    };
+    let cfg = write_config(&dir, &body(""));
+    let start = || {
+        let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+        wait_frames(&sock, 0);
+        svc
+    };
+    let names = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|s| s["name"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let svc = start();
+    install_all(
+        &sock,
+        &[
+            ("osbs-head", "osbs"),
+            ("soap-head", "soap"),
+            ("osbs-lora", "lora"),
+        ],
+    );
+    let r = ctl_args(&sock, &["activate", "osbs", "soap"]);
+    assert_eq!(r["probation"], true, "{r}");
+    wait_for(60, "commit of the set", || {
+        let a = adapters_status(&sock);
+        (a["probation"] == false && names(&a["last_good"]) == ["osbs", "soap"]).then_some(())
+    });
+    let r = ctl_args(&sock, &["activate", "lora", "--replace", "soap"]);
+    assert_eq!(r["probation"], true, "{r}");
+    assert_eq!(names(&state(&store)["active"]), ["osbs", "lora"]);
+    kill9(svc);
+
+    let svc = start();
+    let st = status(&sock);
+    assert_eq!(names(&st["adapters"]["active"]), ["osbs", "soap"], "{st}");
+    let tasks: Vec<&str> = st["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(tasks, ["osbs-head", "soap-head"], "{st}");
+    let s = state(&store);
+    assert_eq!(s["probation"], false, "{s}");
+    assert_eq!(names(&s["active"]), ["osbs", "soap"], "{s}");
+
+    write_config(&dir, &body("active = [\"lora\", \"osbs\"]\n"));
+    signal(&svc, libc::SIGHUP);
+    wait_for(60, "the configured set", || {
+        let st = status(&sock);
+        (names(&st["adapters"]["active"]) == ["lora", "osbs"]
+            && st["tasks"][0]["name"] == "osbs-lora")
+            .then_some(())
+    });
+    signal(&svc, libc::SIGTERM);
+    let (code, _, err) = finish(svc, 60);
+    assert_eq!(code, Some(0), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
