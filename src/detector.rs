@@ -285,10 +285,11 @@ impl Detector {
 
     /// Every task's detections as records name them: task `k` is `adapters[k]` (its name is
     /// the task's name) with `found[k]`, labelled with that task's classes.
+    /// A task that failed has no detections and its error.
     pub fn task_detections(
         &self,
         adapters: &[AdapterRef],
-        found: &[Vec<Detection>],
+        found: &[TaskResult],
     ) -> Vec<TaskDetections> {
         adapters
             .iter()
@@ -297,7 +298,8 @@ impl Detector {
             .map(|(k, (a, f))| TaskDetections {
                 task: a.name.clone(),
                 adapter: a.clone(),
-                detections: self.task_records(k, f),
+                detections: f.as_ref().map_or(Vec::new(), |f| self.task_records(k, f)),
+                error: f.as_ref().err().map(|e| e.to_string()),
             })
             .collect()
     }
@@ -308,7 +310,7 @@ impl Detector {
         if self.tasks.len() == 1 {
             return self.labels().to_vec();
         }
-        let classes = self.spec.num_classes.max(1);
+        let classes = self.overlay_classes();
         self.tasks
             .iter()
             .flat_map(|t| {
@@ -321,21 +323,35 @@ impl Detector {
     /// Every task's detections (as [`Detector::detect_tasks`] returns them) as one list to draw
     /// with [`Detector::overlay_labels`]: task `k`'s class `c` becomes `k * classes + c`, so
     /// that each task's boxes get their own colours and names.
-    pub fn overlay_detections(&self, found: &[Vec<Detection>]) -> Vec<Detection> {
-        if self.tasks.len() == 1 {
-            return found.first().cloned().unwrap_or_default();
+    /// Failed tasks draw nothing.
+    pub fn overlay_detections(&self, found: &[TaskResult]) -> Vec<Detection> {
+        fn ok(r: &TaskResult) -> &[Detection] {
+            r.as_ref().map_or(&[], Vec::as_slice)
         }
-        let classes = self.spec.num_classes.max(1);
+        if self.tasks.len() == 1 {
+            return found.first().map(ok).unwrap_or_default().to_vec();
+        }
+        let classes = self.overlay_classes();
         found
             .iter()
             .enumerate()
             .flat_map(|(k, dets)| {
-                dets.iter().map(move |d| Detection {
+                ok(dets).iter().map(move |d| Detection {
                     class_id: k * classes + d.class_id.min(classes - 1),
                     ..d.clone()
                 })
             })
             .collect()
+    }
+
+    /// Classes per task in the overlay numbering: the model's class count, or the labels' when
+    /// the model does not say (end-to-end exports without `names`), at least 1.
+    fn overlay_classes(&self) -> usize {
+        self.tasks
+            .iter()
+            .map(|t| t.labels.len())
+            .fold(self.spec.num_classes, usize::max)
+            .max(1)
     }
 
     /// Label of a class id of the first task, or `class<N>`.
@@ -385,12 +401,13 @@ impl Detector {
     }
 
     /// Letterboxes `frame` as `lb` says, runs the model and postprocesses: each task's
-    /// detections in model-input pixels, best first, with the time of each stage.
+    /// detections in model-input pixels, best first, with the time of each stage. A task whose
+    /// output is not finite fails alone.
     fn infer(
         &mut self,
         frame: &RgbFrame,
         lb: &Letterbox,
-    ) -> Result<(Vec<Vec<Detection>>, StageTimings), DetectorError> {
+    ) -> Result<(Vec<TaskResult>, StageTimings), DetectorError> {
         let t0 = Instant::now();
         letterbox_into(frame, lb, &self.format, &mut self.input);
         let t1 = Instant::now();
@@ -405,19 +422,20 @@ impl Detector {
                 })
             })?;
             if let Some(index) = out.data.iter().position(|v| !v.is_finite()) {
-                return Err(DetectorError::NonFinite {
+                dets.push(Err(DetectorError::NonFinite {
                     path: self.path.clone(),
                     index,
                     value: out.data[index],
-                });
+                }));
+                continue;
             }
-            dets.push(postprocess::postprocess(
+            dets.push(Ok(postprocess::postprocess(
                 self.spec,
                 &out.shape,
                 &out.data,
                 self.input_hw,
                 &self.params,
-            ));
+            )));
         }
         let timings = StageTimings {
             preprocess: t1 - t0,
@@ -457,19 +475,21 @@ impl Detector {
         frame: &RgbFrame,
     ) -> Result<(Vec<Detection>, StageTimings), DetectorError> {
         let (mut dets, timings) = self.detect_tasks(frame)?;
-        Ok((dets.swap_remove(0), timings))
+        Ok((dets.swap_remove(0)?, timings))
     }
 
-    /// Like [`Detector::detect`], for every task: one list per task, in
-    /// [`Detector::task_names`] order, all from one run of the model.
+    /// Like [`Detector::detect`], for every task: one result per task, in
+    /// [`Detector::task_names`] order, all from one run of the model. The outer error is the
+    /// run's; a task whose output is not finite ([`DetectorError::NonFinite`]) fails alone, and
+    /// the other tasks' detections stand.
     pub fn detect_tasks(
         &mut self,
         frame: &RgbFrame,
-    ) -> Result<(Vec<Vec<Detection>>, StageTimings), DetectorError> {
+    ) -> Result<(Vec<TaskResult>, StageTimings), DetectorError> {
         let (h, w) = self.input_hw;
         let lb = Letterbox::new(frame.width(), frame.height(), w, h, self.format.placement);
         let (mut dets, timings) = self.infer(frame, &lb)?;
-        for d in dets.iter_mut().flatten() {
+        for d in dets.iter_mut().flatten().flatten() {
             d.bbox = lb.box_to_source(d.bbox);
         }
         Ok((dets, timings))
@@ -483,16 +503,16 @@ impl Detector {
         frame: &RgbFrame,
         lb: &Letterbox,
     ) -> Result<Vec<Detection>, DetectorError> {
-        Ok(self.infer(frame, lb)?.0.swap_remove(0))
+        self.infer(frame, lb)?.0.swap_remove(0)
     }
 
-    /// Like [`Detector::detect_in_input_space`], for every task.
+    /// Like [`Detector::detect_in_input_space`], for every task; fails when any task does.
     pub fn detect_tasks_in_input_space(
         &mut self,
         frame: &RgbFrame,
         lb: &Letterbox,
     ) -> Result<Vec<Vec<Detection>>, DetectorError> {
-        Ok(self.infer(frame, lb)?.0)
+        self.infer(frame, lb)?.0.into_iter().collect()
     }
 
     /// Replaces the inference state with a fresh one, so that its buffers are allocated by the
@@ -508,6 +528,9 @@ impl Detector {
         &self.prepared
     }
 }
+
+/// One task's detections, or why that task failed on the frame.
+pub type TaskResult = Result<Vec<Detection>, DetectorError>;
 
 /// Label of `class_id` in `labels`, or `class<N>`.
 fn label_of(labels: &[String], class_id: usize) -> String {

@@ -128,7 +128,12 @@ pub struct TaskDetections {
     /// The task's name (its adapter's name).
     pub task: String,
     pub adapter: AdapterRef,
+    /// Empty when the task failed on this frame (see `error`).
     pub detections: Vec<DetectionRecord>,
+    /// Why the task failed on this frame (its output was not finite); the other tasks'
+    /// detections stand.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// The record `perch detect` prints for one image when several task adapters run together: as

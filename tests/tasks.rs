@@ -175,7 +175,7 @@ fn demo_tasks_equal_each_adapter_alone() {
             .detect(&frame)
             .unwrap();
         assert!(want.len() > 10, "{name}: {}", want.len());
-        assert_same_detections(got, &want, name);
+        assert_same_detections(got.as_ref().unwrap(), &want, name);
     }
 }
 
@@ -259,7 +259,7 @@ fn one_task_is_todays_model_and_int8_tasks_match() {
         let (want, _) = alone.detect(&frame).unwrap();
         let name = &x.header.name;
         assert!(want.len() > 5, "{name}");
-        assert_same_detections(got, &want, &format!("{name} (int8)"));
+        assert_same_detections(got.as_ref().unwrap(), &want, &format!("{name} (int8)"));
     }
 }
 
@@ -426,4 +426,48 @@ fn task_sets_take_the_full_prepare() {
     assert!(!reused(&shared(&a, &b)));
     assert!(!reused(&shared(&a, &b)), "a task set is never kept");
     assert!(reused(&a.1), "single adapters still reuse the base's graph");
+}
+
+/// A task whose output overflows fails alone: `perch detect` prints the record with that
+/// task's `error` and the other task's detections (equal to its adapter alone), then one error
+/// line naming the image and the task (exit 2).
+#[test]
+fn a_failing_task_fails_alone() {
+    let dir = std::env::temp_dir().join(format!("perch-tasks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("overflow.safetensors");
+    let good = "models/adapters/osbs-head.safetensors";
+    std::fs::write(
+        &bad,
+        overflowing(&std::fs::read(path("models/adapters/soap-lora.safetensors")).unwrap()),
+    )
+    .unwrap();
+    let img = "tests/data/osbs_029.png";
+    let args = |adapters: &[&str]| {
+        let mut a = vec!["detect", "--model", DEMO, "--conf", "0.05"];
+        for x in adapters {
+            a.extend(["--adapter", x]);
+        }
+        a.push(img);
+        perch(&a)
+    };
+    let out = args(&[good, bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("task 'soap-lora'") && err.contains("non-finite"),
+        "{err}"
+    );
+    let rec = &records(&String::from_utf8_lossy(&out.stdout))[0];
+    let tasks = rec["tasks"].as_array().unwrap();
+    assert!(tasks[0].get("error").is_none(), "{rec}");
+    assert!(
+        tasks[1]["error"].as_str().unwrap().contains("non-finite"),
+        "{rec}"
+    );
+    assert!(tasks[1]["detections"].as_array().unwrap().is_empty());
+    let alone = &stdout_json(&args(&[good]))[0];
+    assert_eq!(tasks[0]["detections"], alone["detections"]);
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -126,9 +126,22 @@ pub(super) fn detect_one(
     let det = dets
         .for_image(frame.width(), frame.height())
         .map_err(Failure::Model)?;
-    let (found, timings) = det
+    let (mut found, timings) = det
         .detect_tasks(&frame)
         .map_err(|e| Failure::Input(e.into()))?;
+    // One task: its failure is the image's. Several: the record says which task failed and
+    // the others' detections stand; the image still ends in an error line (exit 2).
+    if adapters.len() <= 1 && found.first().is_some_and(Result::is_err) {
+        let e = found.swap_remove(0).err().map(anyhow::Error::from);
+        return Err(Failure::Input(
+            e.unwrap_or_else(|| anyhow::anyhow!("no output")),
+        ));
+    }
+    let task_error = adapters.iter().zip(&found).find_map(|(a, r)| {
+        r.as_ref()
+            .err()
+            .map(|e| anyhow::anyhow!("{}: task '{}': {e}", path.display(), a.name))
+    });
     let (source, width, height) = (path.display().to_string(), frame.width(), frame.height());
     let mut record = if adapters.len() > 1 {
         Record::Tasks(TasksImageRecord {
@@ -144,7 +157,12 @@ pub(super) fn detect_one(
             source,
             width,
             height,
-            detections: det.records(&found[0]),
+            detections: det.records(
+                found
+                    .first()
+                    .and_then(|r| r.as_ref().ok())
+                    .map_or(&[], Vec::as_slice),
+            ),
             timings_ms: timings.into(),
             adapter: adapters.first().cloned(),
             output: None,
@@ -167,6 +185,9 @@ pub(super) fn detect_one(
     }
     let line = record.to_json().map_err(|e| Failure::Output(e.into()))?;
     out_line(line).map_err(Failure::StdoutClosed)?;
+    if let Some(e) = task_error {
+        return Err(Failure::Input(e));
+    }
     saved.map_err(|e| Failure::Output(e.into()))
 }
 

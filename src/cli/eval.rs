@@ -57,10 +57,15 @@ pub(super) fn eval(a: EvalArgs) -> anyhow::Result<u8> {
         if let Some(classes) = v["per_class"].as_array_mut() {
             for c in classes {
                 let id = c["class_id"].as_u64().unwrap_or(0) as usize;
+                // One task: the model's own names, as before task sets; several: each task's.
+                let fallback = match adapters.len() {
+                    0 | 1 => model.metadata().names.as_deref(),
+                    _ => task_labels.get(k).map(Vec::as_slice),
+                };
                 c["label"] = data
                     .names
                     .get(id)
-                    .or_else(|| task_labels.get(k)?.get(id))
+                    .or_else(|| fallback?.get(id))
                     .cloned()
                     .unwrap_or_else(|| id.to_string())
                     .into();

@@ -2,13 +2,14 @@
 //! per frame, and what differs once per distinct version.
 //!
 //! Built on the protobuf before tract parses it, as adapter merges are. Every value of the graph
-//! has, for each task, a *version*: the base's (the task computes it exactly as the base does)
-//! or the one of the first task computing it the same way. A weight's version is the base's
-//! unless the task changes it; a node's is the base's when all its inputs are, and otherwise is
-//! shared by the tasks whose inputs have the same versions. Each node is emitted once per
-//! distinct version: the base's under its own names, the others renamed `<name>::task<k>`. The
-//! layers no task changes (the trunk) thus run once, and a head-only task next to a neck task
-//! still shares the base's neck with any other head-only task. Nothing is held twice.
+//! has, for each task, a *version*. A weight's is the base's unless the task changes it, then
+//! the task's own. A node's is the base's when all its inputs are; otherwise the tasks whose
+//! inputs have the same versions share one, named after the first of them. Each node is emitted
+//! once per distinct version: the base's under its own names, the others renamed
+//! `<name>::task<k>`. The layers no task changes (the trunk) thus run once, and a head-only task
+//! next to a neck task still shares the base's neck with any other head-only task. The base's
+//! weights are held once and each task holds the weights it changes (two tasks that change a
+//! weight to the same values still hold a copy each).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Range;
@@ -224,10 +225,14 @@ impl OnnxModel {
                     if !c.name.is_empty() {
                         c.name = check(renamed(&c.name, j))?;
                     }
+                    // An omitted optional output ("") stays omitted.
                     c.output = n
                         .output
                         .iter()
-                        .map(|o| check(renamed(o, j)))
+                        .map(|o| match o.is_empty() {
+                            true => Ok(String::new()),
+                            false => check(renamed(o, j)),
+                        })
                         .collect::<Result<_, _>>()?;
                 }
                 c.input = n
@@ -243,7 +248,7 @@ impl OnnxModel {
             }
             split.shared_nodes += usize::from(emitted.len() == 1);
             if out_version != base_version {
-                for o in &n.output {
+                for o in n.output.iter().filter(|o| !o.is_empty()) {
                     version.insert(o, out_version.clone());
                 }
             }
@@ -316,8 +321,21 @@ impl OnnxModel {
         }
         out.value_info = infos;
         let output_names = out.output.iter().map(|o| o.name.clone()).collect();
-        let mut proto = self.proto.clone();
-        proto.graph = Some(out);
+        // Field by field, so that the base's weights are not copied once more only to be dropped.
+        let p = &self.proto;
+        let proto = pb::ModelProto {
+            ir_version: p.ir_version,
+            opset_import: p.opset_import.clone(),
+            producer_name: p.producer_name.clone(),
+            producer_version: p.producer_version.clone(),
+            domain: p.domain.clone(),
+            model_version: p.model_version,
+            doc_string: p.doc_string.clone(),
+            graph: Some(out),
+            metadata_props: p.metadata_props.clone(),
+            training_info: p.training_info.clone(),
+            functions: p.functions.clone(),
+        };
         log::info!(
             "{}: {} tasks on a shared trunk of {} of {} nodes: {} nodes and {} weights run (separate models: {} and {})",
             self.path.display(),
@@ -331,12 +349,15 @@ impl OnnxModel {
         );
         Ok((
             OnnxModel {
+                path: self.path.clone(),
                 proto,
+                metadata: self.metadata.clone(),
+                input_name: self.input_name.clone(),
+                input_shape: self.input_shape,
                 output_names,
-                tasks: task_infos,
                 fingerprint: std::sync::OnceLock::new(),
                 graphs: Default::default(),
-                ..self.clone()
+                tasks: task_infos,
             },
             split,
         ))

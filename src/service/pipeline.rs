@@ -335,7 +335,20 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
             });
         }
         let taken = Instant::now();
-        let (found, timings) = match engine.detector.detect_tasks(&c.frame) {
+        // A single-task engine's failure loses the frame; with several tasks, a task whose
+        // output is not finite fails alone (its entry says why) and the frame still counts as
+        // an error for the set's probation.
+        let run = engine
+            .detector
+            .detect_tasks(&c.frame)
+            .map_err(|e| e.to_string())
+            .and_then(
+                |(found, t)| match (engine.tasks.is_empty(), found.first()) {
+                    (true, Some(Err(e))) => Err(e.to_string()),
+                    _ => Ok((found, t)),
+                },
+            );
+        let (found, timings) = match run {
             Ok(x) => x,
             Err(e) => {
                 log::error!("frame {}: {e}", c.seq);
@@ -348,12 +361,21 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
                 continue;
             }
         };
+        let task_error = engine.tasks.iter().zip(&found).find_map(|(a, r)| {
+            r.as_ref()
+                .err()
+                .map(|e| format!("frame {}: task '{}': {e}", c.seq, a.name))
+        });
         let ts_ms = c
             .wall
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let (detections, tasks) = if engine.tasks.is_empty() {
-            (Some(engine.detector.records(&found[0])), None)
+            let dets = found.first().and_then(|r| r.as_ref().ok());
+            (
+                Some(engine.detector.records(dets.map_or(&[], Vec::as_slice))),
+                None,
+            )
         } else {
             let tasks = engine.detector.task_detections(&engine.tasks, &found);
             (None, Some(tasks))
@@ -422,9 +444,16 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
             if !wrote {
                 s.output_errors += 1;
             }
+            if let Some(e) = &task_error {
+                s.inference_errors += 1;
+                s.last_error = Some(e.clone());
+            }
         });
+        if let Some(e) = &task_error {
+            log::error!("{e}");
+        }
         metrics.frame_done(c.at.elapsed(), timings.inference);
-        mailbox.frame_done(engine.generation, None);
+        mailbox.frame_done(engine.generation, task_error.as_deref());
         notifier.frame_processed();
         // After the frame, so the first frame on a new engine is not delayed by the old one.
         mailbox.release(retired);

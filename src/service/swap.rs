@@ -243,10 +243,19 @@ pub fn health_frames(dir: Option<&Path>) -> Result<Vec<RgbFrame>, String> {
 /// Runs `engine` on every health frame; the first failure is the reason.
 fn health_check(engine: &mut Engine, frames: &[RgbFrame]) -> Result<(), String> {
     for (i, f) in frames.iter().enumerate() {
-        engine
+        let (found, _) = engine
             .detector
-            .detect(f)
+            .detect_tasks(f)
             .map_err(|e| format!("health check failed on frame {i}: {e}"))?;
+        for (k, r) in found.iter().enumerate() {
+            if let Err(e) = r {
+                let task = engine
+                    .tasks
+                    .get(k)
+                    .map_or(String::new(), |a| format!(" (task '{}')", a.name));
+                return Err(format!("health check failed on frame {i}{task}: {e}"));
+            }
+        }
     }
     Ok(())
 }
@@ -1105,5 +1114,13 @@ mod tests {
         let mut bad = Engine::build(&f, &[(&a, 1e30)], 2).unwrap();
         let e = health_check(&mut bad, &frames).unwrap_err();
         assert!(e.contains("non-finite"), "{e}");
+        // In a task set, every task is checked, not only the first.
+        let good = Adapter::load("models/adapters/osbs-head.safetensors").unwrap();
+        let mut set = Engine::build(&f, &[(&good, 1.0), (&a, 1e30)], 3).unwrap();
+        let e = health_check(&mut set, &frames).unwrap_err();
+        assert!(
+            e.contains("task 'osbs-lora-all'") && e.contains("non-finite"),
+            "{e}"
+        );
     }
 }

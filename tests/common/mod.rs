@@ -300,3 +300,44 @@ pub fn conv_weights(base: &perch::model::OnnxModel) -> Vec<String> {
         .map(|(n, _)| n)
         .collect()
 }
+
+/// Safetensors parts: (JSON header, data offset).
+pub fn safetensors_header(bytes: &[u8]) -> (Value, usize) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    (serde_json::from_slice(&bytes[8..8 + n]).unwrap(), 8 + n)
+}
+
+/// Every tensor's byte range in the file, with its dtype.
+pub fn tensor_ranges(bytes: &[u8]) -> Vec<(String, std::ops::Range<usize>)> {
+    let (h, data) = safetensors_header(bytes);
+    h.as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(_, t)| {
+            let o = t["data_offsets"].as_array().unwrap();
+            let (b, e) = (
+                o[0].as_u64().unwrap() as usize,
+                o[1].as_u64().unwrap() as usize,
+            );
+            (t["dtype"].as_str().unwrap().to_string(), data + b..data + e)
+        })
+        .collect()
+}
+
+/// Fills every tensor with its largest finite value: a valid file that fits the base but
+/// makes the merged model overflow.
+pub fn overflowing(bytes: &[u8]) -> Vec<u8> {
+    let mut out = bytes.to_vec();
+    for (dtype, r) in tensor_ranges(bytes) {
+        let pattern: &[u8] = match dtype.as_str() {
+            "F16" => &[0xff, 0x7b],
+            "F32" => &[0xff, 0xff, 0x7f, 0x7f],
+            other => panic!("dtype {other}"),
+        };
+        for chunk in out[r].chunks_mut(pattern.len()) {
+            chunk.copy_from_slice(pattern);
+        }
+    }
+    out
+}
