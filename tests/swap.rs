@@ -522,6 +522,23 @@ fn bad_adapters_are_refused_while_the_old_one_serves() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The crash tests' configuration: a 10 fps synthetic source, a control socket at `sock`, the
+/// store in `store` with a 10-frame probation, then `active` (lines for `[adapters]`).
+fn crash_config(sock: &Path, active: &str) -> String {
+    format!(
+        "[source]\nuri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 10\n[output]\nstdout = false\n\
+         [control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\nprobation_frames = 10\n{active}",
+        sock.display()
+    )
+}
+
+/// Starts `perch run` on `cfg` and returns once its first frame is processed.
+fn start_service(cfg: &Path, sock: &Path) -> Running {
+    let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    wait_frames(sock, 0);
+    svc
+}
+
 fn kill9(svc: Running) {
     signal(&svc, libc::SIGKILL);
     let _ = finish(svc, 30);
@@ -540,19 +557,9 @@ fn kill_9_at_any_point_restarts_on_a_good_adapter() {
     let dir = scratch("swap-crash");
     let store = dir.join("store");
     let sock = dir.join("control.sock");
-    let body = |active: &str| {
-        format!(
-            "[source]\nuri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 10\n[output]\nstdout = false\n\
-             [control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\nprobation_frames = 10\n{active}",
-            sock.display()
-        )
-    };
+    let body = |active: &str| crash_config(&sock, active);
     let cfg = write_config(&dir, &body(""));
-    let start = || {
-        let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
-        wait_frames(&sock, 0);
-        svc
-    };
+    let start = || start_service(&cfg, &sock);
     let svc = start();
     assert_eq!(install(&sock, &adapter("osbs-lora"), "osbs")["ok"], true);
     assert_eq!(install(&sock, &adapter("soap-lora"), "soap")["ok"], true);
@@ -650,19 +657,9 @@ fn kill_9_with_a_task_set_restarts_on_the_committed_set() {
     let dir = scratch("swap-crash-tasks");
     let store = dir.join("store");
     let sock = dir.join("control.sock");
-    let body = |active: &str| {
-        format!(
-            "[source]\nuri = \"synthetic\"\nwidth = 320\nheight = 240\nfps = 10\n[output]\nstdout = false\n\
-             [control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\nprobation_frames = 10\n{active}",
-            sock.display()
-        )
-    };
+    let body = |active: &str| crash_config(&sock, active);
     let cfg = write_config(&dir, &body(""));
-    let start = || {
-        let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
-        wait_frames(&sock, 0);
-        svc
-    };
+    let start = || start_service(&cfg, &sock);
     let names = |v: &Value| -> Vec<String> {
         v.as_array()
             .map(|a| {

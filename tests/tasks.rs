@@ -289,6 +289,16 @@ fn bad_task_sets_are_refused() {
     assert!(e.contains("already a multi-task model"), "{e}");
 }
 
+/// `perch detect` on the demo model with `adapters` (in order) at conf 0.05 on `img`.
+fn detect_with(adapters: &[&str], img: &str) -> std::process::Output {
+    let mut args = vec!["detect", "--model", DEMO, "--conf", "0.05"];
+    for x in adapters {
+        args.extend(["--adapter", x]);
+    }
+    args.push(img);
+    perch(&args)
+}
+
 fn stdout_json(out: &std::process::Output) -> Vec<serde_json::Value> {
     assert!(
         out.status.success(),
@@ -306,14 +316,7 @@ fn cli_runs_tasks_and_reports_each() {
     let a = "models/adapters/osbs-head.safetensors";
     let b = "models/adapters/soap-lora-all.safetensors";
     let img = "tests/data/osbs_029.png";
-    let detect = |adapters: &[&str]| {
-        let mut args = vec!["detect", "--model", DEMO, "--conf", "0.05"];
-        for x in adapters {
-            args.extend(["--adapter", x]);
-        }
-        args.push(img);
-        stdout_json(&perch(&args)).swap_remove(0)
-    };
+    let detect = |adapters: &[&str]| stdout_json(&detect_with(adapters, img)).swap_remove(0);
     let r = detect(&[a, b]);
     assert!(
         r.get("detections").is_none() && r.get("adapter").is_none(),
@@ -443,14 +446,7 @@ fn a_failing_task_fails_alone() {
     )
     .unwrap();
     let img = "tests/data/osbs_029.png";
-    let args = |adapters: &[&str]| {
-        let mut a = vec!["detect", "--model", DEMO, "--conf", "0.05"];
-        for x in adapters {
-            a.extend(["--adapter", x]);
-        }
-        a.push(img);
-        perch(&a)
-    };
+    let args = |adapters: &[&str]| detect_with(adapters, img);
     let out = args(&[good, bad.to_str().unwrap()]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
