@@ -16,7 +16,8 @@ use std::ops::Range;
 
 use tract_onnx::pb;
 
-use super::{Calibration, ModelError, OnnxModel, weights::f32_values};
+use super::weights::{FLOAT, dims, f32_values};
+use super::{Calibration, ModelError, OnnxModel};
 
 /// One task of a shared-trunk model.
 #[derive(Debug, Clone, PartialEq)]
@@ -65,10 +66,6 @@ fn same_values(a: &pb::TensorProto, b: &pb::TensorProto) -> bool {
         }
         _ => false,
     }
-}
-
-fn numel(t: &pb::TensorProto) -> usize {
-    t.dims.iter().map(|d| (*d).max(0) as usize).product()
 }
 
 impl OnnxModel {
@@ -302,7 +299,10 @@ impl OnnxModel {
         out.input
             .retain(|i| !inits.contains_key(i.name.as_str()) || read.contains(&i.name));
         let float_values = |ts: &[pb::TensorProto]| -> usize {
-            ts.iter().filter(|t| t.data_type == 1).map(numel).sum()
+            ts.iter()
+                .filter(|t| t.data_type == FLOAT)
+                .map(|t| dims(t).iter().product::<usize>())
+                .sum()
         };
         split.weights = float_values(&out.initializer);
         split.base_weights = float_values(&graph.initializer);

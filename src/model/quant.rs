@@ -17,9 +17,8 @@ use std::path::Path;
 use tract_onnx::pb;
 
 use super::ModelError;
-use super::weights::f32_values;
+use super::weights::{FLOAT, f32_values};
 
-const FLOAT: i32 = 1;
 const INT8: i32 = 3;
 
 /// Activation ranges measured on calibration images, by ONNX tensor name.

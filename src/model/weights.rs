@@ -10,10 +10,12 @@ use tract_onnx::pb;
 use super::{ModelError, OnnxModel};
 use crate::tensor::{NamedTensor, WeightUse};
 
-const FLOAT: i32 = 1;
+/// ONNX `TensorProto.DataType` of f32.
+pub(super) const FLOAT: i32 = 1;
 const FLOAT16: i32 = 10;
 
-fn dims(t: &pb::TensorProto) -> Vec<usize> {
+/// A tensor's dimensions (negative ones read as 0).
+pub(super) fn dims(t: &pb::TensorProto) -> Vec<usize> {
     t.dims.iter().map(|d| (*d).max(0) as usize).collect()
 }
 
