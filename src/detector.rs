@@ -283,15 +283,21 @@ impl Detector {
         self.tasks.iter().map(|t| t.name.as_deref()).collect()
     }
 
-    /// Every task's detections as records name them: task `k` is `adapters[k]` (its name is
-    /// the task's name) with `found[k]`, labelled with that task's classes.
-    /// A task that failed has no detections and its error.
-    pub fn task_detections(
+    /// The detections a record carries for `found` ([`Detector::detect_tasks`]'s results), as
+    /// `(detections, tasks)`: with at most one adapter, the first result's records as
+    /// `detections` (none if it failed); with several task adapters (`adapters`, in task order,
+    /// each naming its task), one [`TaskDetections`] per task as `tasks`, a failed task with
+    /// no detections and its error.
+    pub fn record_detections(
         &self,
         adapters: &[AdapterRef],
         found: &[TaskResult],
-    ) -> Vec<TaskDetections> {
-        adapters
+    ) -> (Option<Vec<DetectionRecord>>, Option<Vec<TaskDetections>>) {
+        if adapters.len() <= 1 {
+            let first = found.first().and_then(|r| r.as_ref().ok());
+            return (Some(self.records(first.map_or(&[], Vec::as_slice))), None);
+        }
+        let tasks = adapters
             .iter()
             .zip(found)
             .enumerate()
@@ -301,7 +307,8 @@ impl Detector {
                 detections: f.as_ref().map_or(Vec::new(), |f| self.task_records(k, f)),
                 error: f.as_ref().err().map(|e| e.to_string()),
             })
-            .collect()
+            .collect();
+        (None, Some(tasks))
     }
 
     /// Class names for drawing [`Detector::overlay_detections`]: the first task's labels for a
@@ -531,6 +538,14 @@ impl Detector {
 
 /// One task's detections, or why that task failed on the frame.
 pub type TaskResult = Result<Vec<Detection>, DetectorError>;
+
+/// The first task of `found` that failed, as `task 'NAME': REASON` (task `k` is `adapters[k]`).
+pub fn task_failure(adapters: &[AdapterRef], found: &[TaskResult]) -> Option<String> {
+    adapters
+        .iter()
+        .zip(found)
+        .find_map(|(a, r)| r.as_ref().err().map(|e| format!("task '{}': {e}", a.name)))
+}
 
 /// Label of `class_id` in `labels`, or `class<N>`.
 fn label_of(labels: &[String], class_id: usize) -> String {

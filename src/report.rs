@@ -112,9 +112,15 @@ pub struct ImageRecord {
     pub source: String,
     pub width: usize,
     pub height: usize,
-    pub detections: Vec<DetectionRecord>,
+    /// The detections of a single-task model (absent when several tasks run).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detections: Option<Vec<DetectionRecord>>,
+    /// Each task's detections when several task adapters run on a shared trunk, one entry per
+    /// `--adapter` in order (then `detections` and `adapter` are absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<Vec<TaskDetections>>,
     pub timings_ms: TimingsMs,
-    /// Present when an adapter was merged into the model.
+    /// Present when one adapter was merged into the model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapter: Option<AdapterRef>,
     /// The annotated image written for this one (`detect --output-dir`), when it was.
@@ -122,7 +128,7 @@ pub struct ImageRecord {
     pub output: Option<String>,
 }
 
-/// One task's detections in a [`TasksImageRecord`].
+/// One task's detections in an [`ImageRecord`] or a [`FrameRecord`].
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct TaskDetections {
     /// The task's name (its adapter's name).
@@ -136,21 +142,6 @@ pub struct TaskDetections {
     pub error: Option<String>,
 }
 
-/// The record `perch detect` prints for one image when several task adapters run together: as
-/// [`ImageRecord`], with `tasks` (one entry per `--adapter`, in order) instead of `detections`
-/// and `adapter`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct TasksImageRecord {
-    pub source: String,
-    pub width: usize,
-    pub height: usize,
-    pub tasks: Vec<TaskDetections>,
-    pub timings_ms: TimingsMs,
-    /// The annotated image written for this one (`detect --output-dir`), when it was.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub output: Option<String>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -161,12 +152,13 @@ mod tests {
             source: "a.jpg".into(),
             width: 4,
             height: 3,
-            detections: vec![DetectionRecord {
+            detections: Some(vec![DetectionRecord {
                 class_id: 0,
                 label: "Tree".into(),
                 score: 0.5,
                 bbox: [1.0, 2.0, 3.0, 3.0],
-            }],
+            }]),
+            tasks: None,
             timings_ms: TimingsMs {
                 preprocess: 1.0,
                 inference: 2.0,

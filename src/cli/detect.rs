@@ -2,7 +2,6 @@
 
 use super::*;
 use perch::engine::DetectorsBySize;
-use perch::report::TasksImageRecord;
 
 #[derive(Args, Debug)]
 pub(super) struct DetectArgs {
@@ -93,28 +92,6 @@ impl DetectorCache {
     }
 }
 
-/// The record of one image: today's single-task shape, or one entry per task.
-enum Record {
-    One(ImageRecord),
-    Tasks(TasksImageRecord),
-}
-
-impl Record {
-    fn set_output(&mut self, output: String) {
-        match self {
-            Record::One(r) => r.output = Some(output),
-            Record::Tasks(r) => r.output = Some(output),
-        }
-    }
-
-    fn to_json(&self) -> serde_json::Result<String> {
-        match self {
-            Record::One(r) => serde_json::to_string(r),
-            Record::Tasks(r) => serde_json::to_string(r),
-        }
-    }
-}
-
 pub(super) fn detect_one(
     dets: &mut DetectorCache,
     adapters: &[AdapterRef],
@@ -137,36 +114,18 @@ pub(super) fn detect_one(
             e.unwrap_or_else(|| anyhow::anyhow!("no output")),
         ));
     }
-    let task_error = adapters.iter().zip(&found).find_map(|(a, r)| {
-        r.as_ref()
-            .err()
-            .map(|e| anyhow::anyhow!("{}: task '{}': {e}", path.display(), a.name))
-    });
-    let (source, width, height) = (path.display().to_string(), frame.width(), frame.height());
-    let mut record = if adapters.len() > 1 {
-        Record::Tasks(TasksImageRecord {
-            source,
-            width,
-            height,
-            tasks: det.task_detections(adapters, &found),
-            timings_ms: timings.into(),
-            output: None,
-        })
-    } else {
-        Record::One(ImageRecord {
-            source,
-            width,
-            height,
-            detections: det.records(
-                found
-                    .first()
-                    .and_then(|r| r.as_ref().ok())
-                    .map_or(&[], Vec::as_slice),
-            ),
-            timings_ms: timings.into(),
-            adapter: adapters.first().cloned(),
-            output: None,
-        })
+    let task_error = perch::detector::task_failure(adapters, &found)
+        .map(|e| anyhow::anyhow!("{}: {e}", path.display()));
+    let (detections, tasks) = det.record_detections(adapters, &found);
+    let mut record = ImageRecord {
+        source: path.display().to_string(),
+        width: frame.width(),
+        height: frame.height(),
+        detections,
+        tasks,
+        timings_ms: timings.into(),
+        adapter: adapters.first().cloned().filter(|_| adapters.len() == 1),
+        output: None,
     };
     // The annotated image is written first, so that the record names only a file that exists;
     // the record is printed either way.
@@ -180,10 +139,10 @@ pub(super) fn detect_one(
         let dst = annotated_path(dir, path, used);
         saved = save_rgb(&frame, &dst);
         if saved.is_ok() {
-            record.set_output(dst.display().to_string());
+            record.output = Some(dst.display().to_string());
         }
     }
-    let line = record.to_json().map_err(|e| Failure::Output(e.into()))?;
+    let line = serde_json::to_string(&record).map_err(|e| Failure::Output(e.into()))?;
     out_line(line).map_err(Failure::StdoutClosed)?;
     if let Some(e) = task_error {
         return Err(Failure::Input(e));

@@ -361,25 +361,13 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
                 continue;
             }
         };
-        let task_error = engine.tasks.iter().zip(&found).find_map(|(a, r)| {
-            r.as_ref()
-                .err()
-                .map(|e| format!("frame {}: task '{}': {e}", c.seq, a.name))
-        });
+        let task_error = crate::detector::task_failure(&engine.tasks, &found)
+            .map(|e| format!("frame {}: {e}", c.seq));
         let ts_ms = c
             .wall
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        let (detections, tasks) = if engine.tasks.is_empty() {
-            let dets = found.first().and_then(|r| r.as_ref().ok());
-            (
-                Some(engine.detector.records(dets.map_or(&[], Vec::as_slice))),
-                None,
-            )
-        } else {
-            let tasks = engine.detector.task_detections(&engine.tasks, &found);
-            (None, Some(tasks))
-        };
+        let (detections, tasks) = engine.detector.record_detections(&engine.tasks, &found);
         let mut record = FrameRecord {
             seq: c.seq,
             ts: ts_ms as f64 / 1e3,
