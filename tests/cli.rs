@@ -32,10 +32,7 @@ fn assert_bad_input(out: &Output, what: &str, reason: &str) {
         String::from_utf8_lossy(&out.stdout)
     );
     assert!(!err.contains("panicked"), "{err}");
-    let lines: Vec<&str> = err
-        .lines()
-        .filter(|l| l.starts_with("perch: error:"))
-        .collect();
+    let lines = error_lines(out);
     assert_eq!(lines.len(), 1, "{err}");
     assert!(
         lines[0].contains(what) && lines[0].contains(reason),
@@ -335,11 +332,7 @@ fn bad_images_are_reported_and_the_rest_still_processed() {
         "{err}"
     );
     assert!(!err.contains(" { "), "no debug dumps: {err}");
-    // Log lines (e.g. tract's CPU-feature warning under qemu) may precede; errors are one line each.
-    let lines: Vec<&str> = err
-        .lines()
-        .filter(|l| l.starts_with("perch: error:"))
-        .collect();
+    let lines = error_lines(&out);
     assert_eq!(lines.len(), 5, "{err}");
     for (line, (name, reason)) in lines.iter().zip([
         ("nope.png", "No such file"),

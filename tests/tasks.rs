@@ -398,18 +398,12 @@ fn cli_runs_tasks_and_reports_each() {
         ],
     ] {
         let out = perch(&args);
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert_eq!(
-            err.lines()
-                .filter(|l| l.starts_with("perch: error:"))
-                .count(),
-            1,
-            "{err}"
-        );
+        let err = error_lines(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err:?}");
+        assert_eq!(err.len(), 1, "{err:?}");
         assert!(
-            err.contains("twice") || err.contains("one adapter at a time"),
-            "{err}"
+            err[0].contains("twice") || err[0].contains("one adapter at a time"),
+            "{err:?}"
         );
     }
 }
@@ -454,18 +448,12 @@ fn a_failing_task_fails_alone() {
     let img = "tests/data/osbs_029.png";
     let args = |adapters: &[&str]| detect_with(adapters, img);
     let out = args(&[good, bad.to_str().unwrap()]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert_eq!(
-        err.lines()
-            .filter(|l| l.starts_with("perch: error:"))
-            .count(),
-        1,
-        "{err}"
-    );
+    let err = error_lines(&out);
+    assert_eq!(out.status.code(), Some(2), "{err:?}");
+    assert_eq!(err.len(), 1, "{err:?}");
     assert!(
-        err.contains("task 'soap-lora'") && err.contains("non-finite"),
-        "{err}"
+        err[0].contains("task 'soap-lora'") && err[0].contains("non-finite"),
+        "{err:?}"
     );
     let rec = &records(&String::from_utf8_lossy(&out.stdout))[0];
     let tasks = rec["tasks"].as_array().unwrap();

@@ -74,11 +74,6 @@ pub struct Selection {
 pub struct TaskSet(pub Vec<Selection>);
 
 impl TaskSet {
-    /// One adapter, or none.
-    pub fn single(sel: Option<Selection>) -> TaskSet {
-        TaskSet(sel.into_iter().collect())
-    }
-
     /// True for the base model alone.
     pub fn is_base(&self) -> bool {
         self.0.is_empty()
@@ -476,18 +471,18 @@ mod tests {
     #[test]
     fn the_rollback_targets_are_in_use() {
         let sel = |n: &str| {
-            Some(Selection {
+            TaskSet(vec![Selection {
                 name: n.into(),
                 scale: 1.0,
                 sha256: "00".into(),
-            })
+            }])
         };
         let state = StoreState {
             version: 1,
-            active: TaskSet::single(sel("a")),
+            active: sel("a"),
             probation: false,
-            last_good: TaskSet::single(sel("b")),
-            previous: TaskSet::single(sel("c")),
+            last_good: sel("b"),
+            previous: sel("c"),
         };
         for n in ["a", "b", "c"] {
             assert!(state.role_of(n).is_some(), "{n}");
@@ -556,7 +551,7 @@ mod tests {
         assert_eq!(listed[0].sha256, a.sha256());
         // In-use entries cannot be replaced or removed.
         let st = StoreState {
-            active: TaskSet::single(Some(sel("osbs"))),
+            active: TaskSet(vec![sel("osbs")]),
             ..Default::default()
         };
         assert!(matches!(
@@ -596,14 +591,14 @@ mod tests {
     fn uncommitted_activation_rolls_back() {
         let s = StoreState {
             version: STATE_VERSION,
-            active: TaskSet::single(Some(sel("new"))),
+            active: TaskSet(vec![sel("new")]),
             probation: true,
-            last_good: TaskSet::single(Some(sel("old"))),
+            last_good: TaskSet(vec![sel("old")]),
             previous: TaskSet::default(),
         };
         let (r, rolled) = s.recovered();
         assert!(rolled);
-        assert_eq!(r.active, TaskSet::single(Some(sel("old"))));
+        assert_eq!(r.active, TaskSet(vec![sel("old")]));
         assert!(!r.probation);
         let committed = StoreState {
             probation: false,

@@ -890,6 +890,27 @@ mod tests {
         ModelSettings::new("models/tree-yolo11n-320.onnx")
     }
 
+    /// A swap context without its thread on a fresh store in a temporary `perch-<tag>-<pid>`
+    /// directory (returned, to remove), activations reporting at once, with each committed
+    /// adapter `(store name, file stem)` installed; and the serving engine and mailbox.
+    fn swap_ctx(
+        tag: &str,
+        install: &[(&str, &str)],
+    ) -> (std::path::PathBuf, SwapCtx, Engine, Arc<Mailbox>) {
+        let dir = std::env::temp_dir().join(format!("perch-{tag}-{}", std::process::id()));
+        let adapters = store_settings(&dir);
+        let factory = Arc::new(EngineBuilder::load(&settings()).unwrap());
+        let mb = Arc::new(Mailbox::default());
+        let (mut ctx, serving) =
+            SwapCtx::start(factory, &adapters, mb.clone(), Arc::new(Metrics::default())).unwrap();
+        ctx.first_frame_wait = Duration::ZERO;
+        for (name, file) in install {
+            let bytes = std::fs::read(format!("models/adapters/{file}.safetensors")).unwrap();
+            ctx.install(name, &bytes).unwrap();
+        }
+        (dir, ctx, serving, mb)
+    }
+
     /// One frame on whatever engine the mailbox holds, reported done (with `err`, if any).
     fn frame(mb: &Mailbox, e: &mut Engine, err: Option<&str>) {
         let old = mb.swap_in(e);
@@ -935,18 +956,8 @@ mod tests {
     /// commits, a failing one rolls back to the last good adapter, and the state file follows.
     #[test]
     fn probation_commits_or_rolls_back() {
-        let dir = std::env::temp_dir().join(format!("perch-probation-{}", std::process::id()));
-        let adapters = store_settings(&dir);
-        let factory = Arc::new(EngineBuilder::load(&settings()).unwrap());
-        let mb = Arc::new(Mailbox::default());
-        let metrics = Arc::new(Metrics::default());
-        let (mut ctx, mut serving) =
-            SwapCtx::start(factory, &adapters, mb.clone(), metrics).unwrap();
-        ctx.first_frame_wait = Duration::ZERO;
-        for (name, file) in [("osbs", "osbs-lora"), ("soap", "soap-lora")] {
-            let bytes = std::fs::read(format!("models/adapters/{file}.safetensors")).unwrap();
-            ctx.install(name, &bytes).unwrap();
-        }
+        let (dir, mut ctx, mut serving, mb) =
+            swap_ctx("probation", &[("osbs", "osbs-lora"), ("soap", "soap-lora")]);
         ctx.activate(vec![("osbs".into(), 1.0)], Instant::now(), false)
             .unwrap();
         assert!(ctx.state.probation);
@@ -992,21 +1003,14 @@ mod tests {
     /// with a reason and change nothing.
     #[test]
     fn task_changes_and_their_rollback() {
-        let dir = std::env::temp_dir().join(format!("perch-tasks-{}", std::process::id()));
-        let adapters = store_settings(&dir);
-        let factory = Arc::new(EngineBuilder::load(&settings()).unwrap());
-        let mb = Arc::new(Mailbox::default());
-        let (mut ctx, mut serving) =
-            SwapCtx::start(factory, &adapters, mb.clone(), Arc::new(Metrics::default())).unwrap();
-        ctx.first_frame_wait = Duration::ZERO;
-        for (name, file) in [
-            ("osbs", "osbs-head"),
-            ("soap", "soap-head"),
-            ("lora", "osbs-lora"),
-        ] {
-            let bytes = std::fs::read(format!("models/adapters/{file}.safetensors")).unwrap();
-            ctx.install(name, &bytes).unwrap();
-        }
+        let (dir, mut ctx, mut serving, mb) = swap_ctx(
+            "tasks",
+            &[
+                ("osbs", "osbs-head"),
+                ("soap", "soap-head"),
+                ("lora", "osbs-lora"),
+            ],
+        );
         let names = |e: &Engine| e.tasks.iter().map(|t| t.name.clone()).collect::<Vec<_>>();
         let run = |ctx: &mut SwapCtx, c: Change| {
             ctx.resolve(c)

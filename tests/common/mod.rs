@@ -341,3 +341,13 @@ pub fn overflowing(bytes: &[u8]) -> Vec<u8> {
     }
     out
 }
+
+/// The `perch: error:` lines of a run's stderr. Log lines (e.g. tract's CPU-feature warning
+/// under qemu) may come with them; each error is one such line.
+pub fn error_lines(out: &Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter(|l| l.starts_with("perch: error:"))
+        .map(String::from)
+        .collect()
+}
