@@ -344,28 +344,23 @@ fn cli_runs_tasks_and_reports_each() {
             }
         }
     }
-    let both = stdout_json(&perch(&[
-        "eval",
-        "--model",
-        DEMO,
-        "--data",
-        "tests/data/eval/data.yaml",
-        "--adapter",
-        a,
-        "--adapter",
-        b,
-    ]));
-    let tasks = both[0]["tasks"].as_array().unwrap();
-    for (t, file) in tasks.iter().zip([a, b]) {
-        let alone = &stdout_json(&perch(&[
+    let eval = |adapters: &[&str]| {
+        let mut args = vec![
             "eval",
             "--model",
             DEMO,
             "--data",
             "tests/data/eval/data.yaml",
-            "--adapter",
-            file,
-        ]))[0];
+        ];
+        for x in adapters {
+            args.extend(["--adapter", x]);
+        }
+        stdout_json(&perch(&args)).swap_remove(0)
+    };
+    let both = eval(&[a, b]);
+    let tasks = both["tasks"].as_array().unwrap();
+    for (t, file) in tasks.iter().zip([a, b]) {
+        let alone = &eval(&[file]);
         for key in ["map50", "map50_95", "precision", "recall", "instances"] {
             let (x, y) = (t[key].as_f64().unwrap(), alone[key].as_f64().unwrap());
             assert!((x - y).abs() <= 1e-6, "{file}: {key} {x} vs {y}");
