@@ -502,6 +502,16 @@ impl Detector {
         Ok((dets, timings))
     }
 
+    /// Like [`Detector::detect_tasks`], but fails when any task does: every task's detections
+    /// in frame pixels, in task order.
+    pub fn detect_all(
+        &mut self,
+        frame: &RgbFrame,
+    ) -> Result<(Vec<Vec<Detection>>, StageTimings), DetectorError> {
+        let (found, timings) = self.detect_tasks(frame)?;
+        Ok((found.into_iter().collect::<Result<_, _>>()?, timings))
+    }
+
     /// Runs the model on `frame` letterboxed as `lb` says and returns the first task's
     /// detections in model-input pixels (no mapping back), best first. For evaluation, which
     /// matches there.

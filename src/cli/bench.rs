@@ -50,20 +50,13 @@ pub(super) fn bench(a: BenchArgs) -> anyhow::Result<u8> {
         }
     };
     // Every task's detections are decoded and checked, as a service frame would be.
-    let frame_once = |det: &mut Detector| -> anyhow::Result<perch::report::StageTimings> {
-        let (found, t) = det.detect_tasks(&frame)?;
-        for r in found {
-            r?;
-        }
-        Ok(t)
-    };
     for _ in 0..a.warmup {
-        frame_once(&mut det)?;
+        det.detect_all(&frame)?;
     }
     let mut stages: [Vec<f64>; 4] = Default::default();
     let started = Instant::now();
     for _ in 0..a.iterations {
-        let t = frame_once(&mut det)?;
+        let (_, t) = det.detect_all(&frame)?;
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let v = [
             ms(t.preprocess),
