@@ -160,6 +160,71 @@ pub struct Settings {
     pub framebuffer: Option<FramebufferSettings>,
     pub control: Option<ControlSettings>,
     pub adapters: Option<AdapterSettings>,
+    pub mqtt: Option<MqttSettings>,
+}
+
+/// Which frames go out as detection messages over MQTT (`mqtt.detections`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MqttDetections {
+    /// Every processed frame, with or without detections.
+    EveryFrame,
+    /// Frames with a detection of `mqtt.classes` (any class when empty) scoring at least
+    /// `mqtt.min_score`.
+    Matching,
+    /// None: only status, availability and events.
+    Off,
+}
+
+/// How perch authenticates to the broker.
+#[derive(Clone, PartialEq)]
+pub struct MqttCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for MqttCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "MqttCredentials {{ username: {:?}, password: \"***\" }}",
+            self.username
+        )
+    }
+}
+
+/// `[mqtt]`: the fleet link to an MQTT broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MqttSettings {
+    /// `mqtt://HOST[:PORT]` (default port 1883) or `mqtts://HOST[:PORT]` (TLS, default 8883).
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    /// PEM file of the CA certificates to trust (`mqtts`; default: the system's roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate chain and private key (`mqtts`), both or neither.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub credentials: Option<MqttCredentials>,
+    pub client_id: String,
+    /// Topic prefix without a trailing `/` (default `perch/<hostname>`).
+    pub prefix: String,
+    /// 0, 1 or 2: the QoS of every message perch publishes and of its command subscription.
+    pub qos: u8,
+    pub keep_alive: Duration,
+    /// How often the retained status is refreshed.
+    pub status_every: Duration,
+    pub detections: MqttDetections,
+    pub classes: Vec<String>,
+    pub min_score: f32,
+    /// At most this many detection messages per second; frames over it are skipped (counted).
+    pub max_rate: f64,
+    /// Detection messages held while the broker is unreachable or slow (oldest dropped first).
+    pub queue: usize,
+    /// Longest wait between two connection attempts (the wait doubles from 0.5 s).
+    pub reconnect_max: Duration,
+    /// Whether `<prefix>/cmd` is served; needs credentials or a client certificate.
+    pub commands: bool,
+    /// Whether `install` is served over MQTT (the adapter file base64-encoded in the message).
+    pub allow_install: bool,
 }
 
 #[derive(Deserialize)]
@@ -174,6 +239,35 @@ struct RawConfig {
     framebuffer: Option<RawFramebuffer>,
     control: Option<RawControl>,
     adapters: Option<RawAdapters>,
+    mqtt: Option<RawMqtt>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMqtt {
+    url: Spanned<String>,
+    client_id: Option<Spanned<String>>,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<String>,
+    ca_file: Option<String>,
+    cert_file: Option<String>,
+    key_file: Option<String>,
+    prefix: Option<Spanned<String>>,
+    qos: Option<Spanned<i64>>,
+    keep_alive_s: Option<Spanned<i64>>,
+    status_every_s: Option<Spanned<f64>>,
+    detections: Option<Spanned<String>>,
+    #[serde(default)]
+    classes: Vec<String>,
+    min_score: Option<Spanned<f64>>,
+    max_rate: Option<Spanned<f64>>,
+    queue: Option<Spanned<i64>>,
+    reconnect_max_s: Option<Spanned<f64>>,
+    #[serde(default)]
+    commands: bool,
+    #[serde(default)]
+    allow_install: bool,
 }
 
 #[derive(Deserialize)]
@@ -422,6 +516,198 @@ pub fn parse(text: &str, file: &Path) -> Result<Settings, ConfigError> {
                 Some(adapters(&ctx, a)?)
             }
         },
+        mqtt: match raw.mqtt {
+            None => None,
+            #[cfg(feature = "mqtt")]
+            Some(m) => Some(mqtt(&ctx, m)?),
+            #[cfg(not(feature = "mqtt"))]
+            Some(m) => {
+                return Err(ctx.err(
+                    &m.url,
+                    "mqtt",
+                    "this perch was built without the mqtt feature",
+                ));
+            }
+        },
+    })
+}
+
+/// This machine's host name, for the default MQTT client id and topic prefix.
+#[cfg(feature = "mqtt")]
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname(2) writes at most `len` bytes into `buf`.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(h) if rc == 0 && !h.is_empty() => h.to_string(),
+        _ => "localhost".to_string(),
+    }
+}
+
+/// Whether `topic` is a usable MQTT topic prefix: non-empty, no wildcard or NUL, no leading or
+/// trailing `/`, at most 512 bytes.
+#[cfg(feature = "mqtt")]
+fn check_prefix(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > 512 {
+        return Err("must be 1 to 512 bytes".into());
+    }
+    if topic.contains(['+', '#', '\0']) {
+        return Err(format!("'{topic}' contains a wildcard (+ or #) or NUL"));
+    }
+    if topic.starts_with('/') || topic.ends_with('/') || topic.contains("//") {
+        return Err(format!(
+            "'{topic}' has an empty level (leading, trailing or double /)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(feature = "mqtt")]
+fn mqtt(ctx: &Ctx, m: RawMqtt) -> Result<MqttSettings, ConfigError> {
+    let url_err = |why: &str| ctx.err(&m.url, "mqtt.url", why.to_string());
+    let u = url::Url::parse(m.url.get_ref())
+        .map_err(|e| url_err(&format!("not a URL ({e}); e.g. mqtt://127.0.0.1:1883")))?;
+    let tls = match u.scheme() {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        s => return Err(url_err(&format!("scheme '{s}' is not mqtt:// or mqtts://"))),
+    };
+    let host = match u.host() {
+        Some(url::Host::Ipv6(a)) => a.to_string(),
+        Some(h) => h.to_string(),
+        None => return Err(url_err("has no host")),
+    };
+    if !u.username().is_empty() || u.password().is_some() {
+        return Err(url_err(
+            "carries credentials; set mqtt.username and mqtt.password_file instead",
+        ));
+    }
+    if !matches!(u.path(), "" | "/") || u.query().is_some() || u.fragment().is_some() {
+        return Err(url_err("must be only scheme://host[:port]"));
+    }
+    let port = u.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let password = match (m.password, &m.password_file) {
+        (Some(_), Some(_)) => {
+            return Err(ctx.missing("mqtt.password", "set password or password_file, not both"));
+        }
+        (Some(p), None) => Some(p),
+        (None, Some(f)) => {
+            let path = ctx.path(f);
+            let text = crate::fsutil::read_text(&path).map_err(|e| {
+                ctx.missing(
+                    "mqtt.password_file",
+                    format!("{}: cannot read: {e}", path.display()),
+                )
+            })?;
+            Some(text.trim_end_matches(['\n', '\r']).to_string())
+        }
+        (None, None) => None,
+    };
+    let credentials = match (m.username, password) {
+        (Some(username), password) => Some(MqttCredentials {
+            username,
+            password: password.unwrap_or_default(),
+        }),
+        (None, Some(_)) => {
+            return Err(ctx.missing("mqtt.username", "required with a password"));
+        }
+        (None, None) => None,
+    };
+    let client_cert = match (&m.cert_file, &m.key_file) {
+        (Some(c), Some(k)) => Some((ctx.path(c), ctx.path(k))),
+        (None, None) => None,
+        (Some(_), None) => return Err(ctx.missing("mqtt.key_file", "required with cert_file")),
+        (None, Some(_)) => return Err(ctx.missing("mqtt.cert_file", "required with key_file")),
+    };
+    if !tls && (client_cert.is_some() || m.ca_file.is_some()) {
+        return Err(url_err(
+            "is plain mqtt://, but ca_file or cert_file is set (use mqtts://)",
+        ));
+    }
+    let host_name = hostname();
+    let client_id = match &m.client_id {
+        None => format!("perch-{host_name}"),
+        Some(c) if c.get_ref().is_empty() || c.get_ref().len() > 256 => {
+            return Err(ctx.err(c, "mqtt.client_id", "must be 1 to 256 bytes"));
+        }
+        Some(c) => c.get_ref().clone(),
+    };
+    let prefix = match &m.prefix {
+        None => format!("perch/{host_name}"),
+        Some(p) => {
+            check_prefix(p.get_ref()).map_err(|e| ctx.err(p, "mqtt.prefix", e))?;
+            p.get_ref().clone()
+        }
+    };
+    if m.prefix.is_none() {
+        check_prefix(&prefix).map_err(|e| {
+            ctx.missing(
+                "mqtt.prefix",
+                format!("the default from the host name is unusable ({e}); set one"),
+            )
+        })?;
+    }
+    let detections = match &m.detections {
+        None => MqttDetections::Matching,
+        Some(d) => match d.get_ref().as_str() {
+            "every_frame" => MqttDetections::EveryFrame,
+            "matching" => MqttDetections::Matching,
+            "off" => MqttDetections::Off,
+            other => {
+                return Err(ctx.err(
+                    d,
+                    "mqtt.detections",
+                    format!("unknown '{other}' (every_frame, matching, off)"),
+                ));
+            }
+        },
+    };
+    if m.commands && credentials.is_none() && client_cert.is_none() {
+        return Err(ctx.missing(
+            "mqtt.commands",
+            "needs an authenticated connection: set username and password(_file), or \
+             cert_file and key_file",
+        ));
+    }
+    if m.allow_install && !m.commands {
+        return Err(ctx.missing("mqtt.allow_install", "needs mqtt.commands = true"));
+    }
+    let secs = |v: &Option<Spanned<f64>>, key: &str, lo: f64, hi: f64, default: f64| {
+        ctx.in_range(v, key, lo, hi, default)
+            .map(Duration::from_secs_f64)
+    };
+    Ok(MqttSettings {
+        host,
+        port,
+        tls,
+        ca_file: m.ca_file.as_deref().map(|p| ctx.path(p)),
+        client_cert,
+        credentials,
+        client_id,
+        prefix,
+        qos: ctx.count(&m.qos, "mqtt.qos", 0, 2)?.map_or(1, |q| q as u8),
+        keep_alive: Duration::from_secs(
+            ctx.count(&m.keep_alive_s, "mqtt.keep_alive_s", 5, 3600)?
+                .map_or(30, |k| k as u64),
+        ),
+        status_every: secs(&m.status_every_s, "mqtt.status_every_s", 0.1, 3600.0, 5.0)?,
+        detections,
+        classes: m.classes,
+        min_score: ctx.in_range(&m.min_score, "mqtt.min_score", 0.0, 1.0, 0.0)? as f32,
+        max_rate: ctx.in_range(&m.max_rate, "mqtt.max_rate", 0.01, 10_000.0, 10.0)?,
+        queue: ctx
+            .count(&m.queue, "mqtt.queue", 1, 1_000_000)?
+            .map_or(256, |q| q as usize),
+        reconnect_max: secs(
+            &m.reconnect_max_s,
+            "mqtt.reconnect_max_s",
+            0.5,
+            3600.0,
+            30.0,
+        )?,
+        commands: m.commands,
+        allow_install: m.allow_install,
     })
 }
 

@@ -74,7 +74,15 @@ pub struct Status {
     /// The adapter store, when one is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub adapters: Option<super::status::AdapterStatus>,
+    /// The MQTT fleet link, when one is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt: Option<super::status::MqttStatus>,
 }
+
+/// Receives the service's events (adapter swaps, rollbacks, installs): a JSON object with
+/// `event` (its kind) and `ts` (Unix seconds). Called on the thread that made the change; it
+/// must not block.
+pub type EventSink = std::sync::Arc<dyn Fn(serde_json::Value) + Send + Sync>;
 
 struct Inner {
     status: Status,
@@ -87,6 +95,7 @@ struct Inner {
 pub struct Metrics {
     started: Instant,
     inner: Mutex<Inner>,
+    events: Mutex<Option<EventSink>>,
 }
 
 impl Default for Metrics {
@@ -117,11 +126,13 @@ impl Default for Metrics {
                     subscribers: 0,
                     snapshots_written: 0,
                     adapters: None,
+                    mqtt: None,
                 },
                 latency: VecDeque::with_capacity(WINDOW),
                 inference: VecDeque::with_capacity(WINDOW),
                 recent: VecDeque::new(),
             }),
+            events: Mutex::new(None),
         }
     }
 }
@@ -137,6 +148,26 @@ impl Metrics {
     /// Applies `f` to the status fields under the lock.
     pub fn update(&self, f: impl FnOnce(&mut Status)) {
         f(&mut self.inner.lock().expect("metrics lock").status);
+    }
+
+    /// Sets (or, with `None`, removes) where [`Metrics::event`] sends events.
+    pub fn set_event_sink(&self, sink: Option<EventSink>) {
+        *self.events.lock().expect("events lock") = sink;
+    }
+
+    /// Reports an event of kind `event` with `fields` to the event sink, if one is set.
+    pub fn event(&self, event: &str, fields: serde_json::Map<String, serde_json::Value>) {
+        let Some(sink) = self.events.lock().expect("events lock").clone() else {
+            return;
+        };
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_millis() as f64 / 1e3);
+        let mut m = serde_json::Map::new();
+        m.insert("event".into(), event.into());
+        m.insert("ts".into(), ts.into());
+        m.extend(fields);
+        sink(serde_json::Value::Object(m));
     }
 
     /// Records one processed frame.
@@ -328,6 +359,44 @@ pub fn prometheus(s: &Status) -> String {
                 &[("", t)],
             );
         }
+    }
+    if let Some(m) = &s.mqtt {
+        metric(
+            "mqtt_connected",
+            "gauge",
+            "1 while connected to the MQTT broker.",
+            &[("", f64::from(u8::from(m.state == "connected")))],
+        );
+        metric(
+            "mqtt_published_total",
+            "counter",
+            "Messages handed to the MQTT connection.",
+            &[("", m.published as f64)],
+        );
+        metric(
+            "mqtt_dropped_total",
+            "counter",
+            "Messages dropped from a full MQTT queue (oldest first).",
+            &[("", m.dropped as f64)],
+        );
+        metric(
+            "mqtt_rate_limited_total",
+            "counter",
+            "Detection messages skipped by mqtt.max_rate.",
+            &[("", m.rate_limited as f64)],
+        );
+        metric(
+            "mqtt_connects_total",
+            "counter",
+            "Connections accepted by the MQTT broker.",
+            &[("", m.connects as f64)],
+        );
+        metric(
+            "mqtt_commands_total",
+            "counter",
+            "Commands received over MQTT.",
+            &[("", m.commands as f64)],
+        );
     }
     out
 }

@@ -10,6 +10,8 @@
 
 pub mod control;
 pub mod metrics;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
 pub mod notify;
 pub mod pipeline;
 pub mod status;
@@ -149,6 +151,10 @@ fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), Se
 pub fn check(settings: &Settings) -> Result<String, ServiceError> {
     let config = |e: String| ServiceError::Config(e);
     check_paths(settings, None).map_err(config)?;
+    #[cfg(feature = "mqtt")]
+    if let Some(m) = &settings.mqtt {
+        mqtt::check(m).map_err(|e| config(e.to_string()))?;
+    }
     let factory = EngineBuilder::load(&settings.model)
         .map_err(|e| config(crate::exit::one_line(&e)))?
         .with_frame_size(settings.source.size);
@@ -262,6 +268,8 @@ struct Endpoints {
     _http: Option<HttpServer>,
     _framebuffer: Option<FbSink>,
     latest: Option<Arc<Latest>>,
+    #[cfg(feature = "mqtt")]
+    mqtt: Option<mqtt::Link>,
 }
 
 /// Commands of the control socket.
@@ -454,15 +462,28 @@ fn start_endpoints(
         }
         _ => None,
     };
+    #[cfg(feature = "mqtt")]
+    let mqtt = s
+        .mqtt
+        .as_ref()
+        .map(|m| {
+            let handler = control_handler(metrics.clone(), reload.clone(), swap.clone());
+            mqtt::Link::start(m, metrics.clone(), handler, payload_limit.clone())
+                .map_err(|e| ServiceError::Config(e.to_string()))
+        })
+        .transpose()?;
     Ok(Endpoints {
         _control: control,
         _http: http,
         _framebuffer: framebuffer,
         latest,
+        #[cfg(feature = "mqtt")]
+        mqtt,
     })
 }
 
-fn start_outputs(s: &Settings, latest: Option<Arc<Latest>>) -> Result<Outputs, ServiceError> {
+fn start_outputs(s: &Settings, endpoints: &Endpoints) -> Result<Outputs, ServiceError> {
+    let latest = endpoints.latest.clone();
     let o = &s.output;
     let file = o
         .file
@@ -496,6 +517,8 @@ fn start_outputs(s: &Settings, latest: Option<Arc<Latest>>) -> Result<Outputs, S
         subscribers,
         snapshots,
         latest,
+        #[cfg(feature = "mqtt")]
+        mqtt: endpoints.mqtt.as_ref().map(mqtt::Link::detections),
     })
 }
 
@@ -689,6 +712,12 @@ fn try_reload(
     if let Err(e) = check_paths(&next, Some(current)) {
         return fail(e);
     }
+    #[cfg(feature = "mqtt")]
+    if let Some(m) = &next.mqtt
+        && let Err(e) = mqtt::check(m)
+    {
+        return fail(e.to_string());
+    }
     // File sources are checked now; a camera is busy (held by the running pipeline) and will
     // be retried by the new pipeline anyway, and reading a FIFO's header here would take it
     // from the new pipeline.
@@ -797,7 +826,7 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
     let mut endpoints = start_endpoints(&settings, &metrics, &reload_tx, &swap, &payload_limit)?;
     let mut pending_reply: ReloadReply = None;
     loop {
-        let outputs = start_outputs(&settings, endpoints.latest.clone())?;
+        let outputs = start_outputs(&settings, &endpoints)?;
         let pipeline = Pipeline::start(
             &settings,
             engine,
@@ -868,6 +897,7 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
                 if next.control != settings.control
                     || next.http != settings.http
                     || next.framebuffer != settings.framebuffer
+                    || next.mqtt != settings.mqtt
                 {
                     drop(endpoints);
                     endpoints =

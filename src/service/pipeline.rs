@@ -262,6 +262,9 @@ pub struct Outputs {
     pub subscribers: Option<Subscribers>,
     pub snapshots: Option<Snapshots>,
     pub latest: Option<Arc<Latest>>,
+    /// Detection messages for the MQTT fleet link.
+    #[cfg(feature = "mqtt")]
+    pub mqtt: Option<super::mqtt::DetectionOut>,
 }
 
 impl Outputs {
@@ -386,18 +389,23 @@ pub fn inference_loop(engine: &mut Engine, outputs: &mut Outputs, ctx: Inference
         };
         record.frame_age_ms = ms(c.at.elapsed());
         let line = serde_json::to_string(&record).expect("records serialise");
-        let labels_found: Vec<&str> = record
-            .detections
-            .iter()
-            .flatten()
-            .chain(record.tasks.iter().flatten().flat_map(|t| &t.detections))
-            .map(|d| d.label.as_str())
-            .collect();
+        let found_all = || {
+            record
+                .detections
+                .iter()
+                .flatten()
+                .chain(record.tasks.iter().flatten().flat_map(|t| &t.detections))
+        };
+        let labels_found: Vec<&str> = found_all().map(|d| d.label.as_str()).collect();
         let snap = outputs
             .snapshots
             .as_mut()
             .is_some_and(|s| s.wants(&labels_found, taken));
         let wrote = outputs.write_line(&line);
+        #[cfg(feature = "mqtt")]
+        if let Some(m) = &outputs.mqtt {
+            m.offer(found_all().map(|d| (d.label.as_str(), d.score)), &line);
+        }
         if snap || outputs.latest.is_some() {
             let a = Arc::new(Annotatable {
                 seq: c.seq,

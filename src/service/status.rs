@@ -40,3 +40,27 @@ pub struct AdapterStatus {
     /// Built and checked ahead of its activation.
     pub staged: Option<TaskSet>,
 }
+
+/// The MQTT part of the status report.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MqttStatus {
+    /// `mqtt://HOST:PORT` or `mqtts://HOST:PORT`.
+    pub broker: String,
+    pub prefix: String,
+    /// connecting | connected | disconnected
+    pub state: String,
+    /// Connections the broker accepted since the service started.
+    pub connects: u64,
+    /// Messages handed to the connection (detections, status, events, replies).
+    pub published: u64,
+    /// Messages waiting for the connection now.
+    pub queued: u64,
+    /// Messages dropped from a full queue, oldest first.
+    pub dropped: u64,
+    /// Detection messages skipped by `mqtt.max_rate`.
+    pub rate_limited: u64,
+    /// Commands received on `<prefix>/cmd`.
+    pub commands: u64,
+    /// Why the last connection attempt or connection failed.
+    pub last_error: Option<String>,
+}

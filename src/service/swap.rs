@@ -592,6 +592,13 @@ impl SwapCtx {
                 log::error!("activation refused, the running model keeps serving: {e}");
                 self.metrics
                     .update(|s| s.last_error = Some(format!("activation refused: {e}")));
+                self.metrics.event(
+                    "refused",
+                    Map::from_iter([
+                        ("target".into(), json!(describe_target(&target))),
+                        ("error".into(), json!(e)),
+                    ]),
+                );
                 return Err(e);
             }
         };
@@ -644,6 +651,7 @@ impl SwapCtx {
         m.insert("probation".into(), json!(probation));
         m.insert("staged".into(), json!(was_staged));
         m.insert("times".into(), json!(times));
+        self.metrics.event("activated", m.clone());
         Ok(m)
     }
 
@@ -669,6 +677,19 @@ impl SwapCtx {
                 self.state.last_good.describe()
             );
             self.status.rollbacks += 1;
+            self.metrics.event(
+                "rolled_back",
+                Map::from_iter([
+                    ("from".into(), json!(self.state.active)),
+                    ("to".into(), json!(self.state.last_good)),
+                    (
+                        "reason".into(),
+                        json!(format!(
+                            "{errors} errors in {frames} frames on probation: {why}"
+                        )),
+                    ),
+                ]),
+            );
             let target = names_of(&self.state.last_good);
             if let Err(e) = self.activate(target, Instant::now(), true) {
                 log::error!("rollback failed, falling back to the base model: {e}");
@@ -686,6 +707,13 @@ impl SwapCtx {
                     log::info!(
                         "{} committed after {frames} clean frames",
                         next.active.describe()
+                    );
+                    self.metrics.event(
+                        "committed",
+                        Map::from_iter([
+                            ("active".into(), json!(next.active)),
+                            ("frames".into(), json!(frames)),
+                        ]),
                     );
                     self.state = next;
                 }
@@ -734,6 +762,14 @@ impl SwapCtx {
             return Err("nothing to roll back to: the base model is active".into());
         };
         self.status.rollbacks += 1;
+        self.metrics.event(
+            "rolled_back",
+            Map::from_iter([
+                ("from".into(), json!(self.state.active)),
+                ("to".into(), json!(target)),
+                ("reason".into(), json!("rollback requested")),
+            ]),
+        );
         self.activate(names_of(&target), Instant::now(), true)
     }
 
@@ -756,6 +792,7 @@ impl SwapCtx {
             json!({"name": name, "adapter": a.header.name, "sha256": a.sha256(),
                    "bytes": bytes.len(), "kind": a.header.kind}),
         );
+        self.metrics.event("installed", m.clone());
         Ok(m)
     }
 
@@ -802,13 +839,15 @@ impl SwapCtx {
                 if self.staged_uses(&name) {
                     self.staged = None;
                 }
-                answer(
-                    &reply,
-                    self.store
-                        .remove(&name, &self.state)
-                        .map(|()| Map::from_iter([("removed".into(), Value::from(name))]))
-                        .map_err(|e| e.to_string()),
-                )
+                let r = self
+                    .store
+                    .remove(&name, &self.state)
+                    .map(|()| Map::from_iter([("removed".into(), Value::from(name))]))
+                    .map_err(|e| e.to_string());
+                if let Ok(m) = &r {
+                    self.metrics.event("removed", m.clone());
+                }
+                answer(&reply, r)
             }
             Job::List { reply } => answer(&reply, self.list()),
         }
