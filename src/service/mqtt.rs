@@ -513,13 +513,18 @@ fn network_loop(
                 }
                 let why = describe(&e);
                 let refused = matches!(e, ConnectionError::ConnectionRefused(_));
-                if logged.as_deref() != Some(why.as_str()) {
+                // One line per outage; a refusal (a configuration matter) is also logged when
+                // it follows another failure of the same outage.
+                let first = logged.is_none();
+                if first || (refused && logged.as_deref() != Some(why.as_str())) {
                     log::error!(
                         "mqtt: {}: {why}; frames keep flowing, retrying (at most every {:.1} s)",
                         sh.broker,
                         sh.settings.reconnect_max.as_secs_f64()
                     );
                     logged = Some(why.clone());
+                } else {
+                    log::debug!("mqtt: {}: {why}", sh.broker);
                 }
                 *sh.last_error.lock().expect("mqtt error lock") = Some(why);
                 // A refusal will not change by itself soon: wait the longest.

@@ -1,0 +1,622 @@
+//! The MQTT fleet link against a real broker: Debian's `mosquitto`, started by each test on a
+//! free loopback port with a temporary configuration (password file, optionally TLS), and the
+//! real `mosquitto_sub`/`mosquitto_pub` clients on the other side.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+const USER: &str = "board";
+const PASS: &str = "s3cret";
+const PREFIX: &str = "perch/test";
+
+fn tool(name: &str) -> String {
+    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.exists() {
+            return p.display().to_string();
+        }
+    }
+    panic!("{name} is not installed (apt-get install mosquitto mosquitto-clients; .ci/run does)");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A mosquitto broker on a loopback port, killed when dropped.
+struct Broker {
+    port: u16,
+    conf: PathBuf,
+    /// The broker's log (its stderr), appended over restarts.
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// A broker in `dir` that admits only `USER`/`PASS`; `extra` adds configuration lines
+    /// (e.g. a TLS listener instead of the plain one).
+    fn start(dir: &Path, extra: Option<&str>) -> Broker {
+        let pw = dir.join("passwd");
+        let st = Command::new(tool("mosquitto_passwd"))
+            .args(["-b", "-c", pw.to_str().unwrap(), USER, PASS])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        let listener = extra.map_or_else(
+            || format!("listener {port} 127.0.0.1\n"),
+            |e| format!("listener {port} 127.0.0.1\n{e}\n"),
+        );
+        std::fs::write(
+            &conf,
+            format!(
+                "{listener}allow_anonymous false\npassword_file {}\npersistence false\n\
+                 log_dest stderr\n",
+                pw.display(),
+            ),
+        )
+        .unwrap();
+        let mut b = Broker {
+            port,
+            conf,
+            log: dir.join("mosquitto.log"),
+            child: None,
+        };
+        b.resume();
+        b
+    }
+
+    /// Starts (again) on the same port and waits until it accepts connections.
+    fn resume(&mut self) {
+        let child = Command::new(tool("mosquitto"))
+            .args(["-c", self.conf.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&self.log)
+                    .unwrap(),
+            )
+            .spawn()
+            .expect("start mosquitto");
+        self.child = Some(child);
+        let port = self.port;
+        wait_for(10, "mosquitto to listen", || {
+            TcpStream::connect(("127.0.0.1", port)).ok()
+        });
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `mosquitto_sub` on `PREFIX/#`, collecting (topic, payload, retained) in the background.
+struct Sub {
+    child: Child,
+    got: Arc<Mutex<Vec<(String, String, bool)>>>,
+}
+
+impl Sub {
+    fn start(b: &Broker, topic: &str) -> Sub {
+        let mut child = Command::new(tool("mosquitto_sub"))
+            .args(["-h", "127.0.0.1", "-p", &b.port.to_string()])
+            .args(["-u", USER, "-P", PASS, "-q", "1", "-t", topic])
+            .args(["-F", "%r %t %p"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let (out, g) = (child.stdout.take().unwrap(), got.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let mut it = line.splitn(3, ' ');
+                let (r, t, p) = (it.next(), it.next(), it.next());
+                if let (Some(r), Some(t)) = (r, t) {
+                    let p = p.unwrap_or("").to_string();
+                    g.lock().unwrap().push((t.to_string(), p, r == "1"));
+                }
+            }
+        });
+        Sub { child, got }
+    }
+
+    fn on(&self, leaf: &str) -> Vec<String> {
+        let topic = format!("{PREFIX}/{leaf}");
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _, _)| *t == topic)
+            .map(|(_, p, _)| p.clone())
+            .collect()
+    }
+
+    fn json_on(&self, leaf: &str) -> Vec<Value> {
+        self.on(leaf)
+            .iter()
+            .map(|p| serde_json::from_str(p).unwrap_or_else(|e| panic!("{leaf}: {p}: {e}")))
+            .collect()
+    }
+
+    fn wait(&self, secs: u64, what: &str, f: impl Fn(&Sub) -> bool) {
+        wait_for(secs, what, || f(self).then_some(()));
+    }
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn publish(b: &Broker, topic: &str, payload: &[u8]) {
+    let mut child = Command::new(tool("mosquitto_pub"))
+        .args(["-h", "127.0.0.1", "-p", &b.port.to_string()])
+        .args(["-u", USER, "-P", PASS, "-q", "1", "-t", topic, "-s"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(payload).unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// Sends a command on `PREFIX/cmd` and waits for the reply with the same `id`.
+fn command(b: &Broker, sub: &Sub, id: &str, body: &str) -> Value {
+    let msg = if body.is_empty() {
+        format!("{{\"id\":\"{id}\"}}")
+    } else {
+        format!("{{\"id\":\"{id}\",{body}}}")
+    };
+    publish(b, &format!("{PREFIX}/cmd"), msg.as_bytes());
+    let mut reply = None;
+    wait_for(120, &format!("the reply to {id}"), || {
+        reply = sub.json_on("cmd/reply").into_iter().find(|r| r["id"] == id);
+        reply.as_ref().map(|_| ())
+    });
+    reply.unwrap()
+}
+
+/// A running service in `dir`: lossless looping images, records in `records.jsonl`, a control
+/// socket, an adapter store, and `[mqtt]` with `mqtt` lines. Returns once the first frame is
+/// processed.
+fn service(dir: &Path, mqtt: &str) -> (PathBuf, Running) {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    std::fs::copy(path("tests/data/osbs_029.jpg"), images.join("0.jpg")).unwrap();
+    let sock = dir.join("control.sock");
+    let cfg = write_config(
+        dir,
+        &format!(
+            "[source]\nuri = \"images:{}\"\nloop = true\n[output]\nstdout = false\n\
+             file = \"records.jsonl\"\n[control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\n\
+             probation_frames = 3\n[mqtt]\nprefix = \"{PREFIX}\"\n{mqtt}",
+            images.display(),
+            sock.display()
+        ),
+    );
+    let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    wait_for(60, "the first frame", || {
+        let n = try_status(&sock)?["frames_processed"].as_u64()?;
+        (n > 0).then_some(())
+    });
+    (sock, svc)
+}
+
+fn auth(b: &Broker) -> String {
+    format!(
+        "url = \"{}\"\nusername = \"{USER}\"\npassword = \"{PASS}\"\n",
+        b.url()
+    )
+}
+
+fn frames(sock: &Path) -> u64 {
+    status(sock)["frames_processed"].as_u64().unwrap()
+}
+
+/// Detections, the retained status, availability, events, and commands (an install with its
+/// file in the message, an activation, bad requests) through the broker; `offline` on a clean
+/// stop.
+#[test]
+fn publishes_and_serves_commands_through_a_real_broker() {
+    let dir = scratch("mqtt-main");
+    let b = Broker::start(&dir, None);
+    let sub = Sub::start(&b, &format!("{PREFIX}/#"));
+    let (sock, svc) = service(
+        &dir,
+        &format!(
+            "{}detections = \"every_frame\"\nmax_rate = 1000\nstatus_every_s = 0.5\n\
+             commands = true\nallow_install = true\n",
+            auth(&b)
+        ),
+    );
+    sub.wait(20, "online", |s| {
+        s.on("availability").last().map(String::as_str) == Some("online")
+    });
+    sub.wait(20, "detections", |s| s.on("detections").len() >= 3);
+
+    // The retained status reaches a client that subscribes later, flagged as retained.
+    let late = Sub::start(&b, &format!("{PREFIX}/status"));
+    late.wait(10, "the retained status", |s| {
+        !s.got.lock().unwrap().is_empty()
+    });
+    let (_, payload, retained) = late.got.lock().unwrap()[0].clone();
+    assert!(retained, "status is retained");
+    let st: Value = serde_json::from_str(&payload).unwrap();
+    assert!(
+        st["model"]["path"].as_str().unwrap().ends_with(".onnx"),
+        "{st}"
+    );
+    assert_eq!(st["mqtt"]["prefix"], PREFIX);
+    drop(late);
+
+    // Bad requests: one error reply each, and nothing else happens.
+    let events_before = sub.on("events").len();
+    publish(&b, &format!("{PREFIX}/cmd"), b"not json at all");
+    sub.wait(10, "the reply to garbage", |s| {
+        s.json_on("cmd/reply")
+            .iter()
+            .any(|r| r["id"].is_null() && r["error"].as_str().unwrap().starts_with("not JSON"))
+    });
+    let r = command(&b, &sub, "no-cmd", "");
+    assert_eq!(
+        (r["ok"].clone(), r["error"].clone()),
+        (false.into(), "\"cmd\" (a string) is required".into())
+    );
+    let r = command(&b, &sub, "reload", "\"cmd\":\"reload\"");
+    assert_eq!(r["ok"], false);
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("not served over MQTT"),
+        "{r}"
+    );
+    let r = command(
+        &b,
+        &sub,
+        "bad-b64",
+        "\"cmd\":\"install\",\"name\":\"x\",\"payload_b64\":\"%%%\"",
+    );
+    assert!(r["error"].as_str().unwrap().contains("not base64"), "{r}");
+    assert_eq!(
+        sub.on("events").len(),
+        events_before,
+        "bad requests make no event: {:?}",
+        sub.on("events")
+    );
+    assert_eq!(status(&sock)["adapters"]["active"], Value::Null);
+    // A well-formed activation the swap thread refuses: an error reply and a `refused` event.
+    let r = command(
+        &b,
+        &sub,
+        "bad-name",
+        "\"cmd\":\"activate\",\"name\":\"../etc\"",
+    );
+    assert_eq!(r["ok"], false, "{r}");
+    sub.wait(10, "the refused event", |s| {
+        s.json_on("events")
+            .iter()
+            .any(|e| e["event"] == "refused" && e["error"].as_str().unwrap().contains("../etc"))
+    });
+
+    // Install with the file in the message, then activate: reply, events, and the
+    // detection messages name the adapter.
+    use base64::Engine as _;
+    let bytes = std::fs::read(path("models/adapters/osbs-head.safetensors")).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    let r = command(
+        &b,
+        &sub,
+        "i1",
+        &format!("\"cmd\":\"install\",\"name\":\"osbs\",\"payload_b64\":\"{b64}\""),
+    );
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["installed"]["bytes"], bytes.len());
+    let sha = r["installed"]["sha256"].clone();
+    let t0 = Instant::now();
+    let r = command(&b, &sub, "a1", "\"cmd\":\"activate\",\"name\":\"osbs\"");
+    let latency = t0.elapsed();
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["cmd"], "activate");
+    assert_eq!(r["active"]["name"], "osbs");
+    eprintln!(
+        "activate over MQTT: command -> reply {:.0} ms (mosquitto_pub start included)",
+        latency.as_secs_f64() * 1e3
+    );
+    sub.wait(20, "activated and committed events", |s| {
+        let ev = s.json_on("events");
+        ev.iter().any(|e| e["event"] == "installed")
+            && ev
+                .iter()
+                .any(|e| e["event"] == "activated" && e["active"]["name"] == "osbs")
+            && ev.iter().any(|e| e["event"] == "committed")
+    });
+    sub.wait(20, "detections with the adapter", |s| {
+        s.json_on("detections")
+            .iter()
+            .any(|d| d["adapter"]["sha256"] == sha)
+    });
+
+    // Detection messages are the records, byte for byte.
+    signal(&svc, libc::SIGTERM);
+    let (code, _, err) = finish(svc, 60);
+    assert_eq!(code, Some(0), "{err}");
+    sub.wait(10, "offline", |s| {
+        s.on("availability").last().map(String::as_str) == Some("offline")
+    });
+    let recs = std::fs::read_to_string(dir.join("records.jsonl")).unwrap();
+    let lines: std::collections::HashSet<&str> = recs.lines().collect();
+    let dets = sub.on("detections");
+    assert!(dets.len() >= 3);
+    for d in &dets {
+        assert!(
+            lines.contains(d.as_str()),
+            "a detection message that is not a record: {d}"
+        );
+    }
+    assert!(err.lines().all(|l| !l.contains("mqtt")), "{err}");
+}
+
+/// A board that dies (`kill -9`) shows `offline` through the broker's last will.
+#[test]
+fn last_will_marks_a_killed_board_offline() {
+    let dir = scratch("mqtt-will");
+    let b = Broker::start(&dir, None);
+    let sub = Sub::start(&b, &format!("{PREFIX}/availability"));
+    let (_sock, svc) = service(&dir, &format!("{}detections = \"off\"\n", auth(&b)));
+    sub.wait(20, "online", |s| {
+        s.on("availability").last().map(String::as_str) == Some("online")
+    });
+    signal(&svc, libc::SIGKILL);
+    let t = Instant::now();
+    sub.wait(20, "the last will", |s| {
+        s.on("availability").last().map(String::as_str) == Some("offline")
+    });
+    eprintln!(
+        "kill -9 -> offline seen after {:.0} ms",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    drop(svc);
+    // Retained: a dashboard that connects later sees the board offline.
+    let late = Sub::start(&b, &format!("{PREFIX}/availability"));
+    late.wait(10, "retained offline", |s| {
+        s.on("availability") == ["offline"]
+    });
+}
+
+/// Wrong credentials: one clear error line (not one per retry), the service keeps serving
+/// locally, and the status says why.
+#[test]
+fn wrong_credentials_give_one_error_and_frames_keep_flowing() {
+    let dir = scratch("mqtt-auth");
+    let b = Broker::start(&dir, None);
+    let (sock, svc) = service(
+        &dir,
+        &format!(
+            "url = \"{}\"\nusername = \"{USER}\"\npassword = \"wrong\"\nreconnect_max_s = 0.5\n",
+            b.url()
+        ),
+    );
+    let before = frames(&sock);
+    std::thread::sleep(Duration::from_secs(3));
+    let st = status(&sock);
+    assert!(
+        st["frames_processed"].as_u64().unwrap() > before + 10,
+        "{st}"
+    );
+    assert_eq!(st["mqtt"]["state"], "disconnected", "{st}");
+    assert_eq!(st["mqtt"]["connects"], 0);
+    let why = st["mqtt"]["last_error"].as_str().unwrap();
+    assert!(why.contains("connection refused"), "{why}");
+    let log = std::fs::read_to_string(&b.log).unwrap();
+    let refusals = log.matches("not authorised").count();
+    assert!(refusals >= 3, "several attempts in 3 s: {log}");
+    signal(&svc, libc::SIGTERM);
+    let (code, _, err) = finish(svc, 60);
+    assert_eq!(code, Some(0), "{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("mqtt")).collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "one error line for {refusals} refusals: {err}"
+    );
+    assert!(lines[0].contains("connection refused"), "{}", lines[0]);
+}
+
+/// The broker stops mid-run: every frame is still processed and written (lossless source),
+/// the queue is bounded, and perch reconnects within the backoff bound once the broker is
+/// back; then detections flow again. A stopped (SIGSTOP) subscriber does not slow perch.
+#[test]
+fn broker_outage_loses_no_frame_and_reconnects() {
+    let dir = scratch("mqtt-outage");
+    let mut b = Broker::start(&dir, None);
+    let stalled = Sub::start(&b, &format!("{PREFIX}/#"));
+    let (sock, svc) = service(
+        &dir,
+        &format!(
+            "{}detections = \"every_frame\"\nmax_rate = 1000\nqueue = 20\nreconnect_max_s = 1\n",
+            auth(&b)
+        ),
+    );
+    // A subscriber that stops reading: the broker, not perch, holds its backlog.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(stalled.child.id() as i32, libc::SIGSTOP) };
+    let rate = |secs: f64| {
+        let (n0, t0) = (frames(&sock), Instant::now());
+        std::thread::sleep(Duration::from_secs_f64(secs));
+        (frames(&sock) - n0) as f64 / t0.elapsed().as_secs_f64()
+    };
+    let connected = rate(3.0);
+    b.stop();
+    wait_for(10, "perch to see the outage", || {
+        (status(&sock)["mqtt"]["state"] == "disconnected").then_some(())
+    });
+    let down = rate(3.0);
+    let st = status(&sock);
+    assert!(
+        st["mqtt"]["queued"].as_u64().unwrap() <= 20 + 256,
+        "bounded: {st}"
+    );
+    assert!(
+        st["mqtt"]["dropped"].as_u64().unwrap() > 0,
+        "the queue overflowed: {st}"
+    );
+    eprintln!("frames/s: {connected:.1} connected (stalled subscriber), {down:.1} broker down");
+    assert!(
+        down > 0.5 * connected,
+        "frames slowed by the outage: {down:.1} vs {connected:.1}"
+    );
+    let sub_back = {
+        b.resume();
+        let t = Instant::now();
+        let sub = Sub::start(&b, &format!("{PREFIX}/#"));
+        sub.wait(10, "reconnect", |s| !s.on("detections").is_empty());
+        eprintln!(
+            "broker back -> detections again after {:.0} ms (bound: reconnect_max_s 1 s + connect)",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+        assert!(t.elapsed() < Duration::from_secs(5));
+        sub
+    };
+    assert_eq!(
+        sub_back.on("availability").last().map(String::as_str),
+        Some("online")
+    );
+    wait_for(5, "two connects in the status", || {
+        (status(&sock)["mqtt"]["connects"] == 2).then_some(())
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(stalled.child.id() as i32, libc::SIGCONT) };
+    signal(&svc, libc::SIGTERM);
+    let (code, _, err) = finish(svc, 60);
+    assert_eq!(code, Some(0), "{err}");
+    let recs = records(&std::fs::read_to_string(dir.join("records.jsonl")).unwrap());
+    let s = seqs(&recs);
+    assert_eq!(
+        s,
+        (0..s.len() as u64).collect::<Vec<_>>(),
+        "every frame exactly once"
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("mqtt")).collect();
+    assert_eq!(lines.len(), 1, "one line for the outage: {err}");
+}
+
+/// A broker link throttled to a trickle (a TCP relay that forwards 2 KB/s): perch's frame
+/// rate is that of an unthrottled link, and the overflow is dropped oldest-first and counted.
+#[test]
+fn a_throttled_link_does_not_slow_the_frames() {
+    let dir = scratch("mqtt-slow");
+    let b = Broker::start(&dir, None);
+    let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+    // A small receive window, so the kernel's buffers do not hide the trickle for long.
+    {
+        use std::os::fd::AsRawFd;
+        let size: libc::c_int = 4096;
+        // SAFETY: setsockopt(2) on our own listening socket with a c_int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                relay.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0);
+    }
+    let relay_port = relay.local_addr().unwrap().port();
+    let broker_port = b.port;
+    std::thread::spawn(move || {
+        for client in relay.incoming() {
+            let Ok(client) = client else { break };
+            let Ok(upstream) = TcpStream::connect(("127.0.0.1", broker_port)) else {
+                continue;
+            };
+            let (mut c_rd, mut u_wr) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+            let (mut u_rd, mut c_wr) = (upstream, client);
+            // Client -> broker at 2 KB/s; broker -> client unthrottled.
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 200];
+                while let Ok(n) = c_rd.read(&mut buf) {
+                    if n == 0 || u_wr.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            std::thread::spawn(move || std::io::copy(&mut u_rd, &mut c_wr));
+        }
+    });
+    let fast_dir = dir.join("fast");
+    std::fs::create_dir_all(&fast_dir).unwrap();
+    let measure = |d: &Path, url: String| {
+        let (sock, svc) = service(
+            d,
+            &format!(
+                "url = \"{url}\"\nusername = \"{USER}\"\npassword = \"{PASS}\"\n\
+                 detections = \"every_frame\"\nmax_rate = 1000\nqueue = 16\n"
+            ),
+        );
+        wait_for(20, "connected", || {
+            (status(&sock)["mqtt"]["state"] == "connected").then_some(())
+        });
+        let (n0, t0) = (frames(&sock), Instant::now());
+        std::thread::sleep(Duration::from_secs(6));
+        let fps = (frames(&sock) - n0) as f64 / t0.elapsed().as_secs_f64();
+        let st = status(&sock);
+        signal(&svc, libc::SIGTERM);
+        let (code, _, err) = finish(svc, 60);
+        assert_eq!(code, Some(0), "{err}");
+        let recs = records(&std::fs::read_to_string(d.join("records.jsonl")).unwrap());
+        let s = seqs(&recs);
+        assert_eq!(
+            s,
+            (0..s.len() as u64).collect::<Vec<_>>(),
+            "every frame exactly once"
+        );
+        (fps, st["mqtt"].clone())
+    };
+    let (fast, _) = measure(&fast_dir, b.url());
+    let (slow, m) = measure(&dir, format!("mqtt://127.0.0.1:{relay_port}"));
+    eprintln!(
+        "frames/s: {fast:.1} direct, {slow:.1} through a 2 KB/s link ({} published, {} dropped)",
+        m["published"], m["dropped"]
+    );
+    assert!(m["dropped"].as_u64().unwrap() > 0, "{m}");
+    assert!(
+        slow > 0.7 * fast,
+        "throttled link slowed the frames: {slow:.1} vs {fast:.1}"
+    );
+}
