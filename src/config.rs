@@ -1071,6 +1071,70 @@ socket = "/run/perch/control.sock"
         }
     }
 
+    /// `[mqtt]`: defaults, URL forms, and each refusal naming its key.
+    #[cfg(feature = "mqtt")]
+    #[test]
+    fn mqtt_settings() {
+        let with = |body: &str| parse_str(&format!("{GOOD}\n[mqtt]\n{body}\n"));
+        let m = with("url = \"mqtt://broker.lan\"").unwrap().mqtt.unwrap();
+        assert_eq!(
+            (m.host.as_str(), m.port, m.tls),
+            ("broker.lan", 1883, false)
+        );
+        assert!(m.prefix.starts_with("perch/") && m.client_id.starts_with("perch-"));
+        assert_eq!((m.qos, m.queue, m.commands), (1, 256, false));
+        assert_eq!(m.detections, MqttDetections::Matching);
+        assert_eq!(m.credentials, None);
+        let m = with(
+            "url = \"mqtts://[::1]:9000\"\nca_file = \"ca.pem\"\nusername = \"u\"\n\
+             password = \"p\"\ncommands = true\nprefix = \"fleet/a/b\"\ndetections = \"off\"",
+        )
+        .unwrap()
+        .mqtt
+        .unwrap();
+        assert_eq!((m.host.as_str(), m.port, m.tls), ("::1", 9000, true));
+        assert_eq!(m.ca_file.as_deref(), Some(Path::new("/etc/perch/ca.pem")));
+        assert_eq!(m.credentials.as_ref().unwrap().password, "p");
+        assert!(
+            !format!("{m:?}").contains("\"p\""),
+            "the password stays out of Debug"
+        );
+        assert_eq!(
+            (m.prefix.as_str(), m.detections),
+            ("fleet/a/b", MqttDetections::Off)
+        );
+        for (body, why) in [
+            ("url = \"http://x\"", "mqtt.url"),
+            ("url = \"mqtt://\"", "mqtt.url"),
+            ("url = \"mqtt://u:p@x\"", "carries credentials"),
+            ("url = \"mqtt://x/topic\"", "scheme://host[:port]"),
+            ("url = \"mqtt://x\"\nca_file = \"c\"", "use mqtts://"),
+            ("url = \"mqtt://x\"\ncommands = true", "authenticated"),
+            ("url = \"mqtt://x\"\nallow_install = true", "mqtt.commands"),
+            ("url = \"mqtt://x\"\nprefix = \"a/#\"", "wildcard"),
+            ("url = \"mqtt://x\"\nprefix = \"a/\"", "empty level"),
+            ("url = \"mqtt://x\"\nqos = 3", "mqtt.qos"),
+            ("url = \"mqtt://x\"\npassword = \"p\"", "mqtt.username"),
+            (
+                "url = \"mqtt://x\"\nusername = \"u\"\npassword = \"p\"\npassword_file = \"f\"",
+                "not both",
+            ),
+            (
+                "url = \"mqtt://x\"\npassword_file = \"/nonexistent/pw\"\nusername = \"u\"",
+                "cannot read",
+            ),
+            ("url = \"mqtts://x\"\ncert_file = \"c\"", "mqtt.key_file"),
+            (
+                "url = \"mqtt://x\"\ndetections = \"some\"",
+                "every_frame, matching, off",
+            ),
+            ("url = \"mqtt://x\"\nbogus = 1", "unknown field"),
+        ] {
+            let e = with(body).unwrap_err().to_string();
+            assert!(e.contains(why), "{body}: {e}");
+        }
+    }
+
     #[test]
     fn parses_and_resolves_paths() {
         let s = parse_str(GOOD).unwrap();

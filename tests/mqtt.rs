@@ -11,113 +11,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::broker::{Broker, PASS, USER, free_port, tool};
 use common::*;
 use serde_json::Value;
 
-const USER: &str = "board";
-const PASS: &str = "s3cret";
 const PREFIX: &str = "perch/test";
-
-fn tool(name: &str) -> String {
-    for dir in ["/usr/sbin", "/usr/bin", "/usr/local/sbin", "/usr/local/bin"] {
-        let p = Path::new(dir).join(name);
-        if p.exists() {
-            return p.display().to_string();
-        }
-    }
-    panic!("{name} is not installed (apt-get install mosquitto mosquitto-clients; .ci/run does)");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A mosquitto broker on a loopback port, killed when dropped.
-struct Broker {
-    port: u16,
-    conf: PathBuf,
-    /// The broker's log (its stderr), appended over restarts.
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Broker {
-    /// A broker in `dir` that admits only `USER`/`PASS`; `extra` adds configuration lines
-    /// (e.g. a TLS listener instead of the plain one).
-    fn start(dir: &Path, extra: Option<&str>) -> Broker {
-        let pw = dir.join("passwd");
-        let st = Command::new(tool("mosquitto_passwd"))
-            .args(["-b", "-c", pw.to_str().unwrap(), USER, PASS])
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let port = free_port();
-        let conf = dir.join("mosquitto.conf");
-        let listener = extra.map_or_else(
-            || format!("listener {port} 127.0.0.1\n"),
-            |e| format!("listener {port} 127.0.0.1\n{e}\n"),
-        );
-        std::fs::write(
-            &conf,
-            format!(
-                "{listener}allow_anonymous false\npassword_file {}\npersistence false\n\
-                 log_dest stderr\n",
-                pw.display(),
-            ),
-        )
-        .unwrap();
-        let mut b = Broker {
-            port,
-            conf,
-            log: dir.join("mosquitto.log"),
-            child: None,
-        };
-        b.resume();
-        b
-    }
-
-    /// Starts (again) on the same port and waits until it accepts connections.
-    fn resume(&mut self) {
-        let child = Command::new(tool("mosquitto"))
-            .args(["-c", self.conf.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&self.log)
-                    .unwrap(),
-            )
-            .spawn()
-            .expect("start mosquitto");
-        self.child = Some(child);
-        let port = self.port;
-        wait_for(10, "mosquitto to listen", || {
-            TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// `mosquitto_sub` on `PREFIX/#`, collecting (topic, payload, retained) in the background.
 struct Sub {
@@ -226,8 +124,13 @@ fn service(dir: &Path, mqtt: &str) -> (PathBuf, Running) {
             sock.display()
         ),
     );
-    let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    let mut svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
     wait_for(60, "the first frame", || {
+        if let Ok(Some(code)) = svc.0.try_wait() {
+            let mut err = String::new();
+            let _ = svc.0.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("perch run exited with {code}: {err}");
+        }
         let n = try_status(&sock)?["frames_processed"].as_u64()?;
         (n > 0).then_some(())
     });
@@ -618,5 +521,165 @@ fn a_throttled_link_does_not_slow_the_frames() {
     assert!(
         slow > 0.7 * fast,
         "throttled link slowed the frames: {slow:.1} vs {fast:.1}"
+    );
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new(tool("openssl"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA `name`.pem/.key in `dir`, and for each `(leaf, cn, san)` a certificate
+/// `leaf`.pem/.key signed by it: a server certificate for `san` (subjectAltName) when given,
+/// else a client certificate.
+fn certificates(dir: &Path, name: &str, leaves: &[(&str, &str, Option<&str>)]) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let (ca_key, ca_pem) = (format!("{name}.key"), format!("{name}.pem"));
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_pem,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=perch-test-ca",
+    ]);
+    openssl(dir, &a);
+    for (leaf, cn, san) in leaves {
+        let (key, csr, pem, subj) = (
+            format!("{leaf}.key"),
+            format!("{leaf}.csr"),
+            format!("{leaf}.pem"),
+            format!("/CN={cn}"),
+        );
+        let mut a = vec!["req"];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(dir, &a);
+        let ext = dir.join(format!("{leaf}.ext"));
+        // Extensions make it an X.509 v3 certificate, which rustls requires.
+        let ext_text = match san {
+            Some(s) => format!("subjectAltName={s}\nextendedKeyUsage=serverAuth\n"),
+            None => "extendedKeyUsage=clientAuth\n".to_string(),
+        };
+        std::fs::write(&ext, ext_text).unwrap();
+        let ext = ext.display().to_string();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+        // The broker may read its files after dropping root.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join(&key), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+}
+
+/// mqtts with a client certificate as the only credential (the broker takes the certificate's
+/// name as the user): status and commands flow; a board that trusts another CA refuses the
+/// broker and says why in its status, and keeps serving.
+#[test]
+fn mqtts_with_a_client_certificate() {
+    let dir = scratch("mqtt-tls");
+    certificates(
+        &dir,
+        "ca",
+        &[
+            ("server", "localhost", Some("DNS:localhost,IP:127.0.0.1")),
+            ("client", USER, None),
+        ],
+    );
+    certificates(&dir, "other-ca", &[]);
+    let tls_port = free_port();
+    let b = Broker::start(
+        &dir,
+        Some(&format!(
+            "listener {tls_port} 127.0.0.1\ncafile {0}/ca.pem\ncertfile {0}/server.pem\n\
+             keyfile {0}/server.key\nrequire_certificate true\nuse_identity_as_username true",
+            dir.display()
+        )),
+    );
+    let sub = Sub::start(&b, &format!("{PREFIX}/#"));
+    let (sock, svc) = service(
+        &dir,
+        &format!(
+            "url = \"mqtts://localhost:{tls_port}\"\nca_file = \"ca.pem\"\n\
+             cert_file = \"client.pem\"\nkey_file = \"client.key\"\ncommands = true\n\
+             detections = \"every_frame\"\nmax_rate = 1000\n"
+        ),
+    );
+    sub.wait(20, "online over TLS", |s| {
+        s.on("availability").last().map(String::as_str) == Some("online")
+            && !s.on("detections").is_empty()
+    });
+    let r = command(&b, &sub, "t1", "\"cmd\":\"status\"");
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["mqtt"]["broker"], format!("mqtts://localhost:{tls_port}"));
+    assert_eq!(status(&sock)["mqtt"]["state"], "connected");
+    signal(&svc, libc::SIGTERM);
+    let (code, _, err) = finish(svc, 60);
+    assert_eq!(code, Some(0), "{err}");
+
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    for f in ["other-ca.pem", "client.pem", "client.key"] {
+        std::fs::copy(dir.join(f), other.join(f)).unwrap();
+    }
+    let (sock, svc) = service(
+        &other,
+        &format!(
+            "url = \"mqtts://localhost:{tls_port}\"\nca_file = \"other-ca.pem\"\n\
+             cert_file = \"client.pem\"\nkey_file = \"client.key\"\n"
+        ),
+    );
+    let why = wait_for(20, "the TLS refusal", || {
+        let st = status(&sock);
+        st["mqtt"]["last_error"].as_str().map(String::from)
+    });
+    assert!(
+        why.contains("certificate") || why.contains("Certificate"),
+        "{why}"
+    );
+    let n = frames(&sock);
+    wait_for(20, "frames", || (frames(&sock) > n + 5).then_some(()));
+    signal(&svc, libc::SIGTERM);
+    let (code, _, err) = finish(svc, 60);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.contains("mqtt")).count(),
+        1,
+        "{err}"
     );
 }

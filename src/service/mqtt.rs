@@ -106,6 +106,23 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(settings: MqttSettings, broker: String) -> Shared {
+        Shared {
+            settings,
+            broker,
+            queues: Mutex::default(),
+            conn: Mutex::default(),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+            published: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+            last_detection: Mutex::new(None),
+        }
+    }
+
     fn topic(&self, leaf: &str) -> String {
         format!("{}/{leaf}", self.settings.prefix)
     }
@@ -352,20 +369,7 @@ impl Link {
         if s.tls {
             opts.set_transport(Transport::Tls(tls_config(s)?.into()));
         }
-        let shared = Arc::new(Shared {
-            settings: s.clone(),
-            broker,
-            queues: Mutex::default(),
-            conn: Mutex::default(),
-            wake: Condvar::new(),
-            stop: AtomicBool::new(false),
-            published: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-            rate_limited: AtomicU64::new(0),
-            commands: AtomicU64::new(0),
-            last_error: Mutex::new(None),
-            last_detection: Mutex::new(None),
-        });
+        let shared = Arc::new(Shared::new(s.clone(), broker));
         opts.set_last_will(LastWill::new(
             shared.topic("availability"),
             "offline",
@@ -573,16 +577,18 @@ fn publish_loop(sh: &Shared, client: &Client, metrics: &Metrics) {
     let mut status: Option<Msg> = None;
     // Waiting for room in the client channel.
     let mut full = false;
+    let mut last_state = (false, 0);
     loop {
         let now = Instant::now();
-        if now >= next_metrics {
-            metrics.update(|st| st.mqtt = Some(sh.status()));
-            next_metrics = now + Duration::from_millis(200);
-        }
         let (connected, session, ended) = {
             let c = sh.conn.lock().expect("mqtt conn lock");
             (c.connected, c.session, c.ended)
         };
+        if now >= next_metrics || (connected, session) != last_state {
+            last_state = (connected, session);
+            metrics.update(|st| st.mqtt = Some(sh.status()));
+            next_metrics = now + Duration::from_millis(200);
+        }
         if sh.stop.load(Ordering::Relaxed) || ended {
             if connected && !ended {
                 send(&availability("offline"));
@@ -742,5 +748,133 @@ fn answer(sh: &Shared, payload: &[u8], handler: &Handler, limit: &AtomicU64) -> 
             Value::Object(m)
         }
         Err(e) => error_reply(id, &e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> MqttSettings {
+        let cfg = "[model]\npath = \"m.onnx\"\n[source]\nuri = \"synthetic\"\n[mqtt]\n\
+                   url = \"mqtt://127.0.0.1\"\nprefix = \"p\"\nqueue = 3\n";
+        crate::config::parse(cfg, std::path::Path::new("t.toml"))
+            .unwrap()
+            .mqtt
+            .unwrap()
+    }
+
+    fn queued(sh: &Shared) -> Vec<String> {
+        let q = sh.queues.lock().unwrap();
+        q.control
+            .iter()
+            .chain(&q.detections)
+            .map(|m| format!("{} {}", m.topic, String::from_utf8_lossy(&m.payload)))
+            .collect()
+    }
+
+    /// `matching` takes frames with a wanted class at the score; the rate limit skips and
+    /// counts; a full queue drops its oldest.
+    #[test]
+    fn detection_filter_rate_and_queue() {
+        let mut s = settings();
+        s.classes = vec!["tree".into()];
+        s.min_score = 0.5;
+        s.max_rate = 10_000.0;
+        let out = DetectionOut {
+            shared: Arc::new(Shared::new(s, String::new())),
+        };
+        out.offer([("tree", 0.4), ("car", 0.9)], "a");
+        out.offer([], "b");
+        assert!(queued(&out.shared).is_empty());
+        for line in ["1", "2", "3", "4", "5"] {
+            out.offer([("car", 0.9), ("tree", 0.5)], line);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            queued(&out.shared),
+            ["p/detections 3", "p/detections 4", "p/detections 5"]
+        );
+        assert_eq!(out.shared.dropped.load(Ordering::Relaxed), 2);
+        let mut s = settings();
+        s.detections = MqttDetections::EveryFrame;
+        s.max_rate = 0.01;
+        let out = DetectionOut {
+            shared: Arc::new(Shared::new(s, String::new())),
+        };
+        out.offer([], "x");
+        out.offer([], "y");
+        assert_eq!(queued(&out.shared), ["p/detections x"]);
+        assert_eq!(out.shared.rate_limited.load(Ordering::Relaxed), 1);
+    }
+
+    /// Commands: malformed and unserved requests are answered without reaching the handler;
+    /// install decodes base64 within the store's limit.
+    #[test]
+    fn command_answers() {
+        let mut s = settings();
+        s.commands = true;
+        let sh = Shared::new(s, String::new());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        let handler: Handler = Arc::new(move |cmd, req, payload| {
+            log.lock().unwrap().push((cmd.to_string(), payload.len()));
+            assert!(!req.contains_key("payload_b64"));
+            Ok(Map::from_iter([("x".to_string(), json!(1))]))
+        });
+        let limit = AtomicU64::new(4);
+        let ask = |sh: &Shared, msg: &str| answer(sh, msg.as_bytes(), &handler, &limit);
+        assert_eq!(ask(&sh, "[1]")["error"], "a command is a JSON object");
+        assert!(ask(&sh, "{").to_string().contains("not JSON"));
+        assert_eq!(ask(&sh, r#"{"id":5}"#)["id"], 5);
+        assert!(
+            ask(&sh, r#"{"id":5,"cmd":"reload"}"#)["error"]
+                .as_str()
+                .unwrap()
+                .contains("not served")
+        );
+        assert!(
+            ask(&sh, r#"{"cmd":"install","name":"a","payload_b64":"AAAA"}"#)["error"]
+                .as_str()
+                .unwrap()
+                .contains("not served"),
+            "install is off unless allow_install"
+        );
+        assert!(seen.lock().unwrap().is_empty());
+        let r = ask(&sh, r#"{"id":"q","cmd":"status"}"#);
+        assert_eq!(r, json!({"id": "q", "ok": true, "cmd": "status", "x": 1}));
+        let mut s = settings();
+        s.commands = true;
+        s.allow_install = true;
+        let sh = Shared::new(s, String::new());
+        let install = |b64: &str| {
+            ask(
+                &sh,
+                &format!(r#"{{"cmd":"install","name":"a","payload_b64":"{b64}"}}"#),
+            )
+        };
+        assert_eq!(install("AAECAw==")["ok"], true);
+        assert!(
+            install("AAECAwQ=")["error"]
+                .as_str()
+                .unwrap()
+                .contains("limit of 4 bytes")
+        );
+        assert!(
+            install("AAECAwQFBgcICQ==")["error"]
+                .as_str()
+                .unwrap()
+                .contains("limit")
+        );
+        assert!(
+            install("!!!!")["error"]
+                .as_str()
+                .unwrap()
+                .contains("not base64")
+        );
+        assert_eq!(
+            *seen.lock().unwrap(),
+            [("status".to_string(), 0), ("install".to_string(), 4)]
+        );
     }
 }
