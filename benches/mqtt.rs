@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use broker::{Broker, PASS, USER};
 use common::{env_or, pct, root};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Client, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use serde_json::{Value, json};
 
 const PREFIX: &str = "perch/bench";
@@ -40,6 +40,9 @@ impl Fleet {
         o.set_credentials(USER, PASS);
         o.set_keep_alive(Duration::from_secs(30));
         let (client, mut conn) = Client::new(o, 16);
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        conn.eventloop.set_network_options(net);
         client
             .subscribe(format!("{PREFIX}/cmd/reply"), QoS::AtLeastOnce)
             .unwrap();

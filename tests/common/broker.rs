@@ -66,7 +66,7 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "{listener}allow_anonymous false\npassword_file {}\npersistence false\n\
+                "{listener}allow_anonymous false\npassword_file {}\npersistence false\nset_tcp_nodelay true\n\
                  log_dest stderr\n",
                 pw.display(),
             ),
