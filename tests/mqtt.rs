@@ -271,6 +271,23 @@ fn publishes_and_serves_commands_through_a_real_broker() {
             .iter()
             .any(|d| d["adapter"]["sha256"] == sha)
     });
+    let r = command(&b, &sub, "r1", "\"cmd\":\"rollback\"");
+    assert_eq!(r["ok"], true, "{r}");
+    sub.wait(20, "the rolled_back event", |s| {
+        s.json_on("events")
+            .iter()
+            .any(|e| e["event"] == "rolled_back" && e["from"]["name"] == "osbs")
+    });
+
+    // A message over the link's incoming limit (with allow_install: the store's 64 MB as
+    // base64, about 85 MB; 64 KiB without) ends the connection before it is read whole; the
+    // link reconnects and commands work again.
+    let connects = status(&sock)["mqtt"]["connects"].as_u64().unwrap();
+    publish(&b, &format!("{PREFIX}/cmd"), &vec![b'x'; 100 << 20]);
+    wait_for(30, "the reconnect after an oversized message", || {
+        (status(&sock)["mqtt"]["connects"].as_u64().unwrap() > connects).then_some(())
+    });
+    assert_eq!(command(&b, &sub, "p1", "\"cmd\":\"ping\"")["ok"], true);
 
     // Detection messages are the records, byte for byte.
     signal(&svc, libc::SIGTERM);
@@ -289,7 +306,13 @@ fn publishes_and_serves_commands_through_a_real_broker() {
             "a detection message that is not a record: {d}"
         );
     }
-    assert!(err.lines().all(|l| !l.contains("mqtt")), "{err}");
+    let mqtt_lines: Vec<&str> = err.lines().filter(|l| l.contains("mqtt")).collect();
+    assert_eq!(
+        mqtt_lines.len(),
+        1,
+        "one line, for the oversized message: {err}"
+    );
+    assert!(mqtt_lines[0].contains("size"), "{err}");
 }
 
 /// A board that dies (`kill -9`) shows `offline` through the broker's last will.
