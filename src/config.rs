@@ -244,6 +244,7 @@ struct RawConfig {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(not(feature = "mqtt"), allow(dead_code))]
 struct RawMqtt {
     url: Spanned<String>,
     client_id: Option<Spanned<String>>,
