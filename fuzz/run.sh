@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-10}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(onnx_model adapter peft calibration config control y4m image)
+[ ${#targets[@]} -gt 0 ] || targets=(onnx_model adapter peft calibration config control mqtt_command y4m image)
 cache=${PERCH_CACHE:-$HOME/.cache/perch}
 export CARGO_TARGET_DIR="$cache/fuzz-target"
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal

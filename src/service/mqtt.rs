@@ -679,75 +679,95 @@ fn command_loop(sh: &Shared, rx: &Receiver<Vec<u8>>, handler: &Handler, limit: &
     }
 }
 
-/// The reply to one command message: `{"id", "ok": true, "cmd", ...}` or `{"id", "ok":
-/// false, "error"}`.
-fn answer(sh: &Shared, payload: &[u8], handler: &Handler, limit: &AtomicU64) -> Value {
-    let req = match serde_json::from_slice::<Value>(payload) {
+/// A command message, checked: what the control handler gets.
+#[derive(Debug)]
+pub struct Command {
+    /// The request's `id` (any JSON value; null when absent), echoed in the reply.
+    pub id: Value,
+    pub cmd: String,
+    /// The request object without `payload_b64`.
+    pub req: Map<String, Value>,
+    /// The decoded `payload_b64` of an `install` (empty otherwise).
+    pub payload: Vec<u8>,
+}
+
+/// Parses and checks one `<prefix>/cmd` message: a JSON object with a served `cmd` (`install`
+/// only with `allow_install`, its base64 payload decoded and at most `limit` bytes; `limit` 0:
+/// no adapter store). Errors are the error reply to publish (with the request's id when it has
+/// one).
+pub fn parse_command(payload: &[u8], allow_install: bool, limit: usize) -> Result<Command, Value> {
+    let mut req = match serde_json::from_slice::<Value>(payload) {
         Ok(Value::Object(m)) => m,
-        Ok(_) => return error_reply(Value::Null, "a command is a JSON object"),
-        Err(e) => return error_reply(Value::Null, &format!("not JSON: {e}")),
+        Ok(_) => return Err(error_reply(Value::Null, "a command is a JSON object")),
+        Err(e) => return Err(error_reply(Value::Null, &format!("not JSON: {e}"))),
     };
     let id = req.get("id").cloned().unwrap_or(Value::Null);
-    let Some(cmd) = req.get("cmd").and_then(Value::as_str).map(str::to_string) else {
-        return error_reply(id, "\"cmd\" (a string) is required");
+    let fail = |why: &str| {
+        Err(error_reply(
+            req.get("id").cloned().unwrap_or(Value::Null),
+            why,
+        ))
     };
-    let cmd = cmd.as_str();
-    if !REMOTE_COMMANDS.contains(&cmd) || (cmd == "install" && !sh.settings.allow_install) {
+    let Some(cmd) = req.get("cmd").and_then(Value::as_str).map(str::to_string) else {
+        return fail("\"cmd\" (a string) is required");
+    };
+    if !REMOTE_COMMANDS.contains(&cmd.as_str()) || (cmd == "install" && !allow_install) {
         let served: Vec<&str> = REMOTE_COMMANDS
             .iter()
             .copied()
-            .filter(|c| *c != "install" || sh.settings.allow_install)
+            .filter(|c| *c != "install" || allow_install)
             .collect();
-        return error_reply(
-            id,
-            &format!(
-                "command '{cmd}' is not served over MQTT (commands: {})",
-                served.join(", ")
-            ),
-        );
+        return fail(&format!(
+            "command '{cmd}' is not served over MQTT (commands: {})",
+            served.join(", ")
+        ));
     }
-    let bytes = if cmd == "install" {
-        let max = limit.load(Ordering::Relaxed) as usize;
+    let over = || format!("the adapter file is over the store's limit of {limit} bytes");
+    let payload = if cmd == "install" {
         let Some(b64) = req.get("payload_b64").and_then(Value::as_str) else {
-            return error_reply(
-                id,
-                "install needs the adapter file base64-encoded in \"payload_b64\"",
-            );
+            return fail("install needs the adapter file base64-encoded in \"payload_b64\"");
         };
-        if max == 0 {
-            return error_reply(id, "no adapter store is configured ([adapters])");
+        if limit == 0 {
+            return fail("no adapter store is configured ([adapters])");
         }
-        if b64.len() / 4 * 3 > max + 3 {
-            return error_reply(
-                id,
-                &format!("the adapter file is over the store's limit of {max} bytes"),
-            );
+        if b64.len() / 4 * 3 > limit.saturating_add(3) {
+            return fail(&over());
         }
         match base64::engine::general_purpose::STANDARD.decode(b64) {
-            Ok(b) if b.len() <= max => b,
-            Ok(_) => {
-                return error_reply(
-                    id,
-                    &format!("the adapter file is over the store's limit of {max} bytes"),
-                );
-            }
-            Err(e) => return error_reply(id, &format!("\"payload_b64\" is not base64: {e}")),
+            Ok(b) if b.len() <= limit => b,
+            Ok(_) => return fail(&over()),
+            Err(e) => return fail(&format!("\"payload_b64\" is not base64: {e}")),
         }
     } else {
         Vec::new()
     };
-    let mut req: Map<String, Value> = req;
     req.remove("payload_b64");
-    match handler(cmd, &req, bytes) {
+    Ok(Command {
+        id,
+        cmd,
+        req,
+        payload,
+    })
+}
+
+/// The reply to one command message: `{"id", "ok": true, "cmd", ...}` or `{"id", "ok":
+/// false, "error"}`.
+fn answer(sh: &Shared, payload: &[u8], handler: &Handler, limit: &AtomicU64) -> Value {
+    let limit = limit.load(Ordering::Relaxed) as usize;
+    let c = match parse_command(payload, sh.settings.allow_install, limit) {
+        Ok(c) => c,
+        Err(reply) => return reply,
+    };
+    match handler(&c.cmd, &c.req, c.payload) {
         Ok(fields) => {
             let mut m = Map::new();
-            m.insert("id".into(), id);
+            m.insert("id".into(), c.id);
             m.insert("ok".into(), true.into());
-            m.insert("cmd".into(), cmd.into());
+            m.insert("cmd".into(), c.cmd.into());
             m.extend(fields);
             Value::Object(m)
         }
-        Err(e) => error_reply(id, &e),
+        Err(e) => error_reply(c.id, &e),
     }
 }
 
