@@ -445,16 +445,7 @@ fn broker_outage_loses_no_frame_and_reconnects() {
     });
     // SAFETY: as above.
     unsafe { libc::kill(stalled.child.id() as i32, libc::SIGCONT) };
-    signal(&svc, libc::SIGTERM);
-    let (code, _, err) = finish(svc, 60);
-    assert_eq!(code, Some(0), "{err}");
-    let recs = records(&std::fs::read_to_string(dir.join("records.jsonl")).unwrap());
-    let s = seqs(&recs);
-    assert_eq!(
-        s,
-        (0..s.len() as u64).collect::<Vec<_>>(),
-        "every frame exactly once"
-    );
+    let (_, err) = stop_and_read_records(svc, &dir);
     let lines: Vec<&str> = err.lines().filter(|l| l.contains("mqtt")).collect();
     assert_eq!(lines.len(), 1, "one line for the outage: {err}");
 }
@@ -522,16 +513,7 @@ fn a_throttled_link_does_not_slow_the_frames() {
         std::thread::sleep(Duration::from_secs(6));
         let fps = (frames(&sock) - n0) as f64 / t0.elapsed().as_secs_f64();
         let st = status(&sock);
-        signal(&svc, libc::SIGTERM);
-        let (code, _, err) = finish(svc, 60);
-        assert_eq!(code, Some(0), "{err}");
-        let recs = records(&std::fs::read_to_string(d.join("records.jsonl")).unwrap());
-        let s = seqs(&recs);
-        assert_eq!(
-            s,
-            (0..s.len() as u64).collect::<Vec<_>>(),
-            "every frame exactly once"
-        );
+        stop_and_read_records(svc, d);
         (fps, st["mqtt"].clone())
     };
     let (fast, _) = measure(&fast_dir, b.url());

@@ -353,3 +353,20 @@ pub fn error_lines(out: &Output) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// Stops the service with SIGTERM (it must exit 0) and returns the records of its
+/// `records.jsonl` and its stderr, after checking that every frame was written exactly once,
+/// in order.
+pub fn stop_and_read_records(svc: Running, dir: &Path) -> (Vec<Value>, String) {
+    signal(&svc, libc::SIGTERM);
+    let (code, _, err) = finish(svc, 60);
+    assert_eq!(code, Some(0), "{err}");
+    let recs = records(&std::fs::read_to_string(dir.join("records.jsonl")).unwrap());
+    let s = seqs(&recs);
+    assert_eq!(
+        s,
+        (0..s.len() as u64).collect::<Vec<_>>(),
+        "every frame exactly once, in order"
+    );
+    (recs, err)
+}
