@@ -217,7 +217,8 @@ pub struct MqttSettings {
     pub min_score: f32,
     /// At most this many detection messages per second; frames over it are skipped (counted).
     pub max_rate: f64,
-    /// Detection messages held while the broker is unreachable or slow (oldest dropped first).
+    /// Detection messages held while the broker is unreachable or slow (oldest dropped first);
+    /// at most 10,000 (memory: about this many records).
     pub queue: usize,
     /// Longest wait between two connection attempts (the wait doubles from 0.5 s).
     pub reconnect_max: Duration,
@@ -664,11 +665,12 @@ fn mqtt(ctx: &Ctx, m: RawMqtt) -> Result<MqttSettings, ConfigError> {
             }
         },
     };
-    if m.commands && credentials.is_none() && client_cert.is_none() {
+    let has_password = credentials.as_ref().is_some_and(|c| !c.password.is_empty());
+    if m.commands && !has_password && client_cert.is_none() {
         return Err(ctx.missing(
             "mqtt.commands",
-            "needs an authenticated connection: set username and password(_file), or \
-             cert_file and key_file",
+            "needs an authenticated connection: set username and a non-empty password(_file), \
+             or cert_file and key_file",
         ));
     }
     if m.allow_install && !m.commands {
@@ -698,7 +700,7 @@ fn mqtt(ctx: &Ctx, m: RawMqtt) -> Result<MqttSettings, ConfigError> {
         min_score: ctx.in_range(&m.min_score, "mqtt.min_score", 0.0, 1.0, 0.0)? as f32,
         max_rate: ctx.in_range(&m.max_rate, "mqtt.max_rate", 0.01, 10_000.0, 10.0)?,
         queue: ctx
-            .count(&m.queue, "mqtt.queue", 1, 1_000_000)?
+            .count(&m.queue, "mqtt.queue", 1, 10_000)?
             .map_or(256, |q| q as usize),
         reconnect_max: secs(
             &m.reconnect_max_s,
@@ -1111,6 +1113,11 @@ socket = "/run/perch/control.sock"
             ("url = \"mqtt://x/topic\"", "scheme://host[:port]"),
             ("url = \"mqtt://x\"\nca_file = \"c\"", "use mqtts://"),
             ("url = \"mqtt://x\"\ncommands = true", "authenticated"),
+            (
+                "url = \"mqtt://x\"\nusername = \"u\"\ncommands = true",
+                "non-empty password",
+            ),
+            ("url = \"mqtt://x\"\nqueue = 10001", "mqtt.queue"),
             ("url = \"mqtt://x\"\nallow_install = true", "mqtt.commands"),
             ("url = \"mqtt://x\"\nprefix = \"a/#\"", "wildcard"),
             ("url = \"mqtt://x\"\nprefix = \"a/\"", "empty level"),

@@ -80,9 +80,17 @@ impl Drop for Sub {
 }
 
 fn publish(b: &Broker, topic: &str, payload: &[u8]) {
+    publish_with(b, topic, payload, &[]);
+}
+
+/// `mosquitto_pub` with `extra` arguments (e.g. `-r`, retain); the payload from stdin (an
+/// empty one as `-n`, which clears a retained message).
+fn publish_with(b: &Broker, topic: &str, payload: &[u8], extra: &[&str]) {
     let mut child = Command::new(tool("mosquitto_pub"))
         .args(["-h", "127.0.0.1", "-p", &b.port.to_string()])
-        .args(["-u", USER, "-P", PASS, "-q", "1", "-t", topic, "-s"])
+        .args(["-u", USER, "-P", PASS, "-q", "1", "-t", topic])
+        .arg(if payload.is_empty() { "-n" } else { "-s" })
+        .args(extra)
         .stdin(Stdio::piped())
         .spawn()
         .unwrap();
@@ -156,6 +164,8 @@ fn publishes_and_serves_commands_through_a_real_broker() {
     let dir = scratch("mqtt-main");
     let b = Broker::start(&dir, None);
     let sub = Sub::start(&b, &format!("{PREFIX}/#"));
+    let cmd_topic = format!("{PREFIX}/cmd");
+    publish_with(&b, &cmd_topic, br#"{"id":"ret","cmd":"rollback"}"#, &["-r"]);
     let (sock, svc) = service(
         &dir,
         &format!(
@@ -186,6 +196,15 @@ fn publishes_and_serves_commands_through_a_real_broker() {
 
     // Bad requests: one error reply each, and nothing else happens.
     let events_before = sub.on("events").len();
+    // A command left retained on the broker is not run when perch subscribes (it would run
+    // again on every reconnect).
+    sub.wait(10, "the reply to a retained command", |s| {
+        s.json_on("cmd/reply").iter().any(|r| {
+            r["ok"] == false && r["error"].as_str().unwrap().starts_with("retained command")
+        })
+    });
+    assert!(!sub.json_on("cmd/reply").iter().any(|r| r["id"] == "ret"));
+    publish_with(&b, &cmd_topic, b"", &["-r"]);
     publish(&b, &format!("{PREFIX}/cmd"), b"not json at all");
     sub.wait(10, "the reply to garbage", |s| {
         s.json_on("cmd/reply")

@@ -236,14 +236,26 @@ fn unwritable_stdout_is_one_line_exit_1() {
             "{args:?}: {stderr}"
         );
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
-        // stdout is a pipe whose reader has gone.
-        let mut child = perch_command(args)
-            .stdout(Stdio::piped())
+        // stdout is a pipe whose reader is closed before perch starts (closing it after the
+        // spawn would race a fast command that fits its output into the pipe's buffer).
+        let mut fds = [0; 2];
+        // Close-on-exec, so that no other test's child inherits the reader.
+        // SAFETY: pipe2(2) fills two descriptors we then own.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: each descriptor is owned once, here.
+        let (reader, writer) = unsafe {
+            use std::os::fd::FromRawFd;
+            (
+                std::os::fd::OwnedFd::from_raw_fd(fds[0]),
+                std::os::fd::OwnedFd::from_raw_fd(fds[1]),
+            )
+        };
+        drop(reader);
+        let out = perch_command(args)
+            .stdout(Stdio::from(writer))
             .stderr(Stdio::piped())
-            .spawn()
+            .output()
             .unwrap();
-        drop(child.stdout.take());
-        let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");

@@ -898,6 +898,10 @@ pub fn run(mut settings: Settings, inv: Invocation) -> Result<(), ServiceError> 
                     || next.http != settings.http
                     || next.framebuffer != settings.framebuffer
                     || next.mqtt != settings.mqtt
+                    // The link sizes its largest incoming message (an install) by the store.
+                    || next.mqtt.as_ref().is_some_and(|m| m.allow_install)
+                        && next.adapters.as_ref().map(|a| a.max_bytes)
+                            != settings.adapters.as_ref().map(|a| a.max_bytes)
                 {
                     drop(endpoints);
                     endpoints =

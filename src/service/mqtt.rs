@@ -16,9 +16,10 @@
 //! bounded in-memory queues that drop their oldest message when full (counted in the status).
 //! A publisher thread hands queued messages to the connection while it is up; the network
 //! thread drives the connection and reconnects with a doubling wait (0.5 s up to
-//! `reconnect_max_s`). Each distinct connection failure is logged once. Messages held by the
-//! connection when it breaks (at most rumqttc's in-flight window and its request channel) are
-//! lost with the session, which starts clean on every connect.
+//! `reconnect_max_s`; a connection that ends within seconds does not reset the wait). Each
+//! outage is logged once. Messages in flight when a connection breaks are lost with the
+//! session, which starts clean on every connect. Retained command messages are ignored (they
+//! would run again on every reconnect); commands wait in a queue bounded in count and bytes.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,6 +65,12 @@ const REMOTE_COMMANDS: [&str; 9] = [
     "install",
 ];
 
+/// A command message for the command thread; its size is counted in `queued` until taken.
+struct CommandMsg {
+    payload: Vec<u8>,
+    queued: Arc<AtomicU64>,
+}
+
 /// One message for the broker.
 struct Msg {
     topic: String,
@@ -90,6 +97,8 @@ struct Conn {
 
 struct Shared {
     settings: MqttSettings,
+    /// The largest incoming message the connection accepts, in bytes.
+    max_incoming: usize,
     broker: String,
     queues: Mutex<Queues>,
     conn: Mutex<Conn>,
@@ -109,6 +118,7 @@ impl Shared {
     fn new(settings: MqttSettings, broker: String) -> Shared {
         Shared {
             settings,
+            max_incoming: MAX_COMMAND,
             broker,
             queues: Mutex::default(),
             conn: Mutex::default(),
@@ -121,6 +131,32 @@ impl Shared {
             last_error: Mutex::new(None),
             last_detection: Mutex::new(None),
         }
+    }
+
+    /// (connected, session, ended) of the connection.
+    fn conn_state(&self) -> (bool, u64, bool) {
+        let c = self.conn.lock().expect("mqtt conn lock");
+        (c.connected, c.session, c.ended)
+    }
+
+    /// Records a connection change (`new_session`: a connection was accepted) and wakes the
+    /// publisher.
+    fn set_connected(&self, connected: bool, new_session: bool) {
+        {
+            let mut c = self.conn.lock().expect("mqtt conn lock");
+            c.connected = connected;
+            if new_session {
+                c.session += 1;
+            }
+        }
+        self.notify();
+    }
+
+    /// Wakes the publisher; taking the queue lock first means a publisher between its checks
+    /// and its wait cannot miss it.
+    fn notify(&self) {
+        drop(self.queues.lock().expect("mqtt queue lock"));
+        self.wake.notify_all();
     }
 
     fn topic(&self, leaf: &str) -> String {
@@ -369,7 +405,9 @@ impl Link {
         if s.tls {
             opts.set_transport(Transport::Tls(tls_config(s)?.into()));
         }
-        let shared = Arc::new(Shared::new(s.clone(), broker));
+        let mut shared = Shared::new(s.clone(), broker);
+        shared.max_incoming = incoming;
+        let shared = Arc::new(shared);
         opts.set_last_will(LastWill::new(
             shared.topic("availability"),
             "offline",
@@ -382,9 +420,25 @@ impl Link {
         net.set_connection_timeout(5);
         connection.eventloop.set_network_options(net);
         let spawn = |name: &str| std::thread::Builder::new().name(name.into());
-        let thread_err = |e: std::io::Error| LinkError(format!("cannot start a thread: {e}"));
+        // Threads already started see the stop and end.
+        let thread_err = |e: std::io::Error| {
+            shared.stop.store(true, Ordering::Relaxed);
+            shared.notify();
+            LinkError(format!("cannot start a thread: {e}"))
+        };
+        let loopback = s.host == "localhost"
+            || s.host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if s.commands && !s.tls && !loopback {
+            log::warn!(
+                "mqtt: commands over plain mqtt://{}: credentials and commands travel in clear \
+                 text; use mqtts://",
+                s.host
+            );
+        }
 
-        let (cmd_tx, cmd_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(COMMAND_QUEUE);
+        let (cmd_tx, cmd_rx) = std::sync::mpsc::sync_channel::<CommandMsg>(COMMAND_QUEUE);
         let commands = s.commands;
         if commands {
             let (sh, limit) = (shared.clone(), payload_limit);
@@ -398,11 +452,8 @@ impl Link {
             spawn("perch-mqtt-net")
                 .spawn(move || {
                     network_loop(&sh, &mut connection, commands.then_some(cmd_tx));
-                    let mut c = sh.conn.lock().expect("mqtt conn lock");
-                    c.connected = false;
-                    c.ended = true;
-                    drop(c);
-                    sh.wake.notify_all();
+                    sh.conn.lock().expect("mqtt conn lock").ended = true;
+                    sh.set_connected(false, false);
                     let _ = ended_tx.send(());
                 })
                 .map_err(thread_err)?;
@@ -450,39 +501,52 @@ impl Drop for Link {
     fn drop(&mut self) {
         self.metrics.set_event_sink(None);
         self.shared.stop.store(true, Ordering::Relaxed);
-        self.shared.wake.notify_all();
+        self.shared.notify();
         if let Some(p) = self.publisher.take() {
             let _ = p.join();
         }
-        // The network thread ends once the disconnect is sent, or at its next failure.
+        // The network thread ends once the disconnect is sent; else at its next event or
+        // failure (then it closes the socket itself, and the broker publishes the last will).
         let _ = self.ended.recv_timeout(STOP_WAIT);
         self.metrics.update(|st| st.mqtt = None);
     }
 }
 
 /// Drives the connection: connects, reconnects with a doubling wait, hands command messages to
-/// the command thread (or answers "busy"), and records the state for the publisher.
+/// the command thread (or answers "busy"), and records the state for the publisher. Ends on
+/// the clean disconnect of a stop, at the first event after [`STOP_WAIT`] past the stop, or on
+/// a connection failure after the stop (the socket then closes and the broker publishes the
+/// last will).
 fn network_loop(
     sh: &Shared,
     connection: &mut rumqttc::Connection,
-    commands: Option<SyncSender<Vec<u8>>>,
+    commands: Option<SyncSender<CommandMsg>>,
 ) {
     let cmd_topic = sh.topic("cmd");
     let first_wait = Duration::from_millis(500);
+    // A connection that lasts this long resets the doubling wait; shorter ones (a broker that
+    // drops each connection at once) keep it growing.
+    let stable = Duration::from_secs(10);
     let mut wait = first_wait;
     let mut logged: Option<String> = None;
+    let mut connected_at: Option<Instant> = None;
+    let mut stop_seen: Option<Instant> = None;
+    // Bytes of command messages waiting for the command thread: at most one message of the
+    // largest allowed size, or several small ones.
+    let queued_bytes = Arc::new(AtomicU64::new(0));
     loop {
+        if sh.stop.load(Ordering::Relaxed)
+            && stop_seen.get_or_insert_with(Instant::now).elapsed() >= STOP_WAIT
+        {
+            return;
+        }
         let Ok(event) = connection.recv() else {
             return;
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                let mut c = sh.conn.lock().expect("mqtt conn lock");
-                c.connected = true;
-                c.session += 1;
-                drop(c);
-                sh.wake.notify_all();
-                wait = first_wait;
+                sh.set_connected(true, true);
+                connected_at = Some(Instant::now());
                 *sh.last_error.lock().expect("mqtt error lock") = None;
                 if logged.take().is_some() {
                     log::info!("mqtt: connected to {} again", sh.broker);
@@ -493,13 +557,41 @@ fn network_loop(
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == cmd_topic => {
                 sh.commands.fetch_add(1, Ordering::Relaxed);
                 let Some(tx) = &commands else { continue };
-                match tx.try_send(p.payload.to_vec()) {
-                    Ok(()) => {}
-                    Err(TrySendError::Full(payload)) => sh.reply(error_reply(
-                        request_id(&payload),
-                        &format!("busy: {COMMAND_QUEUE} commands are waiting; try again"),
-                    )),
-                    Err(TrySendError::Disconnected(_)) => {}
+                // A retained command would run again on every reconnect, long after it was
+                // meant.
+                if p.retain {
+                    sh.reply(error_reply(
+                        Value::Null,
+                        "retained command messages are ignored; publish commands without retain",
+                    ));
+                    continue;
+                }
+                let len = p.payload.len() as u64;
+                let busy = queued_bytes.load(Ordering::Relaxed) > 0
+                    && queued_bytes.load(Ordering::Relaxed) + len > sh.max_incoming as u64;
+                let sent = !busy
+                    && match tx.try_send(CommandMsg {
+                        payload: p.payload.to_vec(),
+                        queued: queued_bytes.clone(),
+                    }) {
+                        Ok(()) => {
+                            queued_bytes.fetch_add(len, Ordering::Relaxed);
+                            true
+                        }
+                        Err(TrySendError::Full(_)) => false,
+                        Err(TrySendError::Disconnected(_)) => continue,
+                    };
+                if !sent {
+                    // Only small messages are parsed for their id here.
+                    let id = if p.payload.len() <= MAX_COMMAND {
+                        request_id(&p.payload)
+                    } else {
+                        Value::Null
+                    };
+                    sh.reply(error_reply(
+                        id,
+                        "busy: earlier commands are still waiting; try again",
+                    ));
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) if sh.stop.load(Ordering::Relaxed) => {
@@ -507,13 +599,12 @@ fn network_loop(
             }
             Ok(_) => {}
             Err(e) => {
-                {
-                    let mut c = sh.conn.lock().expect("mqtt conn lock");
-                    c.connected = false;
-                }
-                sh.wake.notify_all();
+                sh.set_connected(false, false);
                 if sh.stop.load(Ordering::Relaxed) {
                     return;
+                }
+                if connected_at.take().is_some_and(|t| t.elapsed() >= stable) {
+                    wait = first_wait;
                 }
                 let why = describe(&e);
                 let refused = matches!(e, ConnectionError::ConnectionRefused(_));
@@ -580,10 +671,7 @@ fn publish_loop(sh: &Shared, client: &Client, metrics: &Metrics) {
     let mut last_state = (false, 0);
     loop {
         let now = Instant::now();
-        let (connected, session, ended) = {
-            let c = sh.conn.lock().expect("mqtt conn lock");
-            (c.connected, c.session, c.ended)
-        };
+        let (connected, session, ended) = sh.conn_state();
         if now >= next_metrics || (connected, session) != last_state {
             last_state = (connected, session);
             metrics.update(|st| st.mqtt = Some(sh.status()));
@@ -591,20 +679,23 @@ fn publish_loop(sh: &Shared, client: &Client, metrics: &Metrics) {
         }
         if sh.stop.load(Ordering::Relaxed) || ended {
             if connected && !ended {
-                send(&availability("offline"));
+                say_offline(sh, client, &send, &availability("offline"));
             }
-            let _ = client.try_disconnect();
             return;
         }
-        if connected && session != seen_session {
-            seen_session = session;
-            if sh.settings.commands {
-                let _ = client.try_subscribe(sh.topic("cmd"), qos);
+        if connected && session != seen_session && !full {
+            // Both must reach the client channel, else the session would run without its
+            // command subscription or stay `offline`: retried until they do.
+            let subscribed =
+                !sh.settings.commands || client.try_subscribe(sh.topic("cmd"), qos).is_ok();
+            if subscribed && send(&availability("online")) {
+                seen_session = session;
+                next_status = now;
+            } else {
+                full = true;
             }
-            send(&availability("online"));
-            next_status = now;
         }
-        if connected && now >= next_status {
+        if connected && now >= next_status && seen_session == session {
             status = Some(Msg {
                 topic: sh.topic("status"),
                 payload: serde_json::to_vec(&metrics.status()).expect("status serialises"),
@@ -612,7 +703,7 @@ fn publish_loop(sh: &Shared, client: &Client, metrics: &Metrics) {
             });
             next_status = now + sh.settings.status_every;
         }
-        if connected && !full {
+        if connected && !full && seen_session == session {
             if let Some(m) = status.take() {
                 if !send(&m) {
                     status = Some(m);
@@ -641,6 +732,15 @@ fn publish_loop(sh: &Shared, client: &Client, metrics: &Metrics) {
             }
         }
         let q = sh.queues.lock().expect("mqtt queue lock");
+        // Checked under the lock that pushes and state changes take before they notify, so
+        // no wake-up is lost between this check and the wait.
+        let work = !q.control.is_empty() || !q.detections.is_empty();
+        if sh.conn_state() != (connected, session, ended) || sh.stop.load(Ordering::Relaxed) {
+            continue;
+        }
+        if connected && work && !full {
+            continue;
+        }
         let mut until = next_metrics;
         if connected {
             until = until.min(next_status);
@@ -653,6 +753,29 @@ fn publish_loop(sh: &Shared, client: &Client, metrics: &Metrics) {
         let _ = sh
             .wake
             .wait_timeout(q, timeout.max(Duration::from_millis(1)));
+    }
+}
+
+/// On a clean stop: queues `offline` and then the disconnect, retrying while the client
+/// channel is full, until [`STOP_WAIT`]. When `offline` cannot be queued in time the disconnect
+/// is not sent either: the socket then closes without it and the broker publishes the last
+/// will (`offline`) instead.
+fn say_offline(sh: &Shared, client: &Client, send: &dyn Fn(&Msg) -> bool, offline: &Msg) {
+    let deadline = Instant::now() + STOP_WAIT / 2;
+    let retry = |f: &dyn Fn() -> bool| {
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            if !sh.conn_state().0 {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    };
+    if retry(&|| send(offline)) {
+        retry(&|| client.try_disconnect().is_ok());
     }
 }
 
@@ -669,12 +792,14 @@ fn error_reply(id: Value, error: &str) -> Value {
 }
 
 /// Serves `<prefix>/cmd` messages one at a time until the link stops.
-fn command_loop(sh: &Shared, rx: &Receiver<Vec<u8>>, handler: &Handler, limit: &AtomicU64) {
+fn command_loop(sh: &Shared, rx: &Receiver<CommandMsg>, handler: &Handler, limit: &AtomicU64) {
     while !sh.stop.load(Ordering::Relaxed) {
-        let Ok(payload) = rx.recv_timeout(Duration::from_millis(200)) else {
+        let Ok(msg) = rx.recv_timeout(Duration::from_millis(200)) else {
             continue;
         };
-        let reply = answer(sh, &payload, handler, limit);
+        msg.queued
+            .fetch_sub(msg.payload.len() as u64, Ordering::Relaxed);
+        let reply = answer(sh, &msg.payload, handler, limit);
         sh.reply(reply);
     }
 }
