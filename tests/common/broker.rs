@@ -10,15 +10,15 @@ use std::time::{Duration, Instant};
 pub const USER: &str = "board";
 pub const PASS: &str = "s3cret";
 
-/// Polls `f` until it returns Some, failing after `secs`.
-fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+/// Polls `f` every 50 ms until it returns Some, failing after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let end = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(v) = f() {
             return v;
         }
         assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -200,17 +200,9 @@ pub fn status(sock: &Path) -> Value {
     ctl(sock, "status")
 }
 
-/// Polls `f` until it returns Some, failing after `secs`.
-pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+// Not every test crate polls.
+#[allow(unused_imports)]
+pub use broker::wait_for;
 
 /// A spawned service, killed when dropped, so a failing test leaves no process behind.
 pub struct Running(pub Child);
