@@ -216,20 +216,24 @@ fn main() {
     );
 
     let mut back = Vec::new();
-    for _ in 0..outages {
+    for i in 0..outages {
         b.stop();
         wait("disconnected", &|| {
             st(&sock)["mqtt"]["state"] == "disconnected"
         });
-        // Let the backoff reach its bound (reconnect_max_s = 1).
-        std::thread::sleep(Duration::from_secs(3));
+        // Let the backoff reach its bound (reconnect_max_s = 1), and return at a different
+        // phase of the retry cycle each time.
+        std::thread::sleep(Duration::from_millis(
+            3000 + 1000 * i as u64 / outages.max(1) as u64,
+        ));
         let t = Instant::now();
         b.resume();
         wait("reconnected", &|| st(&sock)["mqtt"]["state"] == "connected");
         back.push(t.elapsed().as_secs_f64() * 1e3);
     }
     println!(
-        "broker back -> perch connected (reconnect_max_s = 1, so the bound is 1000 ms + connect):"
+        "broker back, at phases spread over the retry cycle -> perch connected \
+         (reconnect_max_s = 1, so the bound is 1000 ms + connect):"
     );
     line("reconnect", &back);
     let _ = svc.kill();
