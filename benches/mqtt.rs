@@ -17,7 +17,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::time::{Duration, Instant};
 
 use broker::{Broker, PASS, USER};
-use common::{env_or, pct, root};
+use common::{cpu, env_or, pct, root};
 use rumqttc::{Client, Event, MqttOptions, NetworkOptions, Packet, QoS};
 use serde_json::{Value, json};
 
@@ -164,17 +164,10 @@ fn main() {
     }
     let fleet = Fleet::connect(b.port);
     std::thread::sleep(Duration::from_millis(500));
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
     println!(
         "mqtt link, mosquitto on loopback, perch on a 15 fps synthetic camera publishing every \
-         frame ({cpu}, {} CPUs)",
+         frame ({}, {} CPUs)",
+        cpu(),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let mut id = 0;

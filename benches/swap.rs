@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{env_or, pct, root};
+use common::{cpu, env_or, pct, root};
 use serde_json::{Value, json};
 
 fn request(sock: &Path, req: Value) -> Value {
@@ -198,17 +198,7 @@ fn main() {
     println!(
         "machine: {} cores, {}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(
-                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
-                    .split(':')
-                    .nth(1)
-                    .unwrap_or("")
-                    .trim()
-                    .to_string())
-            )
-            .unwrap_or_default()
+        cpu()
     );
     println!(
         "| phase | frames | lost (newest-wins) | latency p50 ms | latency p99 ms | p99 vs baseline | command->first frame p50 ms | p99 ms | build p50 ms |"

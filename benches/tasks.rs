@@ -13,7 +13,7 @@ mod common;
 
 use std::time::Instant;
 
-use common::{env_or, pct, root};
+use common::{cpu, env_or, pct, root};
 use perch::adapter::Adapter;
 use perch::adapter::merge::apply;
 use perch::config::ModelSettings;
@@ -21,34 +21,6 @@ use perch::engine::{EngineBuilder, InputSize};
 use perch::image_io::load_rgb;
 use perch::model::OnnxModel;
 use perch::{Detector, RgbFrame};
-
-fn cpu() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |k: &str| {
-        info.lines()
-            .find(|l| l.starts_with(k))
-            .and_then(|l| l.split(':').nth(1))
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    let flags = field("flags");
-    let picked: Vec<&str> = flags
-        .split_whitespace()
-        .filter(|f| {
-            [
-                "avx2",
-                "fma",
-                "avx512f",
-                "avx512_vnni",
-                "avx_vnni",
-                "avx512_fp16",
-                "amx_int8",
-            ]
-            .contains(f)
-        })
-        .collect();
-    format!("{} [{}]", field("model name"), picked.join(" "))
-}
 
 fn frame_ms(det: &mut Detector, frame: &RgbFrame) -> f64 {
     let t = Instant::now();

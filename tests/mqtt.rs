@@ -114,35 +114,15 @@ fn command(b: &Broker, sub: &Sub, id: &str, body: &str) -> Value {
     reply.unwrap()
 }
 
-/// A running service in `dir`: lossless looping images, records in `records.jsonl`, a control
-/// socket, an adapter store, and `[mqtt]` with `mqtt` lines. Returns once the first frame is
-/// processed.
+/// A running service in `dir` ([`image_loop_service`] on one image) with `[mqtt]` under
+/// `PREFIX` and `mqtt` lines. Returns once the first frame is processed.
 fn service(dir: &Path, mqtt: &str) -> (PathBuf, Running) {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    std::fs::copy(path("tests/data/osbs_029.jpg"), images.join("0.jpg")).unwrap();
-    let sock = dir.join("control.sock");
-    let cfg = write_config(
+    image_loop_service(
         dir,
-        &format!(
-            "[source]\nuri = \"images:{}\"\nloop = true\n[output]\nstdout = false\n\
-             file = \"records.jsonl\"\n[control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\n\
-             probation_frames = 3\n[mqtt]\nprefix = \"{PREFIX}\"\n{mqtt}",
-            images.display(),
-            sock.display()
-        ),
-    );
-    let mut svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
-    wait_for(60, "the first frame", || {
-        if let Ok(Some(code)) = svc.0.try_wait() {
-            let mut err = String::new();
-            let _ = svc.0.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("perch run exited with {code}: {err}");
-        }
-        let n = try_status(&sock)?["frames_processed"].as_u64()?;
-        (n > 0).then_some(())
-    });
-    (sock, svc)
+        &["tests/data/osbs_029.jpg"],
+        "",
+        &format!("[mqtt]\nprefix = \"{PREFIX}\"\n{mqtt}"),
+    )
 }
 
 fn auth(b: &Broker) -> String {

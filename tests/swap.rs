@@ -88,32 +88,12 @@ fn wait_frames(sock: &Path, more_than: u64) -> u64 {
     })
 }
 
-/// The two images [`image_loop_service`] loops over; frame `seq` shows `LOOP_FILES[seq % 2]`.
+/// The two images [`loop_service`] loops over; frame `seq` shows `LOOP_FILES[seq % 2]`.
 const LOOP_FILES: [&str; 2] = ["tests/data/osbs_029.jpg", "tests/data/yell_val_480x320.png"];
 
-/// A service in `dir` on a lossless, looping image source (`LOOP_FILES`), records in
-/// `records.jsonl`, a control socket and an empty adapter store with a 3-frame probation;
-/// `model` adds lines to `[model]`. Returns once the first frame is processed.
-fn image_loop_service(dir: &Path, model: &str) -> (std::path::PathBuf, Running) {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    for (i, f) in LOOP_FILES.iter().enumerate() {
-        let ext = Path::new(f).extension().unwrap().to_str().unwrap();
-        std::fs::copy(path(f), images.join(format!("{i}.{ext}"))).unwrap();
-    }
-    let sock = dir.join("control.sock");
-    let cfg = write_config(
-        dir,
-        &format!(
-            "{model}[source]\nuri = \"images:{}\"\nloop = true\n[output]\nstdout = false\nfile = \"records.jsonl\"\n\
-             [control]\nsocket = \"{}\"\n[adapters]\nstore = \"store\"\nprobation_frames = 3\n",
-            images.display(),
-            sock.display()
-        ),
-    );
-    let svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
-    wait_frames(&sock, 0);
-    (sock, svc)
+/// [`image_loop_service`] on `LOOP_FILES`, `model` adding lines to `[model]`.
+fn loop_service(dir: &Path, model: &str) -> (std::path::PathBuf, Running) {
+    image_loop_service(dir, &LOOP_FILES, model, "")
 }
 
 /// 10 activations cycling through adapters, scales and the bare base while a looping image
@@ -124,7 +104,7 @@ fn image_loop_service(dir: &Path, model: &str) -> (std::path::PathBuf, Running) 
 #[test]
 fn swaps_lose_no_frame_and_records_name_their_adapter() {
     let dir = scratch("swap-cycle");
-    let (sock, svc) = image_loop_service(&dir, "");
+    let (sock, svc) = loop_service(&dir, "");
     install_all(
         &sock,
         &[
@@ -253,7 +233,7 @@ fn swaps_lose_no_frame_and_records_name_their_adapter() {
 #[test]
 fn task_swaps_leave_the_other_tasks_records_alone() {
     let dir = scratch("swap-tasks");
-    let (sock, svc) = image_loop_service(&dir, "conf = 0.05\n");
+    let (sock, svc) = loop_service(&dir, "conf = 0.05\n");
     install_all(
         &sock,
         &[

@@ -24,3 +24,33 @@ pub fn pct(v: &[f64], q: f64) -> f64 {
     s.sort_by(f64::total_cmp);
     s[((q * s.len() as f64).ceil() as usize).clamp(1, s.len()) - 1]
 }
+
+/// The CPU model and the flags that choose tract's kernels, e.g. `Intel(R) Xeon(R) Processor
+/// [avx2 fma avx512f avx512_vnni]`.
+pub fn cpu() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |k: &str| {
+        info.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split(':').nth(1))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let flags = field("flags");
+    let picked: Vec<&str> = flags
+        .split_whitespace()
+        .filter(|f| {
+            [
+                "avx2",
+                "fma",
+                "avx512f",
+                "avx512_vnni",
+                "avx_vnni",
+                "avx512_fp16",
+                "amx_int8",
+            ]
+            .contains(f)
+        })
+        .collect();
+    format!("{} [{}]", field("model name"), picked.join(" "))
+}

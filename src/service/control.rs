@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::server::{Workers, accept_until, bind_socket};
 
@@ -152,16 +152,25 @@ impl Drop for ControlServer {
     }
 }
 
-fn reply(stream: &mut UnixStream, r: &Result<Map<String, Value>, String>) -> std::io::Result<()> {
-    let v = match r {
+/// The reply object to a handled request: `{"ok": true, ...fields}` or `{"ok": false,
+/// "error": ...}` (the control socket's replies, and the MQTT link's with its `id` added).
+pub fn reply_object(r: Result<Map<String, Value>, String>) -> Map<String, Value> {
+    let mut m = Map::new();
+    match r {
         Ok(fields) => {
-            let mut m = Map::new();
             m.insert("ok".into(), Value::Bool(true));
-            m.extend(fields.clone());
-            Value::Object(m)
+            m.extend(fields);
         }
-        Err(e) => json!({"ok": false, "error": e}),
-    };
+        Err(e) => {
+            m.insert("ok".into(), Value::Bool(false));
+            m.insert("error".into(), Value::String(e));
+        }
+    }
+    m
+}
+
+fn reply(stream: &mut UnixStream, r: &Result<Map<String, Value>, String>) -> std::io::Result<()> {
+    let v = Value::Object(reply_object(r.clone()));
     let mut line = serde_json::to_vec(&v).map_err(std::io::Error::other)?;
     line.push(b'\n');
     stream.write_all(&line)
@@ -399,6 +408,7 @@ pub fn request_with_payload(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn requests_errors_and_limits() {

@@ -151,10 +151,6 @@ fn start_core(s: &Settings, metrics: &Arc<Metrics>) -> Result<(Core, Engine), Se
 pub fn check(settings: &Settings) -> Result<String, ServiceError> {
     let config = |e: String| ServiceError::Config(e);
     check_paths(settings, None).map_err(config)?;
-    #[cfg(feature = "mqtt")]
-    if let Some(m) = &settings.mqtt {
-        mqtt::check(m).map_err(|e| config(e.to_string()))?;
-    }
     let factory = EngineBuilder::load(&settings.model)
         .map_err(|e| config(crate::exit::one_line(&e)))?
         .with_frame_size(settings.source.size);
@@ -185,8 +181,9 @@ pub fn check(settings: &Settings) -> Result<String, ServiceError> {
 
 /// Checks, without creating anything, that the files and sockets `s` writes can be opened:
 /// the output file is a writable regular file or can be created in an existing directory, each
-/// socket path is free or a socket, and the snapshot directory is a directory. Paths that
-/// `running` (the configuration serving now) already holds are taken as good.
+/// socket path is free or a socket, and the snapshot directory is a directory; and reads the
+/// TLS certificates and key `[mqtt]` names. Paths that `running` (the configuration serving
+/// now) already holds are taken as good.
 pub fn check_paths(s: &Settings, running: Option<&Settings>) -> Result<(), String> {
     use std::os::unix::fs::FileTypeExt;
     let writable_dir = |key: &str, p: &Path| -> Result<(), String> {
@@ -258,6 +255,10 @@ pub fn check_paths(s: &Settings, running: Option<&Settings>) -> Result<(), Strin
             "snapshots.dir: {}: not a directory",
             sn.dir.display()
         ));
+    }
+    #[cfg(feature = "mqtt")]
+    if let Some(m) = &s.mqtt {
+        mqtt::check(m).map_err(|e| e.to_string())?;
     }
     Ok(())
 }
@@ -711,12 +712,6 @@ fn try_reload(
     }
     if let Err(e) = check_paths(&next, Some(current)) {
         return fail(e);
-    }
-    #[cfg(feature = "mqtt")]
-    if let Some(m) = &next.mqtt
-        && let Err(e) = mqtt::check(m)
-    {
-        return fail(e.to_string());
     }
     // File sources are checked now; a camera is busy (held by the running pipeline) and will
     // be retried by the new pipeline anyway, and reading a FIFO's header here would take it

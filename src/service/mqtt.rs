@@ -33,7 +33,7 @@ use rumqttc::{
     Client, ConnectReturnCode, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions,
     Outgoing, Packet, QoS, Transport,
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use super::control::Handler;
 use super::metrics::Metrics;
@@ -195,10 +195,7 @@ impl Shared {
     }
 
     fn status(&self) -> MqttStatus {
-        let (connected, connects) = {
-            let c = self.conn.lock().expect("mqtt conn lock");
-            (c.connected, c.session)
-        };
+        let (connected, connects, _) = self.conn_state();
         let last_error = self.last_error.lock().expect("mqtt error lock").clone();
         MqttStatus {
             broker: self.broker.clone(),
@@ -219,15 +216,21 @@ impl Shared {
         }
     }
 
-    fn reply(&self, reply: Value) {
+    /// Queues `payload` for `<prefix>/leaf`, not retained (see [`Shared::push`]).
+    fn push_to(&self, leaf: &str, payload: Vec<u8>, control: bool) {
+        let topic = self.topic(leaf);
         self.push(
             Msg {
-                topic: self.topic("cmd/reply"),
-                payload: reply.to_string().into_bytes(),
+                topic,
+                payload,
                 retain: false,
             },
-            true,
+            control,
         );
+    }
+
+    fn reply(&self, reply: Value) {
+        self.push_to("cmd/reply", reply.to_string().into_bytes(), true);
     }
 }
 
@@ -263,14 +266,8 @@ impl DetectionOut {
             }
             *last = Some(now);
         }
-        self.shared.push(
-            Msg {
-                topic: self.shared.topic("detections"),
-                payload: line.as_bytes().to_vec(),
-                retain: false,
-            },
-            false,
-        );
+        self.shared
+            .push_to("detections", line.as_bytes().to_vec(), false);
     }
 }
 
@@ -341,8 +338,8 @@ fn tls_config(s: &MqttSettings) -> Result<rustls::ClientConfig, LinkError> {
     }
 }
 
-/// Checks what [`Link::start`] reads from files (TLS roots, client certificate and key), for
-/// `perch check` and before a reload replaces a running link.
+/// Checks what [`Link::start`] reads from files (TLS roots, client certificate and key); part
+/// of [`super::check_paths`], so `perch run --check-config` and a reload read them first.
 pub fn check(s: &MqttSettings) -> Result<(), LinkError> {
     if s.tls {
         tls_config(s)?;
@@ -466,14 +463,7 @@ impl Link {
         };
         let sink_shared = shared.clone();
         metrics.set_event_sink(Some(Arc::new(move |ev: Value| {
-            sink_shared.push(
-                Msg {
-                    topic: sink_shared.topic("events"),
-                    payload: ev.to_string().into_bytes(),
-                    retain: false,
-                },
-                true,
-            );
+            sink_shared.push_to("events", ev.to_string().into_bytes(), true);
         })));
         metrics.update(|st| st.mqtt = Some(shared.status()));
         log::info!(
@@ -787,8 +777,15 @@ fn request_id(payload: &[u8]) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The control socket's reply to `r` with the request's `id`.
+fn reply_with_id(id: Value, r: Result<Map<String, Value>, String>) -> Value {
+    let mut m = super::control::reply_object(r);
+    m.insert("id".into(), id);
+    Value::Object(m)
+}
+
 fn error_reply(id: Value, error: &str) -> Value {
-    json!({"id": id, "ok": false, "error": error})
+    reply_with_id(id, Err(error.to_string()))
 }
 
 /// Serves `<prefix>/cmd` messages one at a time until the link stops.
@@ -883,22 +880,17 @@ fn answer(sh: &Shared, payload: &[u8], handler: &Handler, limit: &AtomicU64) -> 
         Ok(c) => c,
         Err(reply) => return reply,
     };
-    match handler(&c.cmd, &c.req, c.payload) {
-        Ok(fields) => {
-            let mut m = Map::new();
-            m.insert("id".into(), c.id);
-            m.insert("ok".into(), true.into());
-            m.insert("cmd".into(), c.cmd.into());
-            m.extend(fields);
-            Value::Object(m)
-        }
-        Err(e) => error_reply(c.id, &e),
-    }
+    let r = handler(&c.cmd, &c.req, c.payload).map(|mut fields| {
+        fields.insert("cmd".into(), c.cmd.into());
+        fields
+    });
+    reply_with_id(c.id, r)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn settings() -> MqttSettings {
         let cfg = "[model]\npath = \"m.onnx\"\n[source]\nuri = \"synthetic\"\n[mqtt]\n\

@@ -676,21 +676,12 @@ impl SwapCtx {
                 self.state.active.describe(),
                 self.state.last_good.describe()
             );
-            self.status.rollbacks += 1;
-            self.metrics.event(
-                "rolled_back",
-                Map::from_iter([
-                    ("from".into(), json!(self.state.active)),
-                    ("to".into(), json!(self.state.last_good)),
-                    (
-                        "reason".into(),
-                        json!(format!(
-                            "{errors} errors in {frames} frames on probation: {why}"
-                        )),
-                    ),
-                ]),
+            let to = self.state.last_good.clone();
+            self.count_rollback(
+                &to,
+                &format!("{errors} errors in {frames} frames on probation: {why}"),
             );
-            let target = names_of(&self.state.last_good);
+            let target = names_of(&to);
             if let Err(e) = self.activate(target, Instant::now(), true) {
                 log::error!("rollback failed, falling back to the base model: {e}");
                 let _ = self.activate(Vec::new(), Instant::now(), true);
@@ -761,16 +752,21 @@ impl SwapCtx {
         } else {
             return Err("nothing to roll back to: the base model is active".into());
         };
+        self.count_rollback(&target, "rollback requested");
+        self.activate(names_of(&target), Instant::now(), true)
+    }
+
+    /// Counts a rollback from the active set to `to` and reports it as a `rolled_back` event.
+    fn count_rollback(&mut self, to: &TaskSet, reason: &str) {
         self.status.rollbacks += 1;
         self.metrics.event(
             "rolled_back",
             Map::from_iter([
                 ("from".into(), json!(self.state.active)),
-                ("to".into(), json!(target)),
-                ("reason".into(), json!("rollback requested")),
+                ("to".into(), json!(to)),
+                ("reason".into(), json!(reason)),
             ]),
         );
-        self.activate(names_of(&target), Instant::now(), true)
     }
 
     fn install(&mut self, name: &str, bytes: &[u8]) -> Result<Map<String, Value>, String> {

@@ -362,3 +362,44 @@ pub fn stop_and_read_records(svc: Running, dir: &Path) -> (Vec<Value>, String) {
     );
     (recs, err)
 }
+
+/// A service in `dir` on a lossless source looping over `images` (frame `seq` shows
+/// `images[seq % n]`), records in `records.jsonl`, a control socket and an empty adapter store
+/// with a 3-frame probation; `model` adds lines to `[model]`, `sections` adds sections at the
+/// end. Returns once the first frame is processed; fails with perch's stderr if it exits
+/// first.
+pub fn image_loop_service(
+    dir: &Path,
+    images: &[&str],
+    model: &str,
+    sections: &str,
+) -> (PathBuf, Running) {
+    let image_dir = dir.join("images");
+    std::fs::create_dir_all(&image_dir).unwrap();
+    for (i, f) in images.iter().enumerate() {
+        let ext = Path::new(f).extension().unwrap().to_str().unwrap();
+        std::fs::copy(path(f), image_dir.join(format!("{i}.{ext}"))).unwrap();
+    }
+    let sock = dir.join("control.sock");
+    let cfg = write_config(
+        dir,
+        &format!(
+            "{model}[source]\nuri = \"images:{}\"\nloop = true\n[output]\nstdout = false\n\
+             file = \"records.jsonl\"\n[control]\nsocket = \"{}\"\n[adapters]\n\
+             store = \"store\"\nprobation_frames = 3\n{sections}",
+            image_dir.display(),
+            sock.display()
+        ),
+    );
+    let mut svc = spawn(&["run", "--config", cfg.to_str().unwrap()], &[]);
+    wait_for(60, "the first frame", || {
+        if let Ok(Some(code)) = svc.0.try_wait() {
+            let mut err = String::new();
+            let _ = svc.0.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("perch run exited with {code}: {err}");
+        }
+        let n = try_status(&sock)?["frames_processed"].as_u64()?;
+        (n > 0).then_some(())
+    });
+    (sock, svc)
+}
